@@ -1,0 +1,5 @@
+import sys
+
+from bonsai.cli import main
+
+sys.exit(main())

@@ -1,0 +1,309 @@
+"""``fit(data, cfg) -> Run``: the single path that the CLI and Python both use; ``load(run_dir)`` reopens a run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bonsai import config as _config
+from bonsai.config import FitConfig
+from bonsai.data.loader import Loader
+from bonsai.data.sources import IMAGE_EXTS, Dataset, Split, _list_images, load_dataset, read_image, split_validation
+from bonsai.errors import BonsaiError, DatasetError
+from bonsai.models.arch import preset
+from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model
+from bonsai.train.engine import CHECKPOINT, Engine, TrainState, make_optimizer, predict_probs, read_checkpoint, resolve_device, resolve_precision, restore
+from bonsai.report.log import truncate_jsonl
+from bonsai.utils import atomic_write_text
+
+log = logging.getLogger("bonsai")
+
+DataLike = str | os.PathLike | tuple | dict | Dataset
+
+
+@dataclass
+class Predictions:
+    """Predicted class names and probabilities (one row per image, columns in ``classes`` order)."""
+
+    names: list[str]
+    labels: list[str]
+    probs: np.ndarray
+    classes: list[str]
+
+    def to_csv(self, path: str | Path) -> None:
+        """``file,label,<class 1>,...``: one row per image in the given order."""
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", "label", *self.classes])
+        for name, label, row in zip(self.names, self.labels, self.probs):
+            w.writerow([name, label, *(f"{p:.6f}" for p in row)])
+        atomic_write_text(path, buf.getvalue())
+
+
+class Run:
+    """A finished (or resumable) run directory with its best model loaded."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        if not (self.dir / "arch.json").is_file():
+            raise BonsaiError(f"{self.dir}: not a bonsai run or exported model (no arch.json)")
+        meta_path = self.dir / "dataset.json"
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise BonsaiError(f"{meta_path}: missing; cannot tell class names and image size") from None
+        except json.JSONDecodeError as e:
+            raise BonsaiError(f"{meta_path}: not valid JSON ({e})") from None
+        self.model: ResNet = load_model(self.dir)
+        self.classes: list[str] = list(self.meta["classes"])
+        if len(self.classes) != self.model.spec.num_classes:
+            raise BonsaiError(f"{meta_path}: {len(self.classes)} classes, arch.json has {self.model.spec.num_classes}")
+        self.image_size: int = int(self.meta["image_size"])
+        self.channels: int = int(self.meta["channels"])
+        summary = self.dir / "summary.json"
+        self.summary: dict = json.loads(summary.read_text()) if summary.is_file() else {}
+        cfg_path = self.dir / "config.yaml"
+        # predict with the precision the run trained and validated with
+        self.precision = _config.load_yaml(cfg_path).train.precision if cfg_path.is_file() else "auto"
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r}, test_acc={self.summary.get('test_acc')})"
+
+    def predict(self, images: Any, batch_size: int = 256, device: str = "auto", precision: str | None = None) -> Predictions:
+        """Classify images: a uint8 array (N,H,W[,C]), an image file, a folder of images, or a list of files.
+
+        >>> run = load("runs/demo")  # doctest: +SKIP
+        >>> run.predict("photo.jpg").labels  # doctest: +SKIP
+        """
+        split = self._as_split(images)
+        dev = resolve_device(device)
+        loader = Loader(split, batch_size, dev, size=self.image_size, channels=self.channels)
+        model = self.model.to(dev, memory_format=torch.channels_last)
+        probs = predict_probs(model, loader, resolve_precision(precision or self.precision, dev)).numpy()
+        return Predictions(split.names, [self.classes[i] for i in probs.argmax(1)], probs, self.classes)
+
+    def _as_split(self, images: Any) -> Split:
+        if isinstance(images, (np.ndarray, torch.Tensor)):
+            x = torch.as_tensor(images)
+            if x.dtype != torch.uint8:
+                raise BonsaiError(f"predict: images must be uint8 pixels, got {x.dtype}")
+            if x.ndim == 3:
+                x = x[..., None]
+            if x.ndim != 4 or x.shape[-1] != self.channels:
+                raise BonsaiError(f"predict: expected (N,H,W,{self.channels}) images, got {tuple(x.shape)}")
+            from bonsai.data.sources import _resize_tensor
+
+            x = _resize_tensor(x.permute(0, 3, 1, 2).contiguous(), self.image_size)
+            return Split(names=[str(i) for i in range(len(x))], y=None, x=x)
+        if isinstance(images, (list, tuple)):
+            files, root = [Path(p) for p in images], None
+        else:
+            p = Path(images)
+            if not p.exists():
+                raise BonsaiError(f"{p}: no such file or folder")
+            if p.suffix.lower() == ".npz":
+                with np.load(p, allow_pickle=False) as z:
+                    key = "x_test" if "x_test" in z.files else "x" if "x" in z.files else None
+                    if key is None:
+                        raise BonsaiError(f"{p}: expected an array x_test or x")
+                    return self._as_split(z[key])
+            files, root = (_list_images(p), p) if p.is_dir() else ([p], p.parent)
+        if not files:
+            raise BonsaiError(f"{images}: no images found ({', '.join(sorted(IMAGE_EXTS))})")
+        arrays, names, bad = [], [], []
+        for f in files:
+            try:
+                arrays.append(read_image(f, self.image_size, self.channels))
+                names.append(f.relative_to(root).as_posix() if root else str(f))
+            except Exception as e:  # noqa: BLE001 - reported below, per file
+                bad.append(f"{f} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        if bad:
+            log.warning("skipped %d unreadable image(s): %s", len(bad), "; ".join(bad[:5]))
+        if not arrays:
+            raise BonsaiError(f"{images}: none of the images could be read")
+        x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+        return Split(names=names, y=None, x=x)
+
+
+def load(run_dir: str | Path) -> Run:
+    """Reopen a run directory (or an exported model folder) for prediction.
+
+    >>> run = bonsai.load("runs/demo")  # doctest: +SKIP
+    """
+    return Run(run_dir)
+
+
+# ---- fit -----------------------------------------------------------------------------------------------------
+
+
+def _make_config(cfg: FitConfig | str | Path | None, overrides: dict[str, Any]) -> FitConfig:
+    if cfg is None:
+        cfg = FitConfig()
+    elif isinstance(cfg, (str, Path)):
+        cfg = _config.load_yaml(cfg)
+    for k, v in overrides.items():
+        cfg = _config.set_value(cfg, k, v)
+    return cfg.resolved()
+
+
+def _dataset_from(data: DataLike, cfg: FitConfig, progress: bool) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (tuple, dict)):
+        return _dataset_from_arrays(data, cfg)
+    d = cfg.data
+    return load_dataset(data, d.image_size, d.max_image_size, d.in_memory, d.memory_budget_gb, d.max_bad_fraction, progress)
+
+
+def _dataset_from_arrays(data: tuple | dict, cfg: FitConfig) -> Dataset:
+    """``(x_train, y_train[, x_test[, y_test]])`` or a dict with those keys (and ``classes``)."""
+    import tempfile
+
+    if isinstance(data, tuple):
+        keys = ("x_train", "y_train", "x_test", "y_test")
+        data = {k: v for k, v in zip(keys, data) if v is not None}
+    arrays = {k: np.asarray(v) for k, v in data.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "arrays.npz"
+        np.savez(path, **arrays)
+        ds = load_dataset(path, cfg.data.image_size, cfg.data.max_image_size)
+    ds.source, ds.kind = Path("<arrays>"), "arrays"
+    return ds
+
+
+def _default_out(data: DataLike) -> Path:
+    name = Path(str(data)).stem if isinstance(data, (str, os.PathLike)) else "arrays"
+    return Path("runs") / f"{name or 'data'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise BonsaiError(f"{out}: cannot write the run directory ({e.strerror or e})") from None
+
+
+def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str | Path | None = None, **overrides) -> Run:
+    """Train on ``data`` and return the finished Run.
+
+    Args:
+        data: dataset path (folder, CSV or .npz), or arrays ``(x_train, y_train[, x_test[, y_test]])``.
+        cfg: a FitConfig, or a path to a YAML config; None for defaults.
+        resume: a run directory to continue from its last checkpoint (its config.yaml is used).
+        **overrides: config fields by dotted or unique bare name, e.g. ``epochs=5``, ``arch="resnet20"``.
+
+    >>> run = bonsai.fit("data/", epochs=5, arch="resnet20")  # doctest: +SKIP
+    >>> run.summary["val_acc"]  # doctest: +SKIP
+    """
+    if resume is not None:
+        out = Path(resume)
+        if not (out / "config.yaml").is_file():
+            raise BonsaiError(f"{out}: not a run directory (no config.yaml) to resume")
+        cfg = _make_config(out / "config.yaml", overrides)
+        cfg.out = str(out)
+        if data is None:
+            data = cfg.data.path
+    else:
+        cfg = _make_config(cfg, overrides)
+        if data is None:
+            data = cfg.data.path
+    if data is None:
+        raise BonsaiError("no dataset given")
+    progress = not cfg.quiet
+    ds = _dataset_from(data, cfg, progress)
+    out = Path(cfg.out) if cfg.out else _default_out(data)
+    if resume is None and (out / CHECKPOINT).exists():
+        raise BonsaiError(f"{out}: already holds a run; use --resume {out} to continue it or choose another --out")
+    _check_writable(out)
+    if ds.kind != "arrays":
+        cfg.data.path = str(ds.source.resolve())
+    cfg.out = str(out)
+    _config.save_yaml(cfg, out / "config.yaml")
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    tr_idx, va_idx = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed)
+    train_split, val_split = ds.train.subset(tr_idx), ds.train.subset(va_idx)
+    meta = ds.meta() | {"val_images": len(val_split), "train_images_used": len(train_split)}
+    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=1) + "\n")
+
+    spec = preset(cfg.model.arch, len(ds.classes), ds.channels, ds.image_size)
+    model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
+    state = None
+    ckpt_tensors = None
+    if resume is not None and not (out / CHECKPOINT).exists():
+        log.info("%s: killed before its first checkpoint; starting it again from the beginning", out)
+        resume = None
+    if resume is not None:
+        spec, state, model_t, opt_t = read_checkpoint(out / CHECKPOINT)
+        model = ResNet(spec)
+        ckpt_tensors = (model_t, opt_t)
+        truncate_jsonl(out / "metrics.jsonl", lambda r: r.get("epoch", 0) <= state.epoch)
+        log.info("resuming %s after epoch %d", out, state.epoch)
+    else:
+        for name in ("metrics.jsonl", "events.jsonl"):
+            atomic_write_text(out / name, "")
+    model = model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    opt = make_optimizer(model, cfg)
+    if ckpt_tensors is not None:
+        restore(model, opt, *ckpt_tensors, source=str(out / CHECKPOINT))
+
+    translate = cfg.augment.translate if cfg.augment.translate is not None else ds.image_size // 8
+    common = dict(device=device, channels_last=cfg.train.channels_last, size=ds.image_size, channels=ds.channels, workers=cfg.data.workers)
+    train_loader = Loader(train_split, cfg.train.batch_size, train=True, translate=translate, flip=cfg.augment.flip, seed=cfg.seed, **common)
+    val_loader = Loader(val_split, cfg.train.eval_batch_size, **common)
+    test_loader = Loader(ds.test, cfg.train.eval_batch_size, **common) if ds.test is not None else None
+
+    engine = Engine(model, cfg, out, train_loader, val_loader, test_loader, device, state=state, opt=opt)
+    state = engine.run(progress=progress)
+    return _finish(out, cfg, ds, state, test_loader, device)
+
+
+def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, test_loader: Loader | None, device) -> Run:
+    """Predict the test set with the best model; write predictions.csv and summary.json."""
+    if not (out / "model.safetensors").is_file():
+        raise BonsaiError(f"{out}: training produced no usable model ({state.stop_reason or 'no epoch finished'})")
+    run = Run(out)
+    model = run.model.to(device, memory_format=torch.channels_last)
+    summary = {
+        "stop_reason": state.stop_reason,
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "val_acc": state.best_val,
+        "test_acc": None,
+        "train_time_s": round(state.train_time_s, 2),
+        "clock_s": round(state.clock_s, 2),
+        "train_flops": state.train_flops,
+        "flops_per_image": count_flops(model.spec),
+        "params": count_params(model),
+        "arch": model.spec.name,
+        "widths": model.spec.widths(),
+        "device": str(device),
+        "precision": str(resolve_precision(cfg.train.precision, device) or "fp32").replace("torch.", ""),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if test_loader is not None:
+        t0 = time.perf_counter()
+        probs = predict_probs(model, test_loader, resolve_precision(cfg.train.precision, device)).numpy()
+        summary["predict_s"] = round(time.perf_counter() - t0, 2)
+        preds = Predictions(ds.test.names, [ds.classes[i] for i in probs.argmax(1)], probs, ds.classes)
+        preds.to_csv(out / "predictions.csv")
+        if ds.test.y is not None:
+            summary["test_acc"] = float((probs.argmax(1) == ds.test.y.numpy()).mean())
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    run.summary = summary
+    return run

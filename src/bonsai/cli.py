@@ -1,0 +1,208 @@
+"""Command line: ``bonsai fit | predict | info | demo | config``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+_FIT_HELP = """\
+Train a ResNet on DATA and write a run directory: config.yaml, dataset.json, metrics.jsonl, events.jsonl,
+arch.json + model.safetensors (best model by validation accuracy), checkpoint.safetensors (resumable),
+predictions.csv (test images), summary.json.
+
+DATA is an image folder (train/<class>/..., optional test/), a labels CSV (filename,label) beside the images,
+or a .npz (x_train, y_train[, x_test, y_test, classes]) or a folder of *_partKofN.npz parts.
+
+Stopping: --epochs N, --budget 10m (training + validation must end inside it), or train.patience=P (stop when
+validation accuracy has not improved for P epochs); with none of them, 20 epochs.
+
+Any config key can be set as key=value (dotted, or a bare name that is unique): e.g. lr=0.2 augment.flip=false
+data.image_size=48. `bonsai config --show` prints every key with its default.
+"""
+
+_EPILOG = """\
+examples:
+  bonsai demo                                   # train on the packaged CIFAR-10 subset (~2 minutes)
+  bonsai info path/to/data                      # what bonsai finds in a dataset
+  bonsai fit path/to/data --budget 10m          # train within 10 minutes
+  bonsai fit data.npz --epochs 30 --arch resnet20 --out runs/r20 lr=0.2
+  bonsai fit --resume runs/r20                  # continue an interrupted run
+  bonsai predict runs/r20 new_images/ --out preds.csv
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="bonsai",
+        description="Train a compact CNN on an image-classification dataset it has never seen, fast.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    f = sub.add_parser("fit", help="train on a dataset", description=_FIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("args", nargs="*", metavar="DATA | key=value", help="the dataset, then config overrides")
+    f.add_argument("--out", help="run directory (default runs/<data>-<time>)")
+    f.add_argument("--budget", help="wall-clock budget for training + validation, e.g. 90s, 10m, 1h")
+    f.add_argument("--epochs", type=int, help="train for exactly N epochs")
+    f.add_argument("--arch", help="resnet8 | resnet20 | resnet32 | resnet56 | bonsai (default) | path/to/arch.json")
+    f.add_argument("--config", help="a YAML config (e.g. a previous run's config.yaml); overrides apply on top")
+    f.add_argument("--seed", type=int)
+    f.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
+    f.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("predict", help="classify images with a trained run")
+    p.add_argument("run", help="a run directory (arch.json + model.safetensors + dataset.json)")
+    p.add_argument("images", help="an image file, a folder of images (searched recursively), or a .npz with x_test")
+    p.add_argument("--out", help="write a CSV here (file,label,<class probabilities>); default: print to stdout")
+
+    i = sub.add_parser("info", help="show what bonsai finds in a dataset")
+    i.add_argument("data")
+    i.add_argument("args", nargs="*", metavar="key=value", help="data.* overrides, e.g. data.image_size=48")
+
+    d = sub.add_parser("demo", help="train on the packaged demo data (5,000 CIFAR-10 images, about 2 minutes)")
+    d.add_argument("--out", help="run directory (default runs/demo-<time>)")
+    d.add_argument("--budget", default="90s", help="training budget (default 90s)")
+    d.add_argument("--quiet", action="store_true")
+
+    c = sub.add_parser("config", help="print the fully resolved configuration")
+    c.add_argument("--show", action="store_true", help="print it (the default action)")
+    c.add_argument("--config", help="start from this YAML file")
+    c.add_argument("args", nargs="*", metavar="key=value")
+    return ap
+
+
+def _split_args(items: list[str]) -> tuple[list[str], list[str]]:
+    positional = [a for a in items if "=" not in a]
+    overrides = [a for a in items if "=" in a]
+    return positional, overrides
+
+
+def _cmd_fit(ns) -> int:
+    from bonsai import api, config
+    from bonsai.errors import BonsaiError
+
+    positional, overrides = _split_args(ns.args)
+    if len(positional) > 1:
+        raise BonsaiError(f"fit takes one DATA path, got {positional}")
+    data = positional[0] if positional else None
+    if ns.resume:
+        cfg = None
+    else:
+        cfg = config.load_yaml(ns.config) if ns.config else config.FitConfig()
+        cfg = config.apply_overrides(cfg, overrides)
+        overrides = []
+        if data is None:
+            data = cfg.data.path
+        if data is None:
+            raise BonsaiError("fit needs a DATA path (or a --config that names data.path)")
+    kw = {k: v for k, v in (("out", ns.out), ("budget", ns.budget), ("epochs", ns.epochs), ("arch", ns.arch), ("seed", ns.seed)) if v is not None}
+    if ns.budget is not None and ns.epochs is None:
+        kw["epochs"] = None  # a budget replaces the epoch count of a loaded config
+    if ns.quiet:
+        kw["quiet"] = True
+    for item in overrides:  # --resume: overrides apply on top of the run's own config.yaml
+        key, _, raw = item.partition("=")
+        kw[key] = yaml.safe_load(raw) if raw.strip() else None
+    run = api.fit(data, cfg, resume=ns.resume, **kw)
+    _print_summary(run)
+    return 0
+
+
+def _print_summary(run) -> None:
+    s = run.summary
+    test = f", test accuracy {s['test_acc']:.2%}" if s.get("test_acc") is not None else ""
+    print(
+        f"done: {run.dir}  val accuracy {s['val_acc']:.2%}{test}  ({s['epochs']} epochs, "
+        f"{s['train_time_s']:.0f}s training, stopped by {s['stop_reason']})"
+    )
+    if (run.dir / "predictions.csv").is_file():
+        print(f"predictions: {run.dir / 'predictions.csv'}")
+
+
+def _cmd_predict(ns) -> int:
+    from bonsai import api
+
+    preds = api.load(ns.run).predict(ns.images)
+    if ns.out:
+        preds.to_csv(ns.out)
+        print(f"wrote {len(preds.names)} predictions to {ns.out}")
+    else:
+        for name, label, row in zip(preds.names, preds.labels, preds.probs):
+            print(f"{name},{label},{row.max():.4f}")
+    return 0
+
+
+def _cmd_info(ns) -> int:
+    from bonsai import config
+    from bonsai.data.sources import load_dataset
+
+    cfg = config.apply_overrides(config.FitConfig(), ns.args)
+    d = cfg.data
+    ds = load_dataset(ns.data, d.image_size, d.max_image_size, d.in_memory, d.memory_budget_gb, d.max_bad_fraction, progress=True)
+    print(ds.describe())
+    return 0
+
+
+def _cmd_demo(ns) -> int:
+    import time
+
+    from bonsai import api
+    from bonsai.data.demo import extract_demo
+
+    out = Path(ns.out) if ns.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    data = extract_demo(out.parent / "demo-data")
+    print(f"demo: 5,000 CIFAR-10 training images (500 per class) and 1,000 labeled test images in {data}")
+    run = api.fit(data, budget=ns.budget, out=str(out), quiet=ns.quiet)
+    _print_summary(run)
+    return 0
+
+
+def _cmd_config(ns) -> int:
+    from bonsai import config
+
+    cfg = config.load_yaml(ns.config) if ns.config else config.FitConfig()
+    cfg = config.apply_overrides(cfg, ns.args).resolved()
+    print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"bonsai: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bonsai.errors import BonsaiError
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logger = logging.getLogger("bonsai")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    parser = _parser()
+    ns, extra = parser.parse_known_args(argv)
+    # positionals (DATA, key=value) may follow options: argparse leaves those for us to collect
+    stray = [a for a in extra if a.startswith("-") or not hasattr(ns, "args")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        ns.args = list(ns.args) + extra
+    commands = {"fit": _cmd_fit, "predict": _cmd_predict, "info": _cmd_info, "demo": _cmd_demo, "config": _cmd_config}
+    try:
+        return commands[ns.command](ns)
+    except BonsaiError as e:
+        print(f"bonsai: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bonsai: interrupted; resume with `bonsai fit --resume RUN`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

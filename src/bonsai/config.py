@@ -1,0 +1,246 @@
+"""One typed configuration for every knob, built the same way from the CLI, a YAML file or Python.
+
+>>> cfg = FitConfig()
+>>> cfg = apply_overrides(cfg, ["train.lr=0.1", "epochs=3"])
+>>> cfg.train.lr, cfg.train.epochs
+(0.1, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bonsai.errors import ConfigError
+from bonsai.utils import atomic_write_text, parse_duration
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # the dataset (folder, CSV or .npz); recorded so config.yaml re-runs the fit
+    val_fraction: float = 0.1  # share of each class held out for model selection and stopping
+    image_size: int | None = None  # working size in pixels; None: median shorter side, capped at max_image_size
+    max_image_size: int = 64  # cap for the derived working size (CPU training time grows with its square)
+    in_memory: str = "auto"  # auto | yes | no: hold decoded images as one uint8 tensor, or stream from files
+    memory_budget_gb: float = 0.0  # largest in-memory dataset; 0 means a quarter of this machine's RAM
+    max_bad_fraction: float = 0.05  # fail when more than this share of image files cannot be read
+    workers: int = 0  # DataLoader worker processes for the streaming path
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = True  # random horizontal flip (switch off for digits or text)
+    translate: int | None = None  # random shift in pixels, zero padded; None: image_size // 8
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "bonsai"  # preset name (resnet8/20/32/56, bonsai) or path to an arch.json
+    zero_init_residual: bool = True  # each block's last BN scale starts at 0 (blocks start as the identity)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int | None = None  # fixed number of epochs (default 20 when neither epochs nor budget is given)
+    budget: str | None = None  # wall-clock budget for training + validation, e.g. 90s, 10m, 1h
+    patience: int | None = None  # stop after this many epochs without a better validation accuracy
+    max_epochs: int = 200  # epoch cap when only patience stops the run; the LR schedule spans it
+    batch_size: int = 256
+    lr: float = 0.4  # peak learning rate per 256 examples; scaled linearly with the batch size
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # applied to conv/linear weights only, not to BN parameters or biases
+    label_smoothing: float = 0.1
+    schedule: str = "onecycle"  # onecycle (linear warm-up, cosine to 0) | step (x0.1 at 50% and 75%) | constant
+    warmup: float = 0.1  # share of training spent warming the LR up from 0 (onecycle)
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto: bf16 where the CPU/GPU supports it, else fp32
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (pays off only for long runs)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 512
+
+
+@dataclass
+class FitConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    out: str | None = None  # run directory; None: runs/<dataset>-<time>
+    test_each_epoch: bool = True  # report test accuracy per epoch when test labels exist (never used to decide)
+    quiet: bool = False  # no progress bar
+
+    def validate(self) -> "FitConfig":
+        t, d = self.train, self.data
+        _check(t.epochs is None or t.epochs >= 1, "train.epochs must be >= 1")
+        if t.budget is not None:
+            parse_duration(t.budget)
+        _check(t.patience is None or t.patience >= 1, "train.patience must be >= 1")
+        _check(t.max_epochs >= 1, "train.max_epochs must be >= 1")
+        _check(t.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(t.lr > 0, "train.lr must be > 0")
+        _check(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
+        _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+        _check(t.schedule in ("onecycle", "step", "constant"), "train.schedule must be onecycle, step or constant")
+        _check(0 <= t.warmup < 1, "train.warmup must be in [0, 1)")
+        _check(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32")
+        _check(0 < d.val_fraction < 1, "data.val_fraction must be in (0, 1)")
+        _check(d.image_size is None or 4 <= d.image_size <= 1024, "data.image_size must be in [4, 1024]")
+        _check(4 <= d.max_image_size <= 1024, "data.max_image_size must be in [4, 1024]")
+        _check(d.in_memory in ("auto", "yes", "no"), "data.in_memory must be auto, yes or no")
+        _check(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction must be in [0, 1)")
+        _check(self.augment.translate is None or self.augment.translate >= 0, "augment.translate must be >= 0")
+        return self
+
+    @property
+    def budget_s(self) -> float | None:
+        return None if self.train.budget is None else parse_duration(self.train.budget)
+
+    def resolved(self) -> "FitConfig":
+        """A copy with defaults that depend on other fields made explicit (what config.yaml records)."""
+        cfg = dataclasses.replace(self, train=dataclasses.replace(self.train))
+        if cfg.train.epochs is None and cfg.train.budget is None and cfg.train.patience is None:
+            cfg.train.epochs = 20
+        return cfg.validate()
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ---- dicts, YAML and key=value overrides -------------------------------------------------------------------
+
+
+def to_dict(cfg: FitConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int, float, bool, str, or X | None)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"config key {key}: expected {name}, got {value!r}")
+
+
+def _build(cls: type, d: dict, prefix: str = "") -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '(top)'}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in d.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, f"{prefix}{k}")
+    return cls(**kwargs)
+
+
+def from_dict(d: dict) -> FitConfig:
+    return _build(FitConfig, d).validate()
+
+
+def load_yaml(path: str | Path) -> FitConfig:
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return from_dict(d or {})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_yaml(cfg: FitConfig, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _resolve_key(key: str) -> list[str]:
+    """``train.lr`` -> [train, lr]; a bare field name that lives in exactly one section (``lr``, ``epochs``) too."""
+    parts = key.split(".")
+    if len(parts) > 1:
+        return parts
+    top = {f.name: f for f in dataclasses.fields(FitConfig)}
+    if key in top:
+        return [key]
+    default = FitConfig()
+    owners = [
+        name for name in top
+        if dataclasses.is_dataclass(getattr(default, name))
+        and key in {g.name for g in dataclasses.fields(getattr(default, name))}
+    ]
+    if len(owners) == 1:
+        return [owners[0], key]
+    if len(owners) > 1:
+        raise ConfigError(f"config key {key} is ambiguous: write one of {', '.join(o + '.' + key for o in owners)}")
+    raise ConfigError(f"unknown config key {key} (see `bonsai config --show`)")
+
+
+def set_value(cfg: FitConfig, key: str, value: Any) -> FitConfig:
+    """A copy of ``cfg`` with ``key`` (dotted or a unique bare field name) set to ``value``, type-checked."""
+    d = to_dict(cfg)
+    path = _resolve_key(key)
+    node = d
+    for p in path[:-1]:
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"unknown config key {key}")
+        node = node[p]
+    if path[-1] not in node:
+        raise ConfigError(f"unknown config key {key} (see `bonsai config --show`)")
+    node[path[-1]] = value
+    return from_dict(d)
+
+
+def apply_overrides(cfg: FitConfig, items: list[str]) -> FitConfig:
+    """Apply ``key=value`` strings; values are parsed as YAML scalars (``3``, ``0.1``, ``true``, ``null``)."""
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        cfg = set_value(cfg, key.strip(), value)
+    return cfg

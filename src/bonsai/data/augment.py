@@ -1,0 +1,41 @@
+"""Batched augmentation on whole uint8 tensors (no per-image Python work)."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def translate_batch(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift every image by its own random offset in [-pad, pad] pixels per axis, filling with zeros.
+
+    ``x`` is (N, C, H, W); the same as padding by ``pad`` and taking a random crop of the original size.
+    """
+    if pad <= 0:
+        return x
+    n, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (N, 1, 1, W)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return xp[batch, chan, rows, cols]
+
+
+def flip_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the images left-right."""
+    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(mask, x.flip(3), x)
+
+
+def augment_batch(x: torch.Tensor, translate: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random translate (zero padded) then random horizontal flip, on a uint8 batch.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> augment_batch(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), 1, True, g).shape
+    torch.Size([4, 3, 8, 8])
+    """
+    x = translate_batch(x, translate, gen)
+    return flip_batch(x, gen) if flip else x

@@ -1,0 +1,110 @@
+"""Batches for training and evaluation: from one in-memory uint8 tensor, or streamed from image files.
+
+Both paths yield uint8 (N, C, H, W) batches on the training device (channels_last when asked); normalization is
+part of the network. Shuffling and augmentation draw from a generator seeded by (seed, epoch), so an epoch is
+reproducible on its own, which is what makes resuming mid-run exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bonsai.data.augment import augment_batch
+from bonsai.data.sources import Split, read_image
+
+
+class _FileImages(torch.utils.data.Dataset):
+    def __init__(self, files: list[Path], size: int, channels: int):
+        self.files, self.size, self.channels = files, size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        a = read_image(self.files[i], self.size, self.channels)
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class Loader:
+    """Iterate a Split in batches.
+
+    Args:
+        split: the images (in memory or files) and labels.
+        batch_size: images per batch; with ``train=True`` a last partial batch is dropped (every image is still
+            seen across epochs, as the order is reshuffled).
+        train: shuffle and augment.
+        translate, flip: augmentation (train only).
+        size, channels: needed to decode files on the streaming path.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device,
+        train: bool = False,
+        translate: int = 0,
+        flip: bool = False,
+        seed: int = 0,
+        channels_last: bool = True,
+        size: int = 32,
+        channels: int = 3,
+        workers: int = 0,
+    ):
+        self.split, self.device, self.train = split, device, train
+        self.translate, self.flip, self.seed = translate, flip, seed
+        self.channels_last = channels_last
+        n = len(split)
+        self.batch_size = min(batch_size, n) if train else batch_size
+        self.drop_last = train
+        self.size, self.channels, self.workers = size, channels, workers
+        self.x = None if split.x is None else split.x.to(device)
+        self.y = None if split.y is None else split.y.to(device)
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def images_per_epoch(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else len(self.split)
+
+    def _order(self, gen: torch.Generator) -> torch.Tensor:
+        n = len(self.split)
+        return torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+
+    def _batches_from_files(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ds = _FileImages(self.split.files, self.size, self.channels)
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=self.batch_size, sampler=order.tolist(), drop_last=self.drop_last, num_workers=self.workers
+        )
+        start = 0
+        for xb in dl:
+            idx = order[start : start + len(xb)]
+            start += len(xb)
+            yield xb.to(self.device, non_blocking=True), idx
+
+    def batches(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Yield (images uint8, labels or None) for one epoch."""
+        gen = epoch_generator(self.seed, epoch)
+        order = self._order(gen)
+        steps = len(self)
+        if self.x is not None:
+            source = ((self.x[idx.to(self.device)], idx) for idx in (order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(steps)))
+        else:
+            source = self._batches_from_files(order[: steps * self.batch_size] if self.drop_last else order)
+        for xb, idx in source:
+            if self.train and (self.translate or self.flip):
+                xb = augment_batch(xb, self.translate, self.flip, gen)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yb = None if self.y is None else self.y[idx.to(self.device)]
+            yield xb, yb

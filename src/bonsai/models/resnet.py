@@ -1,0 +1,155 @@
+"""A ResNet built from an ArchSpec, with its FLOP and parameter counts and safe (pickle-free) serialization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+from torch.nn import functional as F
+
+from bonsai.errors import BonsaiError
+from bonsai.models.arch import ArchSpec
+from bonsai.utils import atomic_write_bytes
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection; a projection shortcut (TransitionBlock) where shapes change."""
+
+    def __init__(self, cin: int, inner: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(cin, inner, 3, stride)
+        self.conv2, self.bn2 = _conv_bn(inner, cout, 3, 1)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            conv, bn = _conv_bn(cin, cout, 1, stride)
+            self.shortcut = nn.Sequential(conv, bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet(nn.Module):
+    """Stem conv, residual stages, global average pooling, linear head.
+
+    The input is raw pixel values (0..255, uint8 or float, NCHW); per-channel normalization is part of the network
+    (buffers ``mean``/``std``), so a saved model needs nothing else to predict.
+    """
+
+    def __init__(self, spec: ArchSpec, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+        super().__init__()
+        spec.validate()
+        self.spec = spec
+        c = spec.in_channels
+        self.register_buffer("mean", torch.tensor(mean or [127.5] * c, dtype=torch.float32).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(std or [64.0] * c, dtype=torch.float32).view(1, c, 1, 1))
+        conv, bn = _conv_bn(c, spec.stem, 3, 1)
+        self.stem = nn.Sequential(conv, bn, nn.ReLU(inplace=True))
+        stages, cin = [], spec.stem
+        for s in spec.stages:
+            blocks = []
+            for i, inner in enumerate(s.inner):
+                blocks.append(BasicBlock(cin, inner, s.width, s.stride if i == 0 else 1))
+                cin = s.width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(cin, spec.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) / self.std
+        x = self.stages(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build(spec: ArchSpec, zero_init_residual: bool = True, **norm) -> ResNet:
+    """A freshly initialised network for ``spec`` (He init; optionally each block's last BN scale zeroed, so every
+    block starts as the identity and deep nets train from the first step).
+
+    >>> model = build(ArchSpec.resnet((16, 32), 1, num_classes=3))
+    >>> model(torch.zeros(2, 3, 16, 16)).shape
+    torch.Size([2, 3])
+    """
+    model = ResNet(spec, **norm)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:
+        for m in model.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+    return model
+
+
+def count_flops(spec: ArchSpec, image_size: int | None = None) -> int:
+    """FLOPs of one forward pass for one image, counted by ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs;
+    convs and the linear head; BN, ReLU, pooling and additions are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = image_size or spec.image_size
+    with torch.device("meta"):
+        model = ResNet(spec)
+        x = torch.zeros(1, spec.in_channels, size, size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> bytes:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return save(tensors, metadata=metadata)
+
+
+def save_model(model: ResNet, directory: str | Path, stem: str = "model") -> None:
+    """Write ``arch.json`` and ``<stem>.safetensors`` atomically."""
+    directory = Path(directory)
+    model.spec.to_json(directory / "arch.json")
+    atomic_write_bytes(directory / f"{stem}.safetensors", state_bytes(model, {"arch": json.dumps(model.spec.to_dict())}))
+
+
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into ``model``; a missing key or a shape that disagrees with the spec is a clear error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise BonsaiError(f"{source}: weights do not match arch.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in own.items():
+        if tensors[k].shape != v.shape:
+            raise BonsaiError(f"{source}: {k} has shape {tuple(tensors[k].shape)}, arch.json implies {tuple(v.shape)}")
+    model.load_state_dict(tensors)
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise BonsaiError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BonsaiError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_model(directory: str | Path, stem: str = "model") -> ResNet:
+    """Rebuild the exact network saved by :func:`save_model` (no pickle involved)."""
+    directory = Path(directory)
+    spec = ArchSpec.from_json(directory / "arch.json")
+    model = ResNet(spec)
+    load_state(model, read_safetensors(directory / f"{stem}.safetensors"), str(directory / f"{stem}.safetensors"))
+    return model.eval()

@@ -1,0 +1,354 @@
+"""The training engine: epochs of SGD under autocast, evaluation, stopping rules, and resumable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import nn
+from torch.nn import functional as F
+
+from bonsai.config import FitConfig
+from bonsai.data.loader import Loader
+from bonsai.errors import BonsaiError
+from bonsai.models.arch import ArchSpec
+from bonsai.models.resnet import ResNet, count_flops, count_params, load_state, save_model
+from bonsai.report.log import append_jsonl
+from bonsai.train.schedule import Clock, lr_factor
+from bonsai.utils import atomic_write_bytes
+
+log = logging.getLogger("bonsai")
+
+CHECKPOINT = "checkpoint.safetensors"
+_FORMAT = "bonsai-checkpoint-1"
+
+
+# ---- device and precision ----------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BonsaiError(f"train.device={name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _cpu_has_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "fp32":
+        return None
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _cpu_has_bf16() else None
+    if name == "fp16" and device.type == "cpu":
+        raise BonsaiError("train.precision=fp16 is for CUDA; use bf16 or fp32 on the CPU")
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# ---- state ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs (stored in the checkpoint's metadata)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    clock_s: float = 0.0  # the budget clock: training steps + validation + checkpoints
+    train_time_s: float = 0.0  # training steps only
+    images_seen: int = 0
+    train_flops: float = 0.0  # 3 x forward FLOPs per image seen (backward counted as twice the forward)
+    best_val: float = -1.0
+    best_epoch: int = 0
+    stale_epochs: int = 0  # epochs since the validation accuracy last improved
+    stop_reason: str = ""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only; BN scales/shifts and biases are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.SGD:
+    t = cfg.train
+    return torch.optim.SGD(
+        param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0
+    )
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, model: ResNet, opt: torch.optim.Optimizer, state: TrainState) -> None:
+    """One file, written atomically: weights, momentum buffers by parameter name, arch and state as metadata."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"opt.{names[id(p)]}.momentum_buffer"] = buf.detach().contiguous().cpu()
+    meta = {"format": _FORMAT, "arch": json.dumps(model.spec.to_dict()), "state": json.dumps(asdict(state))}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def read_checkpoint(path: Path) -> tuple[ArchSpec, TrainState, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(spec, state, model tensors, momentum buffers by parameter name); no pickle involved."""
+    if not path.is_file():
+        raise BonsaiError(f"{path}: no checkpoint to resume from")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any decoding failure is one clear error
+        raise BonsaiError(f"{path}: unreadable checkpoint ({e})") from None
+    if meta.get("format") != _FORMAT:
+        raise BonsaiError(f"{path}: not a bonsai checkpoint")
+    try:
+        spec = ArchSpec.from_dict(json.loads(meta["arch"]), source=f"{path} (arch)")
+        state = TrainState(**json.loads(meta["state"]))
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise BonsaiError(f"{path}: damaged checkpoint metadata ({e})") from None
+    model_t = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    opt_t = {k[4 : -len(".momentum_buffer")]: v for k, v in tensors.items() if k.startswith("opt.")}
+    return spec, state, model_t, opt_t
+
+
+def restore(model: ResNet, opt: torch.optim.Optimizer, model_t: dict, opt_t: dict, source: str) -> None:
+    load_state(model, model_t, source)
+    params = dict(model.named_parameters())
+    for name, buf in opt_t.items():
+        if name not in params or params[name].shape != buf.shape:
+            raise BonsaiError(f"{source}: momentum buffer {name} does not match the model")
+        opt.state[params[name]]["momentum_buffer"] = buf.to(params[name].device).clone()
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, loader: Loader, dtype: torch.dtype | None) -> torch.Tensor:
+    """Softmax probabilities (N, classes), float32 on the CPU, in the loader's order."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for xb, _ in loader.batches():
+        with autocast(loader.device, dtype):
+            out.append(F.softmax(model(xb).float(), dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model.spec.num_classes)
+
+
+def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
+    return float((probs.argmax(1) == y.cpu()).float().mean()) if len(y) else float("nan")
+
+
+# ---- the loop -------------------------------------------------------------------------------------------------
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Engine:
+    """Trains ``model`` on ``train`` with ``cfg``, validating on ``val``, writing into ``run_dir``.
+
+    The run directory gets one ``metrics.jsonl`` line and a ``checkpoint.safetensors`` per epoch, and the best
+    model so far (by validation accuracy) as ``arch.json`` + ``model.safetensors``.
+    """
+
+    def __init__(
+        self,
+        model: ResNet,
+        cfg: FitConfig,
+        run_dir: Path,
+        train: Loader,
+        val: Loader,
+        test: Loader | None,
+        device: torch.device,
+        state: TrainState | None = None,
+        opt: torch.optim.Optimizer | None = None,
+    ):
+        self.model, self.cfg, self.run_dir = model, cfg, run_dir
+        self.train_loader, self.val_loader, self.test_loader = train, val, test
+        self.device = device
+        self.dtype = resolve_precision(cfg.train.precision, device)
+        self.opt = opt or make_optimizer(model, cfg)
+        self.state = state or TrainState()
+        self.step_fn = torch.compile(model) if cfg.train.compile else model
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        # peak LR per 256 examples, scaled linearly with the batch size actually used
+        self.peak_lr = cfg.train.lr * train.batch_size / 256
+        self.flops = count_flops(model.spec)
+        self.budget = cfg.budget_s
+        self._reserve = 0.0  # seconds kept back from the budget for predicting the test set at the end
+
+    # -- planning
+
+    def _planned_epochs(self) -> int | None:
+        t = self.cfg.train
+        if t.epochs is not None:
+            return t.epochs
+        return None if self.budget is not None else t.max_epochs
+
+    def _progress(self, clock: Clock) -> float:
+        if self.budget is not None and self.cfg.train.epochs is None:
+            return clock.now() / max(self.budget - self._reserve, 1e-9)
+        total = self._planned_epochs() * len(self.train_loader)
+        return self.state.step / total
+
+    def _out_of_time(self, clock: Clock) -> bool:
+        return self.budget is not None and clock.now() >= self.budget - self._reserve
+
+    # -- one epoch
+
+    def _train_epoch(self, epoch: int, clock: Clock, bar) -> tuple[float, float, bool]:
+        model, opt, st = self.model, self.opt, self.state
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen, stopped = 0, False
+        smoothing = self.cfg.train.label_smoothing
+        with clock:
+            t0 = clock.now()
+            for i, (xb, yb) in enumerate(self.train_loader.batches(epoch)):
+                lr = self.peak_lr * lr_factor(self._progress(clock), self.cfg.train.schedule, self.cfg.train.warmup)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with autocast(self.device, self.dtype):
+                    logits = self.step_fn(xb)
+                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=smoothing)
+                opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(opt)
+                self.scaler.update()
+                n = len(yb)
+                loss_sum += loss.detach() * n
+                correct += (logits.argmax(1) == yb).sum()
+                seen += n
+                st.step += 1
+                st.images_seen += n
+                st.train_flops += 3.0 * self.flops * n
+                if bar is not None:
+                    bar.update(1)
+                    if i % 10 == 0:
+                        rate = seen / max(clock.now() - t0, 1e-9)
+                        bar.set_postfix_str(f"loss {float(loss.detach()):.3f} lr {lr:.3f} {rate:.0f} img/s", refresh=False)
+                if self._out_of_time(clock):
+                    stopped = True
+                    break
+            st.train_time_s += clock.now() - t0
+        if seen == 0:
+            return float("nan"), float("nan"), stopped
+        return float(loss_sum) / seen, float(correct) / seen, stopped
+
+    def _evaluate(self, loader: Loader | None) -> float | None:
+        if loader is None or loader.split.y is None or len(loader.split) == 0:
+            return None
+        return accuracy(predict_probs(self.model, loader, self.dtype), loader.split.y)
+
+    # -- the run
+
+    def run(self, progress: bool = True) -> TrainState:
+        from tqdm import tqdm
+
+        st, cfg = self.state, self.cfg
+        clock = Clock(st.clock_s)
+        planned = self._planned_epochs()
+        metrics_path = self.run_dir / "metrics.jsonl"
+        params = count_params(self.model)
+        n_test = 0 if self.test_loader is None else len(self.test_loader.split)
+        epoch = st.epoch
+        while True:
+            if st.stop_reason:
+                break
+            if planned is not None and epoch >= planned:
+                st.stop_reason = "epochs" if cfg.train.epochs is not None else "max_epochs"
+                break
+            epoch += 1
+            bar = None
+            if progress:
+                total = f"/{planned}" if planned else ""
+                bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch}{total}", unit="step", leave=False, disable=None)
+            epoch_t0 = clock.now()
+            train_loss, train_acc, stopped = self._train_epoch(epoch, clock, bar)
+            if bar is not None:
+                bar.close()
+            with clock:
+                v0 = clock.now()
+                val_acc = self._evaluate(self.val_loader)
+                val_s = clock.now() - v0
+            # keep back enough budget to predict the test set once at the end (measured, plus 2%)
+            self._reserve = val_s / max(len(self.val_loader.split), 1) * n_test + 0.02 * (self.budget or 0)
+            test_acc = self._evaluate(self.test_loader) if cfg.test_each_epoch else None
+            st.epoch = epoch
+            if not math.isfinite(train_loss):
+                st.stop_reason = "diverged"
+                log.warning("training diverged in epoch %d (loss %s); keeping the best model so far", epoch, train_loss)
+            improved = val_acc is not None and val_acc > st.best_val
+            with clock:
+                if improved:
+                    st.best_val, st.best_epoch, st.stale_epochs = val_acc, epoch, 0
+                    save_model(self.model, self.run_dir)
+                else:
+                    st.stale_epochs += 1
+                if stopped:
+                    st.stop_reason = "budget"
+                elif self.budget is not None and self._out_of_time(clock):
+                    st.stop_reason = "budget"
+                elif cfg.train.patience is not None and st.stale_epochs >= cfg.train.patience:
+                    st.stop_reason = "plateau"
+                record = {
+                    "epoch": epoch,
+                    "train_time_s": round(st.train_time_s, 3),
+                    "clock_s": round(clock.now(), 3),
+                    "train_loss": round(train_loss, 5),
+                    "train_acc": round(train_acc, 5),
+                    "val_acc": val_acc,
+                    "test_acc": test_acc,
+                    "lr": self.opt.param_groups[0]["lr"],
+                    "batch_size": self.train_loader.batch_size,
+                    "images_per_s": round(self.train_loader.images_per_epoch / max(clock.now() - epoch_t0 - val_s, 1e-9), 1),
+                    "flops_per_image": self.flops,
+                    "params": params,
+                    "train_flops": st.train_flops,
+                    "widths": self.model.spec.widths(),
+                }
+                append_jsonl(metrics_path, record)
+                st.clock_s = clock.now()
+                save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.opt, st)
+            if progress:
+                left = ""
+                if self.budget is not None:
+                    left = f"  left {_fmt_s(self.budget - clock.now())}"
+                elif planned:
+                    left = f"  left ~{_fmt_s(clock.now() / epoch * (planned - epoch))}"
+                tqdm.write(
+                    f"epoch {epoch:3d}  loss {train_loss:.3f}  train {train_acc:6.1%}  val {val_acc:6.1%}"
+                    + (f"  test {test_acc:6.1%}" if test_acc is not None else "")
+                    + f"  {record['images_per_s']:.0f} img/s  {_fmt_s(clock.now())}{left}"
+                )
+        return st

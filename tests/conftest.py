@@ -1,0 +1,64 @@
+"""Tiny synthetic datasets built on the fly (never downloaded, never written into the working directory).
+
+Each class has its own colour pattern, so a tiny network can learn it in a few steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+CLASSES = ["cat", "dog", "fox"]
+
+
+def make_images(n_per_class: int, size: int = 16, channels: int = 3, seed: int = 0, n_classes: int = 3):
+    """uint8 (N, size, size, channels) images and int64 labels; class c is brightest in a band c of the image."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for c in range(n_classes):
+        x = rng.integers(0, 60, size=(n_per_class, size, size, channels), dtype=np.uint8)
+        band = slice(c * size // n_classes, (c + 1) * size // n_classes)
+        x[:, band, :, :] += 150
+        xs.append(x)
+        ys.append(np.full(n_per_class, c, dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def write_folder(root: Path, n_train: int = 8, n_test: int = 3, size: int = 16, labeled_test: bool = False, ext: str = "png") -> Path:
+    x, y = make_images(n_train + n_test, size)
+    for c, name in enumerate(CLASSES):
+        idx = np.flatnonzero(y == c)
+        for k, i in enumerate(idx):
+            split = "train" if k < n_train else "test"
+            folder = root / split / name if split == "train" or labeled_test else root / "test"
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = f"{name}_{k:03d}" if split == "test" and not labeled_test else f"{k:03d}"
+            Image.fromarray(x[i]).save(folder / f"{stem}.{ext}")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_log(caplog):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    logging.getLogger("bonsai").propagate = True  # the CLI turns propagation off; caplog needs it
+    caplog.set_level(logging.WARNING, logger="bonsai")
+
+
+@pytest.fixture
+def folder_data(tmp_path: Path) -> Path:
+    return write_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def npz_data(tmp_path: Path) -> Path:
+    x, y = make_images(20)
+    xt, yt = make_images(5, seed=1)
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt, classes=np.array(CLASSES))
+    return path

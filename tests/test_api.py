@@ -1,0 +1,145 @@
+"""fit -> run directory -> load -> predict, resume after SIGKILL, and seeded determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bonsai
+from bonsai.errors import BonsaiError
+from conftest import CLASSES, make_images
+
+# tiny and fast: resnet8 at 16x16, fp32 so that results do not depend on the CPU's bf16 support
+TINY = dict(arch="resnet8", batch_size=16, eval_batch_size=64, quiet=True, precision="fp32")
+
+
+def test_fit_writes_a_self_describing_run_directory(npz_data: Path, tmp_path: Path):
+    run = bonsai.fit(npz_data, epochs=3, out=str(tmp_path / "run"), **(TINY | {"batch_size": 8}))
+    d = run.dir
+    for name in ("config.yaml", "dataset.json", "metrics.jsonl", "events.jsonl", "arch.json", "model.safetensors", "checkpoint.safetensors", "predictions.csv", "summary.json"):
+        assert (d / name).is_file(), name
+    lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    for key in ("train_time_s", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "batch_size", "flops_per_image", "params", "train_flops", "widths"):
+        assert key in lines[-1], key
+    assert lines[0]["train_time_s"] < lines[1]["train_time_s"] < lines[2]["train_time_s"]
+    # 54 training images (6 held out) at batch 8: 6 steps per epoch, 3 epochs, 3 x forward FLOPs per image
+    assert lines[2]["train_flops"] == pytest.approx(3 * lines[0]["flops_per_image"] * 8 * 6 * 3)
+    cfg = bonsai.config.load_yaml(d / "config.yaml")
+    assert cfg.train.epochs == 3 and cfg.model.arch == "resnet8" and cfg.data.path == str(npz_data.resolve())
+    assert json.loads((d / "dataset.json").read_text())["classes"] == CLASSES
+    # the coloured bands are easy: far better than chance (1/3) on the held-out test images
+    assert run.summary["test_acc"] > 0.6
+
+
+def test_predictions_csv_shape_order_and_content(npz_data: Path, tmp_path: Path):
+    run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "run"), **TINY)
+    with open(run.dir / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["file", "label", *CLASSES]
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(15)]
+    probs = np.array([[float(v) for v in r[2:]] for r in rows[1:]])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    assert [r[1] for r in rows[1:]] == [CLASSES[i] for i in probs.argmax(1)]
+    # the same numbers come back from the loaded run, fed raw arrays
+    xt, _ = make_images(5, seed=1)
+    preds = bonsai.load(run.dir).predict(xt)
+    np.testing.assert_allclose(preds.probs, probs, atol=2e-4)
+
+
+def test_predict_folder_and_arrays_agree(folder_data: Path, tmp_path: Path):
+    run = bonsai.fit(folder_data, epochs=1, out=str(tmp_path / "run"), **TINY)
+    by_files = run.predict(folder_data / "test")
+    assert by_files.names[0] == "cat_008.png" and len(by_files.names) == 9
+    ds = bonsai.data.sources.load_dataset(folder_data)
+    by_array = run.predict(ds.test.x.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_allclose(by_files.probs, by_array.probs, atol=1e-5)
+
+
+def test_fit_from_arrays_and_bad_array_input(tmp_path: Path):
+    x, y = make_images(10)
+    run = bonsai.fit((x, y), epochs=1, out=str(tmp_path / "r"), **TINY)
+    assert run.summary["test_acc"] is None and not (run.dir / "predictions.csv").exists()
+    with pytest.raises(BonsaiError, match="uint8"):
+        run.predict(x.astype(np.float32))
+
+
+def test_same_seed_same_weights_and_metrics(npz_data: Path, tmp_path: Path):
+    a = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "a"), **TINY)
+    b = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "b"), **TINY)
+    wa, wb = load_file(a.dir / "checkpoint.safetensors"), load_file(b.dir / "checkpoint.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if "time" not in k and k not in ("clock_s", "images_per_s")} for line in p.read_text().splitlines()]  # noqa: E731
+    assert strip(a.dir / "metrics.jsonl") == strip(b.dir / "metrics.jsonl")
+    c = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "c"), seed=1, **TINY)
+    wc = load_file(c.dir / "checkpoint.safetensors")
+    assert not torch.equal(wa["model.head.weight"], wc["model.head.weight"])
+
+
+def test_refuses_to_overwrite_a_run(npz_data: Path, tmp_path: Path):
+    bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "r"), **TINY)
+    with pytest.raises(BonsaiError, match="already holds a run; use --resume"):
+        bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "r"), **TINY)
+
+
+def test_plateau_stopping(npz_data: Path, tmp_path: Path):
+    run = bonsai.fit(npz_data, patience=1, max_epochs=30, out=str(tmp_path / "r"), **TINY)
+    assert run.summary["stop_reason"] == "plateau"
+    lines = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    best = max(r["val_acc"] for r in lines)
+    assert lines[-1]["val_acc"] <= best and len(lines) < 30
+
+
+def test_budget_stops_inside_the_budget(npz_data: Path, tmp_path: Path):
+    run = bonsai.fit(npz_data, budget="3s", out=str(tmp_path / "r"), **TINY)
+    assert run.summary["stop_reason"] == "budget"
+    assert run.summary["clock_s"] < 3.0 + 1.0  # at most one step or one validation pass past the budget
+
+
+def _write_resume_data(tmp_path: Path) -> Path:
+    x, y = make_images(100)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    return path
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path: Path):
+    data = _write_resume_data(tmp_path)
+    opts = ["arch=resnet8", "batch_size=8", "precision=fp32", "--epochs", "4", "--quiet"]
+    reference = bonsai.fit(data, epochs=4, out=str(tmp_path / "ref"), arch="resnet8", batch_size=8, precision="fp32", quiet=True)
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "bonsai", "fit", str(data), "--out", str(run), *opts]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    # kill as soon as epoch 1 is logged: the process is then checkpointing or inside epoch 2
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    done = len((run / "metrics.jsonl").read_text().splitlines())
+    assert done < 4
+
+    resumed = bonsai.fit(None, resume=run, quiet=True)
+    assert resumed.summary["epochs"] == 4
+    a = load_file(reference.dir / "checkpoint.safetensors")
+    b = load_file(run / "checkpoint.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -1,0 +1,102 @@
+"""ArchSpec and the ResNet built from it: round trips, FLOP counts, and refusal of absurd specs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bonsai.errors import BonsaiError
+from bonsai.models.arch import PRESETS, ArchSpec, StageSpec, preset
+from bonsai.models.resnet import build, count_flops, count_params, load_model, save_model
+
+
+def _tiny() -> ArchSpec:
+    # inner widths differ from the stage widths on purpose: every conv's width is its own datum
+    return ArchSpec(in_channels=3, num_classes=4, stem=8, stages=[StageSpec(8, 1, [5]), StageSpec(16, 2, [12, 7])], image_size=8)
+
+
+def test_round_trip_build_save_load_identical_outputs(tmp_path: Path):
+    model = build(_tiny(), mean=(10.0, 20.0, 30.0), std=(2.0, 3.0, 4.0))
+    with torch.no_grad():  # make BN statistics non-trivial so that they must be saved too
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+    model.eval()
+    save_model(model, tmp_path)
+    assert json.loads((tmp_path / "arch.json").read_text())["stages"][1]["inner"] == [12, 7]
+    loaded = load_model(tmp_path)
+    x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(model(x), loaded(x), rtol=0, atol=0)
+    assert ArchSpec.from_json(tmp_path / "arch.json") == model.spec
+
+
+def test_flops_match_hand_count():
+    spec = _tiny()
+    s = 8  # image size
+    conv = lambda cin, cout, k, hw: 2 * cin * cout * k * k * hw * hw  # noqa: E731 - a multiply-add is 2 FLOPs
+    expected = conv(3, 8, 3, s)  # stem
+    expected += conv(8, 5, 3, s) + conv(5, 8, 3, s)  # stage 1: identity shortcut (8 -> 8, stride 1)
+    expected += conv(8, 12, 3, s // 2) + conv(12, 16, 3, s // 2) + conv(8, 16, 1, s // 2)  # transition block
+    expected += conv(16, 7, 3, s // 2) + conv(7, 16, 3, s // 2)
+    expected += 2 * 16 * 4  # head
+    assert count_flops(spec) == expected
+    assert count_flops(spec, image_size=16) > 3.9 * count_flops(spec)
+
+
+def test_presets_have_the_published_shapes():
+    r20 = preset("resnet20")
+    assert r20.num_convs() + 1 == 20  # + the linear head
+    model = build(r20)
+    # ResNet-20 with 1x1 projection shortcuts at the two stride-2 transitions
+    assert 270_000 < count_params(model) < 280_000
+    assert preset("resnet56").num_convs() + 1 == 56
+    for name in PRESETS:
+        spec = preset(name, num_classes=7, in_channels=1, image_size=28)
+        assert build(spec)(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
+
+
+def test_widths_are_multiples_of_16_in_the_default():
+    assert all(w % 16 == 0 for w in preset("bonsai").widths())
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"stem": -3}, "stem must be an integer"),
+        ({"stem": 10**9}, "stem must be an integer"),
+        ({"stages": [{"width": 8, "stride": 3, "inner": [8]}]}, r"stages\[0\].stride"),
+        ({"stages": [{"width": 8, "stride": 1, "inner": []}]}, r"stages\[0\].inner"),
+        ({"stages": [{"width": 8, "stride": 1, "inner": [0]}]}, r"stages\[0\].inner\[0\]"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"bogus": 1}, "unknown keys"),
+    ],
+)
+def test_tampered_arch_json_is_a_clear_error(tmp_path: Path, patch: dict, message: str):
+    d = _tiny().to_dict() | patch
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(BonsaiError, match=message):
+        ArchSpec.from_json(path)
+
+
+def test_unknown_preset():
+    with pytest.raises(BonsaiError, match="unknown arch 'resnet999'"):
+        preset("resnet999")
+
+
+def test_weights_that_disagree_with_arch_json(tmp_path: Path):
+    save_model(build(_tiny()), tmp_path)
+    spec = _tiny()
+    spec.stages[0].inner = [6]
+    spec.to_json(tmp_path / "arch.json")
+    with pytest.raises(BonsaiError, match=r"stages.0.0.conv1.weight has shape \(5, 8, 3, 3\), arch.json implies \(6"):
+        load_model(tmp_path)
+    spec.stem = 16
+    spec.to_json(tmp_path / "arch.json")
+    with pytest.raises(BonsaiError, match="weights do not match arch.json"):
+        load_model(tmp_path)

@@ -1,0 +1,84 @@
+"""The command line end to end: fit, info, predict, config, and one-line errors with non-zero exits."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bonsai.cli import main
+from conftest import write_folder
+
+
+def _bonsai(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bonsai", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_fit_end_to_end_on_about_100_images(tmp_path: Path):
+    data = write_folder(tmp_path / "data", n_train=30, n_test=4, size=16, ext="jpg")
+    out = tmp_path / "run"
+    r = _bonsai("fit", str(data), "--out", str(out), "--epochs", "2", "--arch", "resnet8", "batch_size=16", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "done:" in r.stdout and "val accuracy" in r.stdout
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["file", "label", "cat", "dog", "fox"] and len(rows) == 13
+    assert rows[1][0] == "cat_030.jpg"
+
+    p = _bonsai("predict", str(out), str(data / "test"), "--out", str(tmp_path / "p.csv"))
+    assert p.returncode == 0, p.stderr
+    with open(tmp_path / "p.csv", newline="") as f:
+        again = list(csv.reader(f))
+    assert [r[:2] for r in again] == [r[:2] for r in rows]
+
+    # config.yaml re-runs the same fit
+    r2 = _bonsai("fit", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "rerun"), "--quiet")
+    assert r2.returncode == 0, r2.stderr
+    assert (tmp_path / "rerun" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_info_prints_what_was_found(folder_data: Path, capsys):
+    assert main(["info", str(folder_data)]) == 0
+    out = capsys.readouterr().out
+    assert "classes       3: cat (8), dog (8), fox (8)" in out
+    assert "test images   9 (unlabeled)" in out and "working size  16x16" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "{tmp}/missing"], "missing: no such file or folder"),
+        (["fit", "{tmp}/missing", "--quiet"], "missing: no such file or folder"),
+        (["fit", "{tmp}/empty", "--quiet"], "no dataset found"),
+        (["fit", "{tmp}/one", "--quiet"], "only one class"),
+        (["fit", "{tmp}/one", "train.lr=fast"], "config key train.lr: expected float"),
+        (["fit", "{tmp}/one", "--budget", "soon"], "budget 'soon'"),
+        (["predict", "{tmp}/empty", "{tmp}/one"], "not a bonsai run"),
+        (["fit", "--resume", "{tmp}/empty"], "not a run directory"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(tmp_path: Path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one" / "train" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "one" / "train" / "a" / "x.png")
+    code = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("bonsai: error: ") and err.count("\n") == 1 and message in err
+    assert "Traceback" not in err
+
+
+def test_config_show_prints_resolved_defaults(capsys):
+    assert main(["config", "--show", "lr=0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "  lr: 0.3" in out and "  epochs: 20" in out
+
+
+def test_help_explains():
+    r = _bonsai("fit", "--help")
+    assert r.returncode == 0 and "--budget" in r.stdout and "patience" in r.stdout

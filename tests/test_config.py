@@ -1,0 +1,70 @@
+"""The typed config: overrides, YAML round trip, and clear errors for unknown keys and wrong types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bonsai.config import FitConfig, apply_overrides, from_dict, load_yaml, save_yaml, set_value, to_dict
+from bonsai.errors import ConfigError
+from bonsai.utils import parse_duration
+
+
+def test_overrides_dotted_and_bare_names():
+    cfg = apply_overrides(FitConfig(), ["train.lr=0.05", "epochs=7", "flip=false", "data.image_size=null", "budget=10m"])
+    assert cfg.train.lr == 0.05 and cfg.train.epochs == 7 and cfg.augment.flip is False
+    assert cfg.data.image_size is None and cfg.budget_s == 600
+
+
+def test_yaml_round_trip(tmp_path: Path):
+    cfg = set_value(FitConfig(), "arch", "resnet20").resolved()
+    save_yaml(cfg, tmp_path / "c.yaml")
+    assert load_yaml(tmp_path / "c.yaml") == cfg
+
+
+def test_resolved_defaults_to_20_epochs_only_without_other_stopping_rule():
+    assert FitConfig().resolved().train.epochs == 20
+    assert set_value(FitConfig(), "budget", "90s").resolved().train.epochs is None
+    assert set_value(FitConfig(), "patience", 3).resolved().train.epochs is None
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.lrr=0.1", "unknown config key train.lrr"),
+        ("nonsense=1", "unknown config key nonsense"),
+        ("train.epochs=many", "config key train.epochs: expected int, got 'many'"),
+        ("augment.flip=3", "config key augment.flip: expected bool"),
+        ("train.lr=-1", "train.lr must be > 0"),
+        ("train.schedule=wavy", "train.schedule must be"),
+        ("budget=soon", "use a duration like"),
+        ("noequals", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(item: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(FitConfig(), [item])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path: Path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.1\n  momentun: 0.8\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown config key train.momentun"):
+        load_yaml(p)
+
+
+def test_int_is_accepted_where_float_is_expected():
+    assert from_dict(to_dict(FitConfig()) | {"seed": 3}).seed == 3
+    assert set_value(FitConfig(), "lr", 1).train.lr == 1.0
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("45", 45), (2.5, 2.5)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0s", "-5", "10 minutes", "m"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ConfigError):
+        parse_duration(text)
