@@ -143,3 +143,39 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path: Path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_streaming_and_in_memory_training_give_identical_weights(folder_data: Path, tmp_path: Path):
+    a = bonsai.fit(folder_data, epochs=2, out=str(tmp_path / "mem"), in_memory="yes", **TINY)
+    b = bonsai.fit(folder_data, epochs=2, out=str(tmp_path / "stream"), in_memory="no", **TINY)
+    wa, wb = load_file(a.dir / "checkpoint.safetensors"), load_file(b.dir / "checkpoint.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a.dir / "predictions.csv").read_text() == (b.dir / "predictions.csv").read_text()
+
+
+def test_no_validation_possible_is_a_clear_error(tmp_path: Path):
+    x, y = make_images(1)  # one image per class
+    with pytest.raises(BonsaiError, match="none can be held out for validation"):
+        bonsai.fit((x, y), epochs=1, out=str(tmp_path / "r"), **TINY)
+
+
+def test_divergence_stops_and_keeps_the_last_good_model(npz_data: Path, tmp_path: Path):
+    # the LR warms up from 0: epoch 1 stays finite, epoch 2 blows up
+    run = bonsai.fit(npz_data, epochs=4, out=str(tmp_path / "r"), lr=1e6, zero_init_residual=False, **TINY)
+    assert run.summary["stop_reason"] == "diverged" and run.summary["epochs"] == 2 and run.summary["best_epoch"] == 1
+    lines = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["train_loss"] is not None and lines[1]["train_loss"] is None  # NaN logged as null: valid JSON
+    weights = load_file(run.dir / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_resume_refuses_different_data_and_extends_a_finished_run(npz_data: Path, tmp_path: Path):
+    run = bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "r"), **TINY)
+    x, y = make_images(20, seed=5)
+    other = tmp_path / "other.npz"
+    np.savez(other, x_train=x, y_train=y)
+    with pytest.raises(BonsaiError, match="dataset differs"):
+        bonsai.fit(other, resume=run.dir)
+    more = bonsai.fit(None, resume=run.dir, epochs=2)
+    assert more.summary["epochs"] == 2
+    assert [json.loads(x)["epoch"] for x in (run.dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]

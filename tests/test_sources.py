@@ -222,3 +222,36 @@ def test_stratified_split_is_seeded_and_keeps_every_class():
     tr2, va2 = split_validation(y, 0.1, seed=3)
     assert np.array_equal(va, va2)
     assert not np.array_equal(va, split_validation(y, 0.1, seed=4)[1])
+
+
+def test_npz_parts_sorted_by_part_number_not_text(tmp_path: Path):
+    x, y = make_images(4)  # 12 images
+    d = tmp_path / "p"
+    d.mkdir()
+    for k in range(1, 11):  # part10of10 sorts before part2of10 as text
+        sl = slice(k - 1, k) if k < 10 else slice(9, 12)
+        np.savez(d / f"s_part{k}of10.npz", x_train=x[sl], y_train=y[sl])
+    ds = load_dataset(d)
+    assert torch.equal(ds.train.x, torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+
+
+def test_npz_test_labels_outside_classes_refused(tmp_path: Path):
+    x, y = make_images(3)
+    np.savez(tmp_path / "t.npz", x_train=x, y_train=y, x_test=x[:2], y_test=np.array([5, -1]), classes=np.array(CLASSES))
+    with pytest.raises(DatasetError, match="y_test holds labels outside 0..2"):
+        load_dataset(tmp_path / "t.npz")
+
+
+def test_npy_renamed_to_npz_refused(tmp_path: Path):
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    (tmp_path / "a.npy").rename(tmp_path / "a.npz")
+    with pytest.raises(DatasetError, match="not an .npz archive"):
+        load_dataset(tmp_path / "a.npz")
+
+
+def test_numeric_class_names_sort_numerically_and_deterministically(tmp_path: Path):
+    x, _ = make_images(1, n_classes=3)
+    for name, a in zip(["10", "2", "02"], x):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.fromarray(a).save(tmp_path / "train" / name / "a.png")
+    assert load_dataset(tmp_path).classes == ["02", "2", "10"]

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,21 @@ class Run:
         except json.JSONDecodeError as e:
             raise BonsaiError(f"{meta_path}: not valid JSON ({e})") from None
         self.model: ResNet = load_model(self.dir)
-        self.classes: list[str] = list(self.meta["classes"])
+        try:
+            self.classes: list[str] = [str(c) for c in self.meta["classes"]]
+            self.image_size: int = int(self.meta["image_size"])
+            self.channels: int = int(self.meta["channels"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BonsaiError(f"{meta_path}: damaged ({type(e).__name__}: {e})") from None
         if len(self.classes) != self.model.spec.num_classes:
             raise BonsaiError(f"{meta_path}: {len(self.classes)} classes, arch.json has {self.model.spec.num_classes}")
-        self.image_size: int = int(self.meta["image_size"])
-        self.channels: int = int(self.meta["channels"])
+        if self.channels != self.model.spec.in_channels:
+            raise BonsaiError(f"{meta_path}: {self.channels} channels, arch.json has {self.model.spec.in_channels}")
         summary = self.dir / "summary.json"
-        self.summary: dict = json.loads(summary.read_text()) if summary.is_file() else {}
+        try:
+            self.summary: dict = json.loads(summary.read_text()) if summary.is_file() else {}
+        except json.JSONDecodeError:
+            self.summary = {}  # a summary is informative only
         cfg_path = self.dir / "config.yaml"
         # predict with the precision the run trained and validated with
         self.precision = _config.load_yaml(cfg_path).train.precision if cfg_path.is_file() else "auto"
@@ -112,11 +121,17 @@ class Run:
             if not p.exists():
                 raise BonsaiError(f"{p}: no such file or folder")
             if p.suffix.lower() == ".npz":
-                with np.load(p, allow_pickle=False) as z:
-                    key = "x_test" if "x_test" in z.files else "x" if "x" in z.files else None
-                    if key is None:
-                        raise BonsaiError(f"{p}: expected an array x_test or x")
-                    return self._as_split(z[key])
+                try:
+                    z = np.load(p, allow_pickle=False)
+                    if not isinstance(z, np.lib.npyio.NpzFile):
+                        raise BonsaiError(f"{p}: not an .npz archive")
+                    with z:
+                        key = "x_test" if "x_test" in z.files else "x" if "x" in z.files else None
+                        if key is None:
+                            raise BonsaiError(f"{p}: expected an array x_test or x")
+                        return self._as_split(z[key])
+                except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                    raise BonsaiError(f"{p}: not a readable .npz without pickle ({e})") from None
             files, root = (_list_images(p), p) if p.is_dir() else ([p], p.parent)
         if not files:
             raise BonsaiError(f"{images}: no images found ({', '.join(sorted(IMAGE_EXTS))})")
@@ -231,14 +246,18 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     if ds.kind != "arrays":
         cfg.data.path = str(ds.source.resolve())
     cfg.out = str(out)
-    _config.save_yaml(cfg, out / "config.yaml")
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.train.device)
     tr_idx, va_idx = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed)
+    if len(va_idx) == 0:
+        raise DatasetError(f"{ds.source}: no class has two or more images, so none can be held out for validation")
     train_split, val_split = ds.train.subset(tr_idx), ds.train.subset(va_idx)
     meta = ds.meta() | {"val_images": len(val_split), "train_images_used": len(train_split)}
+    if resume is not None:
+        _check_same_data(out / "dataset.json", meta)
     atomic_write_text(out / "dataset.json", json.dumps(meta, indent=1) + "\n")
+    _config.save_yaml(cfg, out / "config.yaml")
 
     spec = preset(cfg.model.arch, len(ds.classes), ds.channels, ds.image_size)
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
@@ -270,6 +289,17 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     engine = Engine(model, cfg, out, train_loader, val_loader, test_loader, device, state=state, opt=opt)
     state = engine.run(progress=progress)
     return _finish(out, cfg, ds, state, test_loader, device)
+
+
+def _check_same_data(path: Path, meta: dict) -> None:
+    """A resumed run must read the same images, classes and size, or its split and labels would change."""
+    try:
+        old = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return  # killed before dataset.json was written: nothing to compare with
+    for key in ("fingerprint", "classes", "channels", "image_size"):
+        if key in old and old[key] != meta[key]:
+            raise BonsaiError(f"{path}: the dataset differs from the one this run started with ({key} changed); cannot resume")
 
 
 def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, test_loader: Loader | None, device) -> Run:

@@ -106,8 +106,8 @@ def _cmd_fit(ns) -> int:
     if ns.quiet:
         kw["quiet"] = True
     for item in overrides:  # --resume: overrides apply on top of the run's own config.yaml
-        key, _, raw = item.partition("=")
-        kw[key] = yaml.safe_load(raw) if raw.strip() else None
+        key, value = config.parse_override(item)
+        kw[key] = value
     run = api.fit(data, cfg, resume=ns.resume, **kw)
     _print_summary(run)
     return 0
@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except BonsaiError as e:
         print(f"bonsai: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. an --out path that cannot be written: the message names the file
+        print(f"bonsai: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bonsai: interrupted; resume with `bonsai fit --resume RUN`", file=sys.stderr)
         return 130

@@ -85,6 +85,9 @@ class FitConfig:
         _check(t.patience is None or t.patience >= 1, "train.patience must be >= 1")
         _check(t.max_epochs >= 1, "train.max_epochs must be >= 1")
         _check(t.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+        _check(0 <= self.seed < 2**32, "seed must be in [0, 2**32)")
+        _check(d.workers >= 0, "data.workers must be >= 0")
         _check(t.lr > 0, "train.lr must be > 0")
         _check(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
         _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
@@ -232,15 +235,20 @@ def set_value(cfg: FitConfig, key: str, value: Any) -> FitConfig:
     return from_dict(d)
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"key=value"`` -> (key, value), the value read as a YAML scalar (``3``, ``0.1``, ``true``, ``null``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not a scalar YAML understands: keep the text; the type check decides
+    return key.strip(), value
+
+
 def apply_overrides(cfg: FitConfig, items: list[str]) -> FitConfig:
-    """Apply ``key=value`` strings; values are parsed as YAML scalars (``3``, ``0.1``, ``true``, ``null``)."""
+    """Apply ``key=value`` strings (see :func:`parse_override`)."""
     for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        cfg = set_value(cfg, key.strip(), value)
+        cfg = set_value(cfg, *parse_override(item))
     return cfg

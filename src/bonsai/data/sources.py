@@ -94,9 +94,20 @@ class Dataset:
             return []
         return torch.bincount(split.y, minlength=len(self.classes)).tolist()
 
+    def fingerprint(self) -> str:
+        """A hash of the training images' names and labels: a resumed run must see the same data."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for name in self.train.names:
+            h.update(name.encode("utf-8", "surrogateescape") + b"\0")
+        h.update(self.train.y.numpy().tobytes())
+        return h.hexdigest()
+
     def meta(self) -> dict:
         """What a saved model needs to read new images the same way (``dataset.json``)."""
         return {
+            "fingerprint": self.fingerprint(),
             "source": str(self.source),
             "kind": self.kind,
             "classes": self.classes,
@@ -140,8 +151,8 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode to L (channels=1) or RGB (channels=3)."""
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float32)
-        if im.mode != "F" and a.max(initial=0) > 255:
-            a = a / 257.0  # 16-bit range 0..65535 onto 0..255
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0  # 16-bit range 0..65535 onto 0..255 (the same scale for every image of that mode)
         im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info or im.mode in ("PA", "LA", "RGBa", "La"):
         im = im.convert("RGBA")
@@ -209,7 +220,7 @@ class _FileList:
 
 def _natural_sorted(labels: set[str]) -> list[str]:
     if all(re.fullmatch(r"-?\d+", s) for s in labels):
-        return sorted(labels, key=int)
+        return sorted(labels, key=lambda s: (int(s), s))
     return sorted(labels)
 
 
@@ -316,7 +327,7 @@ def _npz_files(path: Path) -> list[Path]:
         total = {n for _, n in nums}
         if len(total) != 1 or sorted(k for k, _ in nums) != list(range(1, total.pop() + 1)):
             raise DatasetError(f"{path}: the *_partKofN.npz files are incomplete: found {[f.name for f in parts]}")
-        return parts
+        return sorted(parts, key=lambda f: int(_PART.search(f.name).group(1)))
     if len(files) != 1:
         raise DatasetError(f"{path}: expected one .npz file or a set of *_partKofN.npz parts, found {len(files)}")
     return files
@@ -327,7 +338,10 @@ def _load_npz(files: list[Path]) -> dict[str, np.ndarray]:
     chunks: dict[str, list[np.ndarray]] = {}
     for f in files:
         try:
-            with np.load(f, allow_pickle=False) as z:
+            z = np.load(f, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise DatasetError(f"{f}: not an .npz archive (a single .npy array?)")
+            with z:
                 if "x_train" not in z.files or "y_train" not in z.files:
                     raise DatasetError(f"{f}: must contain x_train and y_train (has {', '.join(z.files) or 'nothing'})")
                 for k in keys:
@@ -407,6 +421,8 @@ def _from_npz(path: Path, image_size: int | None, max_size: int) -> Dataset:
         yt = None
         if "y_test" in z and z["y_test"].size:
             yt_np = _npz_labels(z["y_test"], len(xt), "y_test", src)
+            if "classes" in z and (yt_np.min() < 0 or yt_np.max() >= len(classes)):
+                raise DatasetError(f"{src}: y_test holds labels outside 0..{len(classes) - 1} (classes has {len(classes)})")
             if "classes" not in z:
                 lookup = {int(v): i for i, v in enumerate(present)}
                 if any(int(v) not in lookup for v in np.unique(yt_np)):
@@ -417,7 +433,7 @@ def _from_npz(path: Path, image_size: int | None, max_size: int) -> Dataset:
             raise DatasetError(f"{src}: x_test has {xt.shape[1]} channels, x_train {x.shape[1]}")
         test = Split(names=[str(i) for i in range(len(xt))], y=yt, x=xt)
     h, w = x.shape[-2:]
-    size = image_size or min(min(h, w), max_size)
+    size = max(4, image_size or min(min(h, w), max_size))
     train = Split(names=[str(i) for i in range(len(x))], y=torch.from_numpy(np.asarray(y, dtype=np.int64)), x=x)
     train.x = _resize_tensor(train.x, size)
     if test is not None:

@@ -38,7 +38,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BonsaiError(f"train.device={name}: CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise BonsaiError(f"train.device={name}: not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def _cpu_has_bf16() -> bool:
@@ -168,6 +171,11 @@ def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
 # ---- the loop -------------------------------------------------------------------------------------------------
 
 
+def _finite_or_none(v):
+    """JSON has no NaN: a non-finite number is logged as null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _fmt_s(s: float) -> str:
     s = max(0, int(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -225,7 +233,7 @@ class Engine:
 
     # -- one epoch
 
-    def _train_epoch(self, epoch: int, clock: Clock, bar) -> tuple[float, float, bool]:
+    def _train_epoch(self, epoch: int, clock: Clock, bar) -> tuple[float, float, int, bool]:
         model, opt, st = self.model, self.opt, self.state
         model.train()
         loss_sum = torch.zeros((), device=self.device)
@@ -262,8 +270,8 @@ class Engine:
                     break
             st.train_time_s += clock.now() - t0
         if seen == 0:
-            return float("nan"), float("nan"), stopped
-        return float(loss_sum) / seen, float(correct) / seen, stopped
+            return float("nan"), float("nan"), seen, stopped
+        return float(loss_sum) / seen, float(correct) / seen, seen, stopped
 
     def _evaluate(self, loader: Loader | None) -> float | None:
         if loader is None or loader.split.y is None or len(loader.split) == 0:
@@ -282,8 +290,13 @@ class Engine:
         params = count_params(self.model)
         n_test = 0 if self.test_loader is None else len(self.test_loader.split)
         epoch = st.epoch
+        if st.stop_reason != "diverged":
+            st.stop_reason = ""  # a resumed run re-checks its (possibly raised) epochs, budget and patience
         while True:
             if st.stop_reason:
+                break
+            if self._out_of_time(clock):
+                st.stop_reason = "budget"
                 break
             if planned is not None and epoch >= planned:
                 st.stop_reason = "epochs" if cfg.train.epochs is not None else "max_epochs"
@@ -294,7 +307,7 @@ class Engine:
                 total = f"/{planned}" if planned else ""
                 bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch}{total}", unit="step", leave=False, disable=None)
             epoch_t0 = clock.now()
-            train_loss, train_acc, stopped = self._train_epoch(epoch, clock, bar)
+            train_loss, train_acc, seen, stopped = self._train_epoch(epoch, clock, bar)
             if bar is not None:
                 bar.close()
             with clock:
@@ -308,14 +321,17 @@ class Engine:
             if not math.isfinite(train_loss):
                 st.stop_reason = "diverged"
                 log.warning("training diverged in epoch %d (loss %s); keeping the best model so far", epoch, train_loss)
-            improved = val_acc is not None and val_acc > st.best_val
+            # a diverged epoch is never the best one, whatever its (meaningless) accuracy
+            improved = val_acc is not None and val_acc > st.best_val and math.isfinite(train_loss)
             with clock:
                 if improved:
                     st.best_val, st.best_epoch, st.stale_epochs = val_acc, epoch, 0
                     save_model(self.model, self.run_dir)
                 else:
                     st.stale_epochs += 1
-                if stopped:
+                if st.stop_reason:
+                    pass  # diverged
+                elif stopped:
                     st.stop_reason = "budget"
                 elif self.budget is not None and self._out_of_time(clock):
                     st.stop_reason = "budget"
@@ -331,13 +347,13 @@ class Engine:
                     "test_acc": test_acc,
                     "lr": self.opt.param_groups[0]["lr"],
                     "batch_size": self.train_loader.batch_size,
-                    "images_per_s": round(self.train_loader.images_per_epoch / max(clock.now() - epoch_t0 - val_s, 1e-9), 1),
+                    "images_per_s": round(seen / max(clock.now() - epoch_t0 - val_s, 1e-9), 1),
                     "flops_per_image": self.flops,
                     "params": params,
                     "train_flops": st.train_flops,
                     "widths": self.model.spec.widths(),
                 }
-                append_jsonl(metrics_path, record)
+                append_jsonl(metrics_path, {k: _finite_or_none(v) for k, v in record.items()})
                 st.clock_s = clock.now()
                 save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.opt, st)
             if progress:
