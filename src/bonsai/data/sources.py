@@ -28,6 +28,8 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,28 +164,9 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
     return im.convert("L" if channels == 1 else "RGB")
 
 
-def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
-    """Decode one image file to a ``(size, size, channels)`` uint8 array, or raise OSError/ValueError."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > _MAX_PIXELS:
-                raise ValueError(f"declared size {w}x{h} is too large (decompression bomb?)")
-            if im.format == "JPEG":
-                im.draft("L" if channels == 1 else "RGB", (size, size))  # decode at reduced scale: much faster
-            im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            im = _to_mode(im, channels)
-            if im.size != (size, size):
-                im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-    return a[:, :, None] if a.ndim == 2 else a
-
-
-def _probe(path: Path) -> tuple[int, int, bool]:
-    """(width, height, is_grey) from the header only."""
+@contextmanager
+def _open_checked(path: str | Path) -> Iterator[Image.Image]:
+    """Open an image, refusing declared sizes that would be decompression bombs before any pixel is decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
@@ -192,7 +175,28 @@ def _probe(path: Path) -> tuple[int, int, bool]:
                 raise ValueError(f"declared size {w}x{h} is too large (decompression bomb?)")
             if w < 1 or h < 1:
                 raise ValueError("empty image")
-            return w, h, im.mode in _GREY_MODES
+            yield im
+
+
+def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+    """Decode one image file to a ``(size, size, channels)`` uint8 array, or raise OSError/ValueError."""
+    with _open_checked(path) as im:
+        if im.format == "JPEG":
+            im.draft("L" if channels == 1 else "RGB", (size, size))  # decode at reduced scale: much faster
+        im.seek(0)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        im = _to_mode(im, channels)
+        if im.size != (size, size):
+            im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
+        a = np.asarray(im, dtype=np.uint8)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def _probe(path: Path) -> tuple[int, int, bool]:
+    """(width, height, is_grey) from the header only."""
+    with _open_checked(path) as im:
+        return im.size[0], im.size[1], im.mode in _GREY_MODES
 
 
 def _list_images(folder: Path) -> list[Path]:
