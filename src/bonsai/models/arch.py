@@ -48,7 +48,7 @@ class ArchSpec:
 
     >>> spec = ArchSpec.resnet(widths=(16, 32, 64), blocks=3, num_classes=10)
     >>> spec.num_convs()
-    21
+    19
     """
 
     in_channels: int
