@@ -1,0 +1,148 @@
+"""PruneTrain: group lasso during training, then physically removing the channels it drove to zero.
+
+Lym et al., "PruneTrain: Fast Neural Network Training by Dynamic Sparse Model Reconfiguration", SC'19.
+
+* **Groups.** Every conv's output channel ``W[c]`` (together with its BN scale and shift, so that a dead channel's
+  output becomes exactly zero and removing it is exact) and every conv's input channel ``W[:, k]``, plus the
+  linear head's input columns. Excluded: the first conv's input (the image) and the head's outputs (the classes).
+* **Penalty.** ``lambda * sum of group L2 norms``, applied as an explicit gradient after ``backward()``
+  (``lasso.add_grad_(model)``): the training loss that is logged stays the plain cross-entropy.
+* **lambda** comes from the lasso penalty ratio (LPR), the single knob: at the first step
+  ``lambda = LPR * CE / (GL * (1 - LPR))``, so the penalty is the share LPR of the total loss; then it stays fixed.
+* **Dead channels.** A channel of a channel group (see :mod:`bonsai.surgery.channels`) is dead when every writer's
+  output group has ``max |w| <= threshold`` or every reader's input group has ``max |w| <= threshold`` (absolute
+  values: negative weights count too).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bonsai.models.resnet import ResNet
+from bonsai.surgery.channels import channel_groups
+
+_EPS = 1e-12  # keeps w / ||w|| finite for a group that is exactly zero
+
+
+def _convs(model: ResNet) -> list[nn.Conv2d]:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _bn_after(model: ResNet) -> dict[nn.Conv2d, nn.BatchNorm2d]:
+    return {conv: bn for g in channel_groups(model) for conv, bn in g.writers}
+
+
+class GroupLasso:
+    """Group-lasso penalty over channels, added to gradients after ``backward()``.
+
+    >>> from bonsai.models.arch import preset
+    >>> from bonsai.models.resnet import build
+    >>> model = build(preset("resnet8"))
+    >>> lasso = GroupLasso(lpr=0.2)
+    >>> lasso.set_lambda(ce=2.0, model=model) > 0
+    True
+    """
+
+    def __init__(self, lpr: float = 0.2, lam: float | None = None):
+        if not 0 < lpr < 1:
+            raise ValueError("lpr must be in (0, 1)")
+        self.lpr = lpr
+        self.lam = lam
+
+    @torch.no_grad()
+    def penalty(self, model: ResNet) -> torch.Tensor:
+        """Sum of all group norms (without lambda)."""
+        return self._walk(model, add_grad=False)
+
+    def set_lambda(self, ce: float, model: ResNet) -> float:
+        """lambda such that lambda * GL is the share ``lpr`` of CE + lambda * GL."""
+        gl = float(self.penalty(model))
+        self.lam = self.lpr * ce / (max(gl, _EPS) * (1 - self.lpr))
+        return self.lam
+
+    @torch.no_grad()
+    def add_grad_(self, model: ResNet) -> None:
+        """``p.grad += lambda * d(sum of group norms)/dp`` for every grouped parameter."""
+        if self.lam is None:
+            raise RuntimeError("GroupLasso.add_grad_ before set_lambda")
+        self._walk(model, add_grad=True)
+
+    def _walk(self, model: ResNet, add_grad: bool) -> torch.Tensor:
+        total = torch.zeros((), device=model.head.weight.device)
+        bns = _bn_after(model)
+        first = model.stem[0]
+
+        def add(p: torch.Tensor, g: torch.Tensor) -> None:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(g.to(p.grad.dtype), alpha=self.lam)
+
+        for conv in _convs(model):
+            w = conv.weight
+            bn = bns[conv]
+            # output channels: the filter with its BN scale and shift
+            out_sq = w.float().pow(2).sum(dim=(1, 2, 3)) + bn.weight.float().pow(2) + bn.bias.float().pow(2)
+            out_norm = out_sq.sqrt()
+            total += out_norm.sum()
+            if add_grad:
+                inv = 1.0 / (out_norm + _EPS)
+                add(w, w * inv.view(-1, 1, 1, 1))
+                add(bn.weight, bn.weight * inv)
+                add(bn.bias, bn.bias * inv)
+            if conv is not first:  # input channels (the image's channels are never pruned)
+                in_norm = w.float().pow(2).sum(dim=(0, 2, 3)).sqrt()
+                total += in_norm.sum()
+                if add_grad:
+                    add(w, w / (in_norm + _EPS).view(1, -1, 1, 1))
+        h = model.head.weight  # the head's input columns
+        in_norm = h.float().pow(2).sum(dim=0).sqrt()
+        total += in_norm.sum()
+        if add_grad:
+            add(h, h / (in_norm + _EPS).view(1, -1))
+        return total
+
+
+@torch.no_grad()
+def dead_channels(model: ResNet, threshold: float) -> dict[str, torch.Tensor]:
+    """Boolean masks (True = dead) per channel group; see the module docstring for the rule."""
+    out = {}
+    for g in channel_groups(model):
+        writers_dead = torch.ones(g.width, dtype=torch.bool, device=model.head.weight.device)
+        for conv, bn in g.writers:
+            amax = torch.maximum(conv.weight.abs().amax(dim=(1, 2, 3)), torch.maximum(bn.weight.abs(), bn.bias.abs()))
+            writers_dead &= amax <= threshold
+        readers_dead = torch.ones_like(writers_dead)
+        for r in g.readers:
+            w = r.weight
+            readers_dead &= (w.abs().amax(dim=(0, 2, 3)) if w.dim() == 4 else w.abs().amax(dim=0)) <= threshold
+        out[g.name] = (writers_dead | readers_dead).cpu()
+    return out
+
+
+@torch.no_grad()
+def plan_keep(model: ResNet, threshold: float, min_width: int = 8, round_to: int = 8) -> dict[str, torch.Tensor]:
+    """Channel indices to keep per group: the live ones, at least ``min_width`` (never zero), rounded up to a
+    multiple of ``round_to`` (never above the current width). Extra channels are the dead ones with the largest
+    weights. Only groups that shrink appear in the result."""
+    keep = {}
+    masks = dead_channels(model, threshold)
+    for g in channel_groups(model):
+        dead = masks[g.name]
+        alive = int((~dead).sum())
+        n = max(alive, min(min_width, g.width), 1)
+        if round_to > 1:
+            n = min(g.width, -(-n // round_to) * round_to)
+        if n >= g.width:
+            continue
+        score = _channel_strength(g).cpu()
+        score[~dead] = float("inf")  # live channels are always kept
+        keep[g.name] = score.topk(n).indices.sort().values.cpu()
+    return keep
+
+
+def _channel_strength(g) -> torch.Tensor:
+    s = torch.zeros(g.width, device=g.writers[0][0].weight.device)
+    for conv, bn in g.writers:
+        s += conv.weight.float().pow(2).sum(dim=(1, 2, 3)) + bn.weight.float().pow(2) + bn.bias.float().pow(2)
+    return s

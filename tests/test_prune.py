@@ -1,0 +1,90 @@
+"""PruneTrain pieces: the group-lasso gradient, lambda from LPR, dead-channel detection, keep plans."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bonsai.models.arch import preset
+from bonsai.models.resnet import build
+from bonsai.surgery.channels import channel_groups
+from bonsai.surgery.prune import GroupLasso, dead_channels, plan_keep
+
+
+def _penalty_autograd(model) -> torch.Tensor:
+    """The group-lasso penalty written out directly, differentiable, as the reference."""
+    groups = {conv: bn for g in channel_groups(model) for conv, bn in g.writers}
+    total = 0
+    for conv, bn in groups.items():
+        w = conv.weight
+        total = total + (w.pow(2).sum(dim=(1, 2, 3)) + bn.weight.pow(2) + bn.bias.pow(2)).sqrt().sum()
+        if conv is not model.stem[0]:
+            total = total + w.pow(2).sum(dim=(0, 2, 3)).sqrt().sum()
+    return total + model.head.weight.pow(2).sum(dim=0).sqrt().sum()
+
+
+def test_add_grad_is_the_gradient_of_lambda_times_the_penalty():
+    torch.manual_seed(0)
+    model = build(preset("resnet8"), zero_init_residual=False)
+    lasso = GroupLasso(lpr=0.2, lam=0.37)
+    ref = build(preset("resnet8"))
+    ref.load_state_dict(model.state_dict())
+    (0.37 * _penalty_autograd(ref)).backward()
+    lasso.add_grad_(model)
+    torch.testing.assert_close(lasso.penalty(model), _penalty_autograd(ref).detach())
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        expected = q.grad if q.grad is not None else torch.zeros_like(q)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_lambda_from_lpr_gives_the_requested_penalty_share_on_a_batch():
+    torch.manual_seed(0)
+    model = build(preset("resnet8"))
+    x = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    ce = F.cross_entropy(model(x), torch.arange(16) % 10).detach()
+    for lpr in (0.05, 0.2, 0.5):
+        lasso = GroupLasso(lpr=lpr)
+        lam = lasso.set_lambda(float(ce), model)
+        share = lam * float(lasso.penalty(model)) / (float(ce) + lam * float(lasso.penalty(model)))
+        assert abs(share - lpr) < 1e-6
+
+
+def test_dead_channels_use_absolute_values():
+    model = build(preset("resnet8"), zero_init_residual=False)
+    g = next(g for g in channel_groups(model) if g.name == "s1b0.inner")
+    conv, bn = g.writers[0]
+    with torch.no_grad():
+        conv.weight[2] = -5e-5  # tiny negative filter: dead under |w| <= 1e-4 (``w < t`` would also catch it)
+        bn.weight[2], bn.bias[2] = 0.0, -1e-5
+        conv.weight[3] = -1.0  # large negative filter: alive (``w < t`` would wrongly call it dead)
+        bn.weight[3], bn.bias[3] = 0.0, 0.0
+    dead = dead_channels(model, 1e-4)["s1b0.inner"]
+    assert dead[2] and not dead[3] and int(dead.sum()) == 1
+
+
+def test_channels_nobody_reads_are_dead_too():
+    model = build(preset("resnet8"), zero_init_residual=False)
+    with torch.no_grad():
+        model.stages[0][0].conv2.weight[:, 5] = 0  # the only reader of s0b0.inner channel 5
+    assert dead_channels(model, 0.0)["s0b0.inner"].nonzero().flatten().tolist() == [5]
+
+
+def test_plan_keep_floor_and_rounding():
+    model = build(preset("resnet20"), zero_init_residual=False)
+    g = next(g for g in channel_groups(model) if g.name == "s2")  # 64 wide
+    with torch.no_grad():
+        for conv, bn in g.writers:
+            conv.weight[:50] = 0
+            bn.weight[:50] = 0
+            bn.bias[:50] = 0
+    keep = plan_keep(model, 1e-4, min_width=4, round_to=8)["s2"]
+    assert len(keep) == 16 and set(range(50, 64)) <= set(keep.tolist())  # 14 alive, rounded up to 16
+    assert len(plan_keep(model, 1e-4, min_width=4, round_to=1)["s2"]) == 14
+    with torch.no_grad():
+        for conv, bn in g.writers:
+            conv.weight.zero_()
+            bn.weight.zero_()
+            bn.bias.zero_()
+    assert len(plan_keep(model, 1e-4, min_width=4, round_to=1)["s2"]) == 4  # the floor: never zero channels
