@@ -88,3 +88,35 @@ def test_plan_keep_floor_and_rounding():
             bn.weight.zero_()
             bn.bias.zero_()
     assert len(plan_keep(model, 1e-4, min_width=4, round_to=1)["s2"]) == 4  # the floor: never zero channels
+
+
+def test_end_to_end_prune_run_removes_channels_and_keeps_training(tmp_path):
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+
+    import bonsai
+    from conftest import make_images
+
+    x, y = make_images(40)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
+    run = bonsai.fit(
+        data, epochs=4, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32",
+        **{"prune.enabled": True, "prune.lpr": 0.5, "prune.interval": 1, "prune.threshold": 0.5, "prune.min_width": 2, "prune.round_to": 1},
+    )
+    events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines()]
+    assert events and events[0]["event"] == "prune"
+    assert events[0]["flops_after"] < events[0]["flops_before"]
+    assert events[0]["batch_size"] > events[0]["batch_size_before"] == 16  # freed compute goes into a larger batch
+    metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]  # training went on after the surgery
+    assert metrics[-1]["flops_per_image"] < metrics[0]["flops_per_image"]
+    assert metrics[-1]["batch_size"] == events[-1]["batch_size"]
+    with safe_open(str(run.dir / "checkpoint.safetensors"), "pt") as f:
+        spec = bonsai.ArchSpec.from_dict(json.loads(f.metadata()["arch"]))
+    assert spec.widths() == events[-1]["widths_after"] and min(spec.widths()) >= 2
+    # the pruned checkpoint resumes: its arch, momentum buffers, batch size and lambda come back
+    more = bonsai.fit(None, resume=run.dir, epochs=5)
+    assert more.summary["epochs"] == 5

@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--config", help="a YAML config (e.g. a previous run's config.yaml); overrides apply on top")
     f.add_argument("--seed", type=int)
     f.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
+    f.add_argument("--prune", action="store_true", help="PruneTrain: prune channels while training (prune.* keys tune it)")
     f.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("predict", help="classify images with a trained run")
@@ -105,6 +106,8 @@ def _cmd_fit(ns) -> int:
         kw["epochs"] = None  # a budget replaces the epoch count of a loaded config
     if ns.quiet:
         kw["quiet"] = True
+    if ns.prune:
+        kw["prune.enabled"] = True
     for item in overrides:  # --resume: overrides apply on top of the run's own config.yaml
         key, value = config.parse_override(item)
         kw[key] = value

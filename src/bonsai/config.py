@@ -67,11 +67,24 @@ class TrainConfig:
 
 
 @dataclass
+class PruneConfig:
+    enabled: bool = False  # PruneTrain: group lasso from the first step, channels removed every `interval` epochs
+    lpr: float = 0.2  # lasso penalty ratio: the penalty's share of the loss at the first step (sets lambda)
+    interval: int | None = None  # epochs between reconfigurations; None: 5% of the planned epochs (at least 1)
+    threshold: float = 1e-4  # a channel is dead when max |w| of its group is at most this
+    min_width: int = 8  # no layer drops below this many channels (never zero)
+    round_to: int = 8  # kept widths are rounded up to a multiple of this (full SIMD/AMX tiles)
+    grow_batch: bool = True  # after a reconfiguration, grow the batch to keep FLOPs per step constant
+    max_batch_scale: float = 4.0  # cap: the batch never exceeds this multiple of train.batch_size
+
+
+@dataclass
 class FitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     seed: int = 0
     out: str | None = None  # run directory; None: runs/<dataset>-<time>
     test_each_epoch: bool = True  # report test accuracy per epoch when test labels exist (never used to decide)
@@ -100,6 +113,13 @@ class FitConfig:
         _check(4 <= d.max_image_size <= 1024, "data.max_image_size must be in [4, 1024]")
         _check(d.in_memory in ("auto", "yes", "no"), "data.in_memory must be auto, yes or no")
         _check(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction must be in [0, 1)")
+        p = self.prune
+        _check(0 < p.lpr < 1, "prune.lpr must be in (0, 1)")
+        _check(p.interval is None or p.interval >= 1, "prune.interval must be >= 1")
+        _check(p.threshold >= 0, "prune.threshold must be >= 0")
+        _check(p.min_width >= 1, "prune.min_width must be >= 1")
+        _check(p.round_to >= 1, "prune.round_to must be >= 1")
+        _check(p.max_batch_scale >= 1, "prune.max_batch_scale must be >= 1")
         _check(self.augment.translate is None or self.augment.translate >= 0, "augment.translate must be >= 0")
         return self
 

@@ -21,6 +21,8 @@ from bonsai.errors import BonsaiError
 from bonsai.models.arch import ArchSpec
 from bonsai.models.resnet import ResNet, count_flops, count_params, load_state, save_model
 from bonsai.report.log import append_jsonl
+from bonsai.surgery.channels import remove_channels_
+from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.schedule import Clock, lr_factor
 from bonsai.utils import atomic_write_bytes
 
@@ -84,6 +86,9 @@ class TrainState:
     best_epoch: int = 0
     stale_epochs: int = 0  # epochs since the validation accuracy last improved
     stop_reason: str = ""
+    batch_size: int | None = None  # current training batch (grows after pruning); None: train.batch_size
+    lasso_lambda: float | None = None  # PruneTrain's lambda, fixed at the first step
+    start_flops: int | None = None  # forward FLOPs per image of the network the run started with
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -208,9 +213,17 @@ class Engine:
         self.state = state or TrainState()
         self.step_fn = torch.compile(model) if cfg.train.compile else model
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        # the plan is counted in images, so a batch that grows after pruning keeps the LR schedule on track
+        b0 = min(cfg.train.batch_size, len(train.split))
+        self.images_per_epoch0 = len(train.split) // b0 * b0
+        if self.state.batch_size is not None:
+            train.batch_size = self.state.batch_size
         # peak LR per 256 examples, scaled linearly with the batch size actually used
         self.peak_lr = cfg.train.lr * train.batch_size / 256
         self.flops = count_flops(model.spec)
+        self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda) if cfg.prune.enabled else None
+        if self.state.start_flops is None:
+            self.state.start_flops = self.flops
         self.budget = cfg.budget_s
         self._reserve = 0.0  # seconds kept back from the budget for predicting the test set at the end
 
@@ -225,8 +238,7 @@ class Engine:
     def _progress(self, clock: Clock) -> float:
         if self.budget is not None and self.cfg.train.epochs is None:
             return clock.now() / max(self.budget - self._reserve, 1e-9)
-        total = self._planned_epochs() * len(self.train_loader)
-        return self.state.step / total
+        return self.state.images_seen / (self._planned_epochs() * self.images_per_epoch0)
 
     def _out_of_time(self, clock: Clock) -> bool:
         return self.budget is not None and clock.now() >= self.budget - self._reserve
@@ -251,6 +263,11 @@ class Engine:
                     loss = F.cross_entropy(logits.float(), yb, label_smoothing=smoothing)
                 opt.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
+                if self.lasso is not None:
+                    self.scaler.unscale_(opt)  # the penalty's gradient is added at true scale
+                    if self.lasso.lam is None:
+                        st.lasso_lambda = self.lasso.set_lambda(float(loss.detach()), model)
+                    self.lasso.add_grad_(model)
                 self.scaler.step(opt)
                 self.scaler.update()
                 n = len(yb)
@@ -272,6 +289,62 @@ class Engine:
         if seen == 0:
             return float("nan"), float("nan"), seen, stopped
         return float(loss_sum) / seen, float(correct) / seen, seen, stopped
+
+    # -- PruneTrain reconfiguration
+
+    def _prune_interval(self, planned: int | None) -> int:
+        if self.cfg.prune.interval is not None:
+            return self.cfg.prune.interval
+        if planned is None:  # budget: estimate the epochs that fit from the pace so far
+            planned = max(1, int(self.budget / max(self.state.clock_s / max(self.state.epoch, 1), 1e-9)))
+        return max(1, round(0.05 * planned))
+
+    def _reconfigure_due(self, epoch: int, planned: int | None) -> bool:
+        if self.lasso is None or self.state.stop_reason or (planned is not None and epoch >= planned):
+            return False
+        return epoch % self._prune_interval(planned) == 0
+
+    def _reconfigure(self, epoch: int, progress: bool) -> None:
+        """Remove dead channels, grow the batch so FLOPs per step stay constant, log the event."""
+        p, st, loader = self.cfg.prune, self.state, self.train_loader
+        keep = plan_keep(self.model, p.threshold, p.min_width, p.round_to)
+        if not keep:
+            return
+        widths_before, flops_before, batch_before = self.model.spec.widths(), self.flops, loader.batch_size
+        remove_channels_(self.model, keep, self.opt)
+        self.flops = count_flops(self.model.spec)
+        if p.grow_batch:
+            b0 = self.cfg.train.batch_size
+            target = b0 * st.start_flops / self.flops  # the batch that costs what the first model's batch cost
+            cap = min(b0 * p.max_batch_scale, len(loader.split))
+            loader.batch_size = max(batch_before, int(min(target, cap)) // 8 * 8 or batch_before)
+            self.peak_lr = self.cfg.train.lr * loader.batch_size / 256
+        st.batch_size = loader.batch_size
+        event = {
+            "epoch": epoch,
+            "event": "prune",
+            "widths_before": widths_before,
+            "widths_after": self.model.spec.widths(),
+            "flops_before": flops_before,
+            "flops_after": self.flops,
+            "params_after": count_params(self.model),
+            "batch_size_before": batch_before,
+            "batch_size": loader.batch_size,
+            "peak_lr": self.peak_lr,
+            "removed": {name: int(w) for name, w in self._removed(widths_before).items()},
+        }
+        append_jsonl(self.run_dir / "events.jsonl", event)
+        if progress:
+            from tqdm import tqdm
+
+            tqdm.write(
+                f"prune after epoch {epoch}: FLOPs/image {flops_before / 1e6:.1f}M -> {self.flops / 1e6:.1f}M, "
+                f"batch {batch_before} -> {loader.batch_size}"
+            )
+
+    def _removed(self, widths_before: list[int]) -> dict[str, int]:
+        after = self.model.spec.widths()
+        return {f"conv{i}": b - a for i, (b, a) in enumerate(zip(widths_before, after)) if b != a}
 
     def _evaluate(self, loader: Loader | None) -> float | None:
         if loader is None or loader.split.y is None or len(loader.split) == 0:
@@ -354,6 +427,8 @@ class Engine:
                     "widths": self.model.spec.widths(),
                 }
                 append_jsonl(metrics_path, {k: _finite_or_none(v) for k, v in record.items()})
+                if self._reconfigure_due(epoch, planned):
+                    self._reconfigure(epoch, progress)
                 st.clock_s = clock.now()
                 save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.opt, st)
             if progress:
