@@ -21,7 +21,7 @@ from bonsai.errors import BonsaiError
 from bonsai.models.arch import ArchSpec
 from bonsai.models.resnet import ResNet, count_flops, count_params, load_state, save_model
 from bonsai.report.log import append_jsonl
-from bonsai.surgery.channels import remove_channels_
+from bonsai.surgery.channels import channel_groups, remove_channels_
 from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.schedule import Clock, lr_factor
 from bonsai.utils import atomic_write_bytes
@@ -296,7 +296,7 @@ class Engine:
         if self.cfg.prune.interval is not None:
             return self.cfg.prune.interval
         if planned is None:  # budget: estimate the epochs that fit from the pace so far
-            planned = max(1, int(self.budget / max(self.state.clock_s / max(self.state.epoch, 1), 1e-9)))
+            planned = max(1, int(self.budget / max(self.state.clock_s / self.state.epoch, 1e-9)))
         return max(1, round(0.05 * planned))
 
     def _reconfigure_due(self, epoch: int, planned: int | None) -> bool:
@@ -311,6 +311,7 @@ class Engine:
         if not keep:
             return
         widths_before, flops_before, batch_before = self.model.spec.widths(), self.flops, loader.batch_size
+        group_widths = {g.name: g.width for g in channel_groups(self.model)}
         remove_channels_(self.model, keep, self.opt)
         self.flops = count_flops(self.model.spec)
         if p.grow_batch:
@@ -331,7 +332,7 @@ class Engine:
             "batch_size_before": batch_before,
             "batch_size": loader.batch_size,
             "peak_lr": self.peak_lr,
-            "removed": {name: int(w) for name, w in self._removed(widths_before).items()},
+            "removed": {name: group_widths[name] - len(idx) for name, idx in keep.items()},
         }
         append_jsonl(self.run_dir / "events.jsonl", event)
         if progress:
@@ -341,10 +342,6 @@ class Engine:
                 f"prune after epoch {epoch}: FLOPs/image {flops_before / 1e6:.1f}M -> {self.flops / 1e6:.1f}M, "
                 f"batch {batch_before} -> {loader.batch_size}"
             )
-
-    def _removed(self, widths_before: list[int]) -> dict[str, int]:
-        after = self.model.spec.widths()
-        return {f"conv{i}": b - a for i, (b, a) in enumerate(zip(widths_before, after)) if b != a}
 
     def _evaluate(self, loader: Loader | None) -> float | None:
         if loader is None or loader.split.y is None or len(loader.split) == 0:
@@ -360,7 +357,6 @@ class Engine:
         clock = Clock(st.clock_s)
         planned = self._planned_epochs()
         metrics_path = self.run_dir / "metrics.jsonl"
-        params = count_params(self.model)
         n_test = 0 if self.test_loader is None else len(self.test_loader.split)
         epoch = st.epoch
         if st.stop_reason != "diverged":
@@ -422,11 +418,12 @@ class Engine:
                     "batch_size": self.train_loader.batch_size,
                     "images_per_s": round(seen / max(clock.now() - epoch_t0 - val_s, 1e-9), 1),
                     "flops_per_image": self.flops,
-                    "params": params,
+                    "params": count_params(self.model),
                     "train_flops": st.train_flops,
                     "widths": self.model.spec.widths(),
                 }
                 append_jsonl(metrics_path, {k: _finite_or_none(v) for k, v in record.items()})
+                st.clock_s = clock.now()  # also the pace from which a budget run plans its prune interval
                 if self._reconfigure_due(epoch, planned):
                     self._reconfigure(epoch, progress)
                 st.clock_s = clock.now()
