@@ -19,7 +19,16 @@ import torch
 from bonsai import config as _config
 from bonsai.config import FitConfig
 from bonsai.data.loader import Loader
-from bonsai.data.sources import IMAGE_EXTS, Dataset, Split, _list_images, load_dataset, read_image, split_validation
+from bonsai.data.sources import (
+    IMAGE_EXTS,
+    Dataset,
+    Split,
+    list_images,
+    load_dataset,
+    read_image,
+    resize_tensor,
+    split_validation,
+)
 from bonsai.errors import BonsaiError, DatasetError
 from bonsai.models.arch import preset
 from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model
@@ -110,9 +119,7 @@ class Run:
                 x = x[..., None]
             if x.ndim != 4 or x.shape[-1] != self.channels:
                 raise BonsaiError(f"predict: expected (N,H,W,{self.channels}) images, got {tuple(x.shape)}")
-            from bonsai.data.sources import _resize_tensor
-
-            x = _resize_tensor(x.permute(0, 3, 1, 2).contiguous(), self.image_size)
+            x = resize_tensor(x.permute(0, 3, 1, 2).contiguous(), self.image_size)
             return Split(names=[str(i) for i in range(len(x))], y=None, x=x)
         if isinstance(images, (list, tuple)):
             files, root = [Path(p) for p in images], None
@@ -132,7 +139,7 @@ class Run:
                         return self._as_split(z[key])
                 except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
                     raise BonsaiError(f"{p}: not a readable .npz without pickle ({e})") from None
-            files, root = (_list_images(p), p) if p.is_dir() else ([p], p.parent)
+            files, root = (list_images(p), p) if p.is_dir() else ([p], p.parent)
         if not files:
             raise BonsaiError(f"{images}: no images found ({', '.join(sorted(IMAGE_EXTS))})")
         arrays, names, bad = [], [], []

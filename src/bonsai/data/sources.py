@@ -199,7 +199,7 @@ def _probe(path: Path) -> tuple[int, int, bool]:
         return im.size[0], im.size[1], im.mode in _GREY_MODES
 
 
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
     """Image files below ``folder`` in a stable order; hidden files skipped, symlinked folders not followed."""
     out = []
     for root, dirs, files in os.walk(folder, followlinks=False):
@@ -237,12 +237,12 @@ def _folder_split(folder: Path, labeled: bool | None) -> _FileList:
         if subdirs and loose:
             raise DatasetError(f"{folder}: holds both images and sub-folders; use only class folders or only images")
     if not labeled:
-        return _FileList(_list_images(folder), None, folder)
+        return _FileList(list_images(folder), None, folder)
     if loose:
         log.warning("%s: %d images lie outside any class folder and are ignored", folder, len(loose))
     files, labels = [], []
     for d in subdirs:
-        imgs = _list_images(d)
+        imgs = list_images(d)
         if not imgs:
             log.warning("%s: class folder has no images and is ignored", d)
         files += imgs
@@ -388,7 +388,7 @@ def _npz_labels(a: np.ndarray, n: int, key: str, src: Path) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
+def resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
     """Resize a uint8 (N,C,H,W) tensor: shorter side to ``size`` (antialiased bilinear), centre crop."""
     if x.shape[-2:] == (size, size) or len(x) == 0:
         return x
@@ -439,9 +439,9 @@ def _from_npz(path: Path, image_size: int | None, max_size: int) -> Dataset:
     h, w = x.shape[-2:]
     size = max(4, image_size or min(min(h, w), max_size))
     train = Split(names=[str(i) for i in range(len(x))], y=torch.from_numpy(np.asarray(y, dtype=np.int64)), x=x)
-    train.x = _resize_tensor(train.x, size)
+    train.x = resize_tensor(train.x, size)
     if test is not None:
-        test.x = _resize_tensor(test.x, size)
+        test.x = resize_tensor(test.x, size)
     return _finish(path, "npz", classes, int(x.shape[1]), size, train, test, [], f"{h}x{w} (all)")
 
 
