@@ -281,7 +281,8 @@ class Engine:
                     bar.update(1)
                     if i % 10 == 0:
                         rate = seen / max(clock.now() - t0, 1e-9)
-                        bar.set_postfix_str(f"loss {float(loss.detach()):.3f} lr {lr:.3f} {rate:.0f} img/s", refresh=False)
+                        acc = float(correct) / seen
+                        bar.set_postfix_str(f"loss {float(loss.detach()):.3f} acc {acc:.1%} lr {lr:.3f} {rate:.0f} img/s", refresh=False)
                 if self._out_of_time(clock):
                     stopped = True
                     break
