@@ -43,7 +43,8 @@ def write_folder(root: Path, n_train: int = 8, n_test: int = 3, size: int = 16, 
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_log(caplog):
+def _seed_log_and_cwd(caplog, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # whatever a test writes by default (runs/...) lands in its own tmp dir
     torch.manual_seed(0)
     np.random.seed(0)
     logging.getLogger("bonsai").propagate = True  # the CLI turns propagation off; caplog needs it

@@ -82,3 +82,16 @@ def test_config_show_prints_resolved_defaults(capsys):
 def test_help_explains():
     r = _bonsai("fit", "--help")
     assert r.returncode == 0 and "--budget" in r.stdout and "patience" in r.stdout
+
+
+def test_failed_fit_leaves_no_run_directory_behind(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_out_is_refused_before_training(folder_data: Path, tmp_path: Path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["fit", str(folder_data), "--out", str(blocker / "run"), "--quiet"]) == 2
+    assert "cannot create or write the run directory" in capsys.readouterr().err

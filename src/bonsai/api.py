@@ -209,13 +209,19 @@ def _default_out(data: DataLike) -> Path:
 
 
 def _check_writable(out: Path) -> None:
+    """Fail early, before reading data or training, if the run directory could not be created or written."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise BonsaiError(f"{out}: cannot create or write the run directory ({existing} is not a writable folder)")
+
+
+def _make_run_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
-        raise BonsaiError(f"{out}: cannot write the run directory ({e.strerror or e})") from None
+        raise BonsaiError(f"{out}: cannot create the run directory ({e.strerror or e})") from None
 
 
 def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str | Path | None = None, **overrides) -> Run:
@@ -245,14 +251,15 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     if data is None:
         raise BonsaiError("no dataset given")
     progress = not cfg.quiet
-    ds = _dataset_from(data, cfg, progress)
     out = Path(cfg.out) if cfg.out else _default_out(data)
     if resume is None and (out / CHECKPOINT).exists():
         raise BonsaiError(f"{out}: already holds a run; use --resume {out} to continue it or choose another --out")
     _check_writable(out)
+    ds = _dataset_from(data, cfg, progress)
     if ds.kind != "arrays":
         cfg.data.path = str(ds.source.resolve())
     cfg.out = str(out)
+    _make_run_dir(out)
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.train.device)
@@ -277,7 +284,8 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
         spec, state, model_t, opt_t = read_checkpoint(out / CHECKPOINT)
         model = ResNet(spec)
         ckpt_tensors = (model_t, opt_t)
-        truncate_jsonl(out / "metrics.jsonl", lambda r: r.get("epoch", 0) <= state.epoch)
+        for name in ("metrics.jsonl", "events.jsonl"):  # lines of the epoch that is about to be replayed go
+            truncate_jsonl(out / name, lambda r: r.get("epoch", 0) <= state.epoch)
         log.info("resuming %s after epoch %d", out, state.epoch)
     else:
         for name in ("metrics.jsonl", "events.jsonl"):
