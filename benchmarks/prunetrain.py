@@ -1,0 +1,150 @@
+"""PruneTrain on full CIFAR-10: dense vs pruned runs of the same archs, epochs and schedule, back to back.
+
+    python benchmarks/prunetrain.py [--data ../shared/data/cifar10] [--epochs 10] [--archs resnet32,bonsai]
+                                    [--lpr 0.2] [--set key=value ...]
+
+Each fit runs as its own `bonsai fit` process, so that its peak memory (max RSS, from os.wait4) is its own.
+Reported per run: test accuracy of the final network, total training FLOPs (3 x forward per image), inference FLOPs per image of the
+final network, training wall time (steps only), peak memory. The summary gives the reductions of the pruned runs
+against the dense ones for the first arch. Writes benchmarks/results/prunetrain.json and prunetrain.png (the width
+of every layer across epochs, and test accuracy vs training time). Use --limit to smoke-test on a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, write_result  # noqa: E402
+
+
+def _subset(data: str, limit: int, tmp: Path) -> str:
+    """A stratified-enough prefix of the dataset for smoke tests (the npz parts are shuffled already)."""
+    from bonsai.data.sources import load_dataset
+
+    ds = load_dataset(data)
+    x = ds.train.x[:limit].permute(0, 2, 3, 1).numpy()
+    xt = ds.test.x[: max(limit // 5, 10)].permute(0, 2, 3, 1).numpy()
+    path = tmp / "subset.npz"
+    np.savez(path, x_train=x, y_train=ds.train.y[:limit].numpy(), x_test=xt, y_test=ds.test.y[: len(xt)].numpy(), classes=np.array(ds.classes))
+    return str(path)
+
+
+def _fit(data: str, out: Path, args: list[str]) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "bonsai", "fit", data, "--out", str(out), "--quiet", *args]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"fit failed: {' '.join(cmd)}")
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines() if x.strip()]
+    # the final network (no reconfiguration follows the last epoch), not the best-by-validation checkpoint, so
+    # that accuracy and FLOPs describe the same model
+    return {
+        "test_acc": metrics[-1]["test_acc"],
+        "best_val_model_test_acc": summary["test_acc"],
+        "train_time_s": summary["train_time_s"],
+        "train_flops": summary["train_flops"],
+        "inference_flops": metrics[-1]["flops_per_image"],
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+        "epochs": summary["epochs"],
+        "events": events,
+        "curve": [{k: m[k] for k in ("epoch", "train_time_s", "test_acc", "flops_per_image", "batch_size", "widths")} for m in metrics],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data/cifar10")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--archs", default="resnet32,bonsai")
+    ap.add_argument("--lpr", type=float, default=0.2)
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config for the pruned runs")
+    ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke test)")
+    ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
+    args = ap.parse_args()
+    if not Path(args.data).exists():
+        raise SystemExit(f"{args.data}: not found; point --data at the CIFAR-10 .npz parts (see ../shared/data/README.md)")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _subset(args.data, args.limit, Path(tmp)) if args.limit else args.data
+        details = {}
+        for arch in args.archs.split(","):
+            common = ["--arch", arch, "--epochs", str(args.epochs)]
+            dense = _fit(data, Path(args.runs) / f"prunetrain_{arch}_dense", common)
+            pruned = _fit(data, Path(args.runs) / f"prunetrain_{arch}_pruned", [*common, "--prune", f"prune.lpr={args.lpr}", *args.set])
+            details[arch] = {"dense": dense, "pruned": pruned}
+            print(arch, {k: (dense[k], pruned[k]) for k in ("test_acc", "train_time_s", "inference_flops", "peak_rss_mib")}, flush=True)
+
+    first = details[args.archs.split(",")[0]]
+    d, p = first["dense"], first["pruned"]
+    summary = {
+        "arch": args.archs.split(",")[0],
+        "epochs": args.epochs,
+        "lpr": args.lpr,
+        "train_flops_reduction": round(1 - p["train_flops"] / d["train_flops"], 4),
+        "inference_flops_reduction": round(1 - p["inference_flops"] / d["inference_flops"], 4),
+        "wall_time_reduction": round(1 - p["train_time_s"] / d["train_time_s"], 4),
+        "acc_drop_points": round(100 * (d["test_acc"] - p["test_acc"]), 2),
+        "by_arch": {
+            a: {
+                "dense_test_acc": v["dense"]["test_acc"],
+                "pruned_test_acc": v["pruned"]["test_acc"],
+                "train_flops_reduction": round(1 - v["pruned"]["train_flops"] / v["dense"]["train_flops"], 4),
+                "inference_flops_reduction": round(1 - v["pruned"]["inference_flops"] / v["dense"]["inference_flops"], 4),
+                "wall_time_reduction": round(1 - v["pruned"]["train_time_s"] / v["dense"]["train_time_s"], 4),
+                "peak_rss_mib": {"dense": v["dense"]["peak_rss_mib"], "pruned": v["pruned"]["peak_rss_mib"]},
+            }
+            for a, v in details.items()
+        },
+    }
+    if args.limit:
+        summary["smoke_test_limit"] = args.limit
+    name = "prunetrain" if not args.limit else "prunetrain_smoke"
+    path = write_result(name, summary, details, "python benchmarks/prunetrain.py " + " ".join(sys.argv[1:]))
+    _plot(details, name)
+    print(f"wrote {path}\nsummary: {json.dumps(summary, indent=1)}")
+
+
+def _plot(details: dict, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(details)
+    fig, axes = plt.subplots(1, len(archs) + 1, figsize=(5 * (len(archs) + 1), 4))
+    for ax, arch in zip(axes, archs):
+        curve = details[arch]["pruned"]["curve"]
+        widths = np.array([c["widths"] for c in curve], dtype=float).T  # layers x epochs
+        im = ax.imshow(widths, aspect="auto", cmap="viridis", origin="lower", extent=(0.5, len(curve) + 0.5, -0.5, len(widths) - 0.5))
+        fig.colorbar(im, ax=ax, label="channels")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("conv layer (forward order)")
+        ax.set_title(f"{arch} widths while pruning")
+    ax = axes[-1]
+    for arch in archs:
+        for kind, style in (("dense", "--"), ("pruned", "-")):
+            c = details[arch][kind]["curve"]
+            ax.plot([r["train_time_s"] for r in c], [100 * r["test_acc"] for r in c], style, marker="o", ms=3, label=f"{arch} {kind}")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
