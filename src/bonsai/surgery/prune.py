@@ -25,12 +25,9 @@ from bonsai.surgery.channels import channel_groups
 _EPS = 1e-12  # keeps w / ||w|| finite for a group that is exactly zero
 
 
-def _convs(model: ResNet) -> list[nn.Conv2d]:
-    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-
-
-def _bn_after(model: ResNet) -> dict[nn.Conv2d, nn.BatchNorm2d]:
-    return {conv: bn for g in channel_groups(model) for conv, bn in g.writers}
+def _conv_bn_pairs(model: ResNet) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """Every conv with the BN after it. Surgery edits these modules in place, so the list stays valid."""
+    return [pair for g in channel_groups(model) for pair in g.writers]
 
 
 class GroupLasso:
@@ -49,6 +46,7 @@ class GroupLasso:
             raise ValueError("lpr must be in (0, 1)")
         self.lpr = lpr
         self.lam = lam
+        self._pairs: tuple[ResNet, list] | None = None  # (model, its conv/BN pairs), built once per model
 
     @torch.no_grad()
     def penalty(self, model: ResNet) -> torch.Tensor:
@@ -69,8 +67,9 @@ class GroupLasso:
         self._walk(model, add_grad=True)
 
     def _walk(self, model: ResNet, add_grad: bool) -> torch.Tensor:
+        if self._pairs is None or self._pairs[0] is not model:
+            self._pairs = (model, _conv_bn_pairs(model))
         total = torch.zeros((), device=model.head.weight.device)
-        bns = _bn_after(model)
         first = model.stem[0]
 
         def add(p: torch.Tensor, g: torch.Tensor) -> None:
@@ -78,9 +77,8 @@ class GroupLasso:
                 p.grad = torch.zeros_like(p)
             p.grad.add_(g.to(p.grad.dtype), alpha=self.lam)
 
-        for conv in _convs(model):
+        for conv, bn in self._pairs[1]:
             w = conv.weight
-            bn = bns[conv]
             # output channels: the filter with its BN scale and shift
             out_sq = w.float().pow(2).sum(dim=(1, 2, 3)) + bn.weight.float().pow(2) + bn.bias.float().pow(2)
             out_norm = out_sq.sqrt()
