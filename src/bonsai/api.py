@@ -242,14 +242,12 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
             raise BonsaiError(f"{out}: not a run directory (no config.yaml) to resume")
         cfg = _make_config(out / "config.yaml", overrides)
         cfg.out = str(out)
-        if data is None:
-            data = cfg.data.path
     else:
         cfg = _make_config(cfg, overrides)
-        if data is None:
-            data = cfg.data.path
     if data is None:
-        raise BonsaiError("no dataset given")
+        data = cfg.data.path
+    if data is None:
+        raise BonsaiError("fit needs a dataset: give DATA (or a config that names data.path)")
     progress = not cfg.quiet
     out = Path(cfg.out) if cfg.out else _default_out(data)
     if resume is None and (out / CHECKPOINT).exists():

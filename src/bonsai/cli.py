@@ -87,31 +87,19 @@ def _cmd_fit(ns) -> int:
     from bonsai import api, config
     from bonsai.errors import BonsaiError
 
-    positional, overrides = _split_args(ns.args)
+    positional, items = _split_args(ns.args)
     if len(positional) > 1:
         raise BonsaiError(f"fit takes one DATA path, got {positional}")
-    data = positional[0] if positional else None
-    if ns.resume:
-        cfg = None
-    else:
-        cfg = config.load_yaml(ns.config) if ns.config else config.FitConfig()
-        cfg = config.apply_overrides(cfg, overrides)
-        overrides = []
-        if data is None:
-            data = cfg.data.path
-        if data is None:
-            raise BonsaiError("fit needs a DATA path (or a --config that names data.path)")
-    kw = {k: v for k, v in (("out", ns.out), ("budget", ns.budget), ("epochs", ns.epochs), ("arch", ns.arch), ("seed", ns.seed)) if v is not None}
+    kw = dict(config.parse_override(item) for item in items)  # on top of --config or the resumed run's config
+    flags = {"out": ns.out, "budget": ns.budget, "epochs": ns.epochs, "arch": ns.arch, "seed": ns.seed}
+    kw.update({k: v for k, v in flags.items() if v is not None})
     if ns.budget is not None and ns.epochs is None:
         kw["epochs"] = None  # a budget replaces the epoch count of a loaded config
     if ns.quiet:
         kw["quiet"] = True
     if ns.prune:
         kw["prune.enabled"] = True
-    for item in overrides:  # --resume: overrides apply on top of the run's own config.yaml
-        key, value = config.parse_override(item)
-        kw[key] = value
-    run = api.fit(data, cfg, resume=ns.resume, **kw)
+    run = api.fit(positional[0] if positional else None, ns.config, resume=ns.resume, **kw)
     _print_summary(run)
     return 0
 

@@ -58,7 +58,7 @@ class TrainConfig:
     weight_decay: float = 5e-4  # applied to conv/linear weights only, not to BN parameters or biases
     label_smoothing: float = 0.1
     schedule: str = "onecycle"  # onecycle (linear warm-up, cosine to 0) | step (x0.1 at 50% and 75%) | constant
-    warmup: float = 0.1  # share of training spent warming the LR up from 0 (onecycle)
+    warmup: float = 0.1  # share of training spent warming the LR up from 0 (every schedule)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto: bf16 where the CPU/GPU supports it, else fp32
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays off only for long runs)

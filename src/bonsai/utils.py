@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, duration parsing, seeding."""
+"""Small shared helpers: atomic file writes and duration parsing."""
 
 from __future__ import annotations
 

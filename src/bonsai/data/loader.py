@@ -95,16 +95,16 @@ class Loader:
     def batches(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Yield (images uint8, labels or None) for one epoch."""
         gen = epoch_generator(self.seed, epoch)
-        order = self._order(gen)
+        order = self._order(gen).to(self.device)
         steps = len(self)
         if self.x is not None:
-            source = ((self.x[idx.to(self.device)], idx) for idx in (order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(steps)))
+            source = ((self.x[idx], idx) for idx in (order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(steps)))
         else:
-            source = self._batches_from_files(order[: steps * self.batch_size] if self.drop_last else order)
+            source = self._batches_from_files((order[: steps * self.batch_size] if self.drop_last else order).cpu())
         for xb, idx in source:
             if self.train and (self.translate or self.flip):
                 xb = augment_batch(xb, self.translate, self.flip, gen)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            yb = None if self.y is None else self.y[idx.to(self.device)]
+            yb = None if self.y is None else self.y[idx.to(self.device)]  # a no-op unless streaming to a GPU
             yield xb, yb

@@ -413,11 +413,9 @@ def _from_npz(path: Path, image_size: int | None, max_size: int) -> Dataset:
         classes = [str(c) for c in z["classes"].reshape(-1).tolist()]
         if y.size and (y.min() < 0 or y.max() >= len(classes)):
             raise DatasetError(f"{src}: y_train holds labels outside 0..{len(classes) - 1} (classes has {len(classes)})")
-        present = classes
     else:
         values = np.unique(y)
-        present = [str(v) for v in values.tolist()]
-        classes = present
+        classes = [str(v) for v in values.tolist()]
         y = np.searchsorted(values, y)  # sparse label values onto 0..K-1
     test = None
     if "x_test" in z and z["x_test"].size:
@@ -428,7 +426,7 @@ def _from_npz(path: Path, image_size: int | None, max_size: int) -> Dataset:
             if "classes" in z and (yt_np.min() < 0 or yt_np.max() >= len(classes)):
                 raise DatasetError(f"{src}: y_test holds labels outside 0..{len(classes) - 1} (classes has {len(classes)})")
             if "classes" not in z:
-                lookup = {int(v): i for i, v in enumerate(present)}
+                lookup = {int(v): i for i, v in enumerate(classes)}
                 if any(int(v) not in lookup for v in np.unique(yt_np)):
                     raise DatasetError(f"{src}: y_test holds labels that never occur in y_train")
                 yt_np = np.array([lookup[int(v)] for v in yt_np], dtype=np.int64)

@@ -1,10 +1,10 @@
 """The network's shape as data: every width and depth of a CIFAR-style ResNet.
 
 A spec is a stem conv, then stages of BasicBlocks (two 3x3 convs each). A stage's first block carries the stage's
-stride; where stride or width change it gets a 1x1 projection shortcut (a TransitionBlock). Every conv's output
+stride; where stride or width change it gets a 1x1 projection shortcut (a transition block). Every conv's output
 width is explicit: ``stem`` for the stem conv, ``StageSpec.width`` for the residual width that every block's
-second conv (and the projection) writes, and ``StageSpec.inner[i]`` for block ``i``'s first conv. Surgery edits a
-spec and rebuilds; ``arch.json`` stores one.
+second conv (and the projection) writes, and ``StageSpec.inner[i]`` for block ``i``'s first conv. A network is
+built from a spec; surgery changes the network in place and keeps its spec in step; ``arch.json`` stores one.
 """
 
 from __future__ import annotations

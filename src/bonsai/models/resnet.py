@@ -21,7 +21,7 @@ def _conv_bn(cin: int, cout: int, k: int, stride: int) -> tuple[nn.Conv2d, nn.Ba
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual connection; a projection shortcut (TransitionBlock) where shapes change."""
+    """Two 3x3 convs with a residual connection; a 1x1 projection shortcut where stride or width change (a transition block)."""
 
     def __init__(self, cin: int, inner: int, cout: int, stride: int):
         super().__init__()
@@ -116,11 +116,11 @@ def state_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> byt
     return save(tensors, metadata=metadata)
 
 
-def save_model(model: ResNet, directory: str | Path, stem: str = "model") -> None:
-    """Write ``arch.json`` and ``<stem>.safetensors`` atomically."""
+def save_model(model: ResNet, directory: str | Path) -> None:
+    """Write ``arch.json`` and ``model.safetensors`` atomically."""
     directory = Path(directory)
     model.spec.to_json(directory / "arch.json")
-    atomic_write_bytes(directory / f"{stem}.safetensors", state_bytes(model, {"arch": json.dumps(model.spec.to_dict())}))
+    atomic_write_bytes(directory / "model.safetensors", state_bytes(model, {"arch": json.dumps(model.spec.to_dict())}))
 
 
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -146,10 +146,11 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise BonsaiError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_model(directory: str | Path, stem: str = "model") -> ResNet:
+def load_model(directory: str | Path) -> ResNet:
     """Rebuild the exact network saved by :func:`save_model` (no pickle involved)."""
     directory = Path(directory)
     spec = ArchSpec.from_json(directory / "arch.json")
     model = ResNet(spec)
-    load_state(model, read_safetensors(directory / f"{stem}.safetensors"), str(directory / f"{stem}.safetensors"))
+    weights = directory / "model.safetensors"
+    load_state(model, read_safetensors(weights), str(weights))
     return model.eval()

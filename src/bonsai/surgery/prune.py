@@ -79,25 +79,26 @@ class GroupLasso:
 
         for conv, bn in self._pairs[1]:
             w = conv.weight
+            sq = w.float().pow(2)
             # output channels: the filter with its BN scale and shift
-            out_sq = w.float().pow(2).sum(dim=(1, 2, 3)) + bn.weight.float().pow(2) + bn.bias.float().pow(2)
-            out_norm = out_sq.sqrt()
-            total += out_norm.sum()
+            out_norm = (sq.sum(dim=(1, 2, 3)) + bn.weight.float().pow(2) + bn.bias.float().pow(2)).sqrt()
+            inv = 1.0 / (out_norm + _EPS)
+            scale = inv.view(-1, 1, 1, 1)
+            if conv is not first:  # input channels (the image's channels are never pruned)
+                in_norm = sq.sum(dim=(0, 2, 3)).sqrt()
+                scale = scale + 1.0 / (in_norm + _EPS).view(1, -1, 1, 1)
             if add_grad:
-                inv = 1.0 / (out_norm + _EPS)
-                add(w, w * inv.view(-1, 1, 1, 1))
+                add(w, w * scale)
                 add(bn.weight, bn.weight * inv)
                 add(bn.bias, bn.bias * inv)
-            if conv is not first:  # input channels (the image's channels are never pruned)
-                in_norm = w.float().pow(2).sum(dim=(0, 2, 3)).sqrt()
-                total += in_norm.sum()
-                if add_grad:
-                    add(w, w / (in_norm + _EPS).view(1, -1, 1, 1))
+            else:
+                total += out_norm.sum() + (in_norm.sum() if conv is not first else 0.0)
         h = model.head.weight  # the head's input columns
         in_norm = h.float().pow(2).sum(dim=0).sqrt()
-        total += in_norm.sum()
         if add_grad:
             add(h, h / (in_norm + _EPS).view(1, -1))
+        else:
+            total += in_norm.sum()
         return total
 
 

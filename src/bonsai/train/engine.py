@@ -214,18 +214,20 @@ class Engine:
         self.step_fn = torch.compile(model) if cfg.train.compile else model
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         # the plan is counted in images, so a batch that grows after pruning keeps the LR schedule on track
-        b0 = min(cfg.train.batch_size, len(train.split))
-        self.images_per_epoch0 = len(train.split) // b0 * b0
+        self.images_per_epoch0 = train.images_per_epoch  # at the configured batch, before any growth
         if self.state.batch_size is not None:
             train.batch_size = self.state.batch_size
-        # peak LR per 256 examples, scaled linearly with the batch size actually used
-        self.peak_lr = cfg.train.lr * train.batch_size / 256
         self.flops = count_flops(model.spec)
         self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda) if cfg.prune.enabled else None
         if self.state.start_flops is None:
             self.state.start_flops = self.flops
         self.budget = cfg.budget_s
         self._reserve = 0.0  # seconds kept back from the budget for predicting the test set at the end
+
+    @property
+    def peak_lr(self) -> float:
+        """Peak LR: train.lr is per 256 examples, scaled linearly with the batch size in use."""
+        return self.cfg.train.lr * self.train_loader.batch_size / 256
 
     # -- planning
 
@@ -293,17 +295,17 @@ class Engine:
 
     # -- PruneTrain reconfiguration
 
-    def _prune_interval(self, planned: int | None) -> int:
+    def _prune_interval(self, planned: int | None, clock_s: float) -> int:
         if self.cfg.prune.interval is not None:
             return self.cfg.prune.interval
         if planned is None:  # budget: estimate the epochs that fit from the pace so far
-            planned = max(1, int(self.budget / max(self.state.clock_s / self.state.epoch, 1e-9)))
+            planned = max(1, int(self.budget / max(clock_s / self.state.epoch, 1e-9)))
         return max(1, round(0.05 * planned))
 
-    def _reconfigure_due(self, epoch: int, planned: int | None) -> bool:
+    def _reconfigure_due(self, epoch: int, planned: int | None, clock_s: float) -> bool:
         if self.lasso is None or self.state.stop_reason or (planned is not None and epoch >= planned):
             return False
-        return epoch % self._prune_interval(planned) == 0
+        return epoch % self._prune_interval(planned, clock_s) == 0
 
     def _reconfigure(self, epoch: int, progress: bool) -> None:
         """Remove dead channels, grow the batch so FLOPs per step stay constant, log the event."""
@@ -320,7 +322,6 @@ class Engine:
             target = b0 * st.start_flops / self.flops  # the batch that costs what the first model's batch cost
             cap = min(b0 * p.max_batch_scale, len(loader.split))
             loader.batch_size = max(batch_before, int(min(target, cap)) // 8 * 8 or batch_before)
-            self.peak_lr = self.cfg.train.lr * loader.batch_size / 256
         st.batch_size = loader.batch_size
         event = {
             "epoch": epoch,
@@ -399,11 +400,9 @@ class Engine:
                     save_model(self.model, self.run_dir)
                 else:
                     st.stale_epochs += 1
-                if st.stop_reason:
-                    pass  # diverged
-                elif stopped:
-                    st.stop_reason = "budget"
-                elif self.budget is not None and self._out_of_time(clock):
+                if st.stop_reason:  # diverged: that reason stands
+                    pass
+                elif stopped or self._out_of_time(clock):
                     st.stop_reason = "budget"
                 elif cfg.train.patience is not None and st.stale_epochs >= cfg.train.patience:
                     st.stop_reason = "plateau"
@@ -424,8 +423,7 @@ class Engine:
                     "widths": self.model.spec.widths(),
                 }
                 append_jsonl(metrics_path, {k: _finite_or_none(v) for k, v in record.items()})
-                st.clock_s = clock.now()  # also the pace from which a budget run plans its prune interval
-                if self._reconfigure_due(epoch, planned):
+                if self._reconfigure_due(epoch, planned, clock.now()):
                     self._reconfigure(epoch, progress)
                 st.clock_s = clock.now()
                 save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.opt, st)
