@@ -12,13 +12,14 @@ benchmarks/results/cifar10_baseline.json and cifar10_baseline.png; run directori
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
+
+from bonsai.report.log import read_jsonl  # noqa: E402
 
 import bonsai  # noqa: E402
 from bonsai.data.sources import load_dataset  # noqa: E402
@@ -47,7 +48,7 @@ def main() -> None:
         out = Path(args.runs) / f"cifar10_{name}"
         shutil.rmtree(out, ignore_errors=True)
         run = bonsai.fit(ds, out=str(out), quiet=args.quiet, **kw)
-        curve = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        curve = read_jsonl(out / "metrics.jsonl")
         details[name] = {
             "config": kw,
             "summary": run.summary,

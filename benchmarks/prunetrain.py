@@ -26,6 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
 
+from bonsai.report.log import read_jsonl  # noqa: E402
+
 
 def _subset(data: str, limit: int, tmp: Path) -> str:
     """A stratified-enough prefix of the dataset for smoke tests (the npz parts are shuffled already)."""
@@ -48,8 +50,7 @@ def _fit(data: str, out: Path, args: list[str]) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"fit failed: {' '.join(cmd)}")
     summary = json.loads((out / "summary.json").read_text())
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines() if x.strip()]
+    metrics, events = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "events.jsonl")
     # the final network (no reconfiguration follows the last epoch), not the best-by-validation checkpoint, so
     # that accuracy and FLOPs describe the same model
     return {

@@ -24,6 +24,7 @@ from bonsai.data.sources import (
     Dataset,
     Split,
     list_images,
+    from_arrays,
     load_dataset,
     read_image,
     resize_tensor,
@@ -32,7 +33,7 @@ from bonsai.data.sources import (
 from bonsai.errors import BonsaiError, DatasetError
 from bonsai.models.arch import preset
 from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model
-from bonsai.train.engine import CHECKPOINT, Engine, TrainState, make_optimizer, predict_probs, read_checkpoint, resolve_device, resolve_precision, restore
+from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_optimizer, predict_probs, read_checkpoint, resolve_device, resolve_precision, restore
 from bonsai.report.log import truncate_jsonl
 from bonsai.utils import atomic_write_text
 
@@ -178,29 +179,16 @@ def _make_config(cfg: FitConfig | str | Path | None, overrides: dict[str, Any]) 
     return cfg.resolved()
 
 
-def _dataset_from(data: DataLike, cfg: FitConfig, progress: bool) -> Dataset:
+def read_dataset(data: DataLike, cfg: FitConfig, progress: bool = False) -> Dataset:
+    """The dataset for ``data`` (a path, arrays, or an already read Dataset), read with ``cfg.data``'s rules."""
     if isinstance(data, Dataset):
         return data
-    if isinstance(data, (tuple, dict)):
-        return _dataset_from_arrays(data, cfg)
     d = cfg.data
+    if isinstance(data, (tuple, dict)):
+        if isinstance(data, tuple):  # (x_train, y_train[, x_test[, y_test]])
+            data = {k: v for k, v in zip(("x_train", "y_train", "x_test", "y_test"), data) if v is not None}
+        return from_arrays({k: np.asarray(v) for k, v in data.items()}, d.image_size, d.max_image_size)
     return load_dataset(data, d.image_size, d.max_image_size, d.in_memory, d.memory_budget_gb, d.max_bad_fraction, progress)
-
-
-def _dataset_from_arrays(data: tuple | dict, cfg: FitConfig) -> Dataset:
-    """``(x_train, y_train[, x_test[, y_test]])`` or a dict with those keys (and ``classes``)."""
-    import tempfile
-
-    if isinstance(data, tuple):
-        keys = ("x_train", "y_train", "x_test", "y_test")
-        data = {k: v for k, v in zip(keys, data) if v is not None}
-    arrays = {k: np.asarray(v) for k, v in data.items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "arrays.npz"
-        np.savez(path, **arrays)
-        ds = load_dataset(path, cfg.data.image_size, cfg.data.max_image_size)
-    ds.source, ds.kind = Path("<arrays>"), "arrays"
-    return ds
 
 
 def _default_out(data: DataLike) -> Path:
@@ -253,7 +241,7 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     if resume is None and (out / CHECKPOINT).exists():
         raise BonsaiError(f"{out}: already holds a run; use --resume {out} to continue it or choose another --out")
     _check_writable(out)
-    ds = _dataset_from(data, cfg, progress)
+    ds = read_dataset(data, cfg, progress)
     if ds.kind != "arrays":
         cfg.data.path = str(ds.source.resolve())
     cfg.out = str(out)
@@ -321,6 +309,7 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, test_load
         raise BonsaiError(f"{out}: training produced no usable model ({state.stop_reason or 'no epoch finished'})")
     run = Run(out)
     model = run.model.to(device, memory_format=torch.channels_last)
+    dtype = resolve_precision(cfg.train.precision, device)
     summary = {
         "stop_reason": state.stop_reason,
         "epochs": state.epoch,
@@ -335,18 +324,19 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, test_load
         "arch": model.spec.name,
         "widths": model.spec.widths(),
         "device": str(device),
-        "precision": str(resolve_precision(cfg.train.precision, device) or "fp32").replace("torch.", ""),
+        "precision": str(dtype or "fp32").replace("torch.", ""),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
     if test_loader is not None:
         t0 = time.perf_counter()
-        probs = predict_probs(model, test_loader, resolve_precision(cfg.train.precision, device)).numpy()
+        probs_t = predict_probs(model, test_loader, dtype)
+        probs = probs_t.numpy()
         summary["predict_s"] = round(time.perf_counter() - t0, 2)
         preds = Predictions(ds.test.names, [ds.classes[i] for i in probs.argmax(1)], probs, ds.classes)
         preds.to_csv(out / "predictions.csv")
         if ds.test.y is not None:
-            summary["test_acc"] = float((probs.argmax(1) == ds.test.y.numpy()).mean())
+            summary["test_acc"] = accuracy(probs_t, ds.test.y)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     run.summary = summary
     return run

@@ -129,12 +129,9 @@ def _cmd_predict(ns) -> int:
 
 
 def _cmd_info(ns) -> int:
-    from bonsai import config
-    from bonsai.data.sources import load_dataset
+    from bonsai import api, config
 
-    cfg = config.apply_overrides(config.FitConfig(), ns.args)
-    d = cfg.data
-    ds = load_dataset(ns.data, d.image_size, d.max_image_size, d.in_memory, d.memory_budget_gb, d.max_bad_fraction, progress=True)
+    ds = api.read_dataset(ns.data, config.apply_overrides(config.FitConfig(), ns.args), progress=True)
     print(ds.describe())
     return 0
 

@@ -405,8 +405,16 @@ def resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _from_npz(path: Path, image_size: int | None, max_size: int) -> Dataset:
     files = _npz_files(path)
-    z = _load_npz(files)
-    src = files[0] if len(files) == 1 else path
+    return from_arrays(_load_npz(files), image_size, max_size, source=files[0] if len(files) == 1 else path, kind="npz")
+
+
+def from_arrays(
+    z: dict[str, np.ndarray], image_size: int | None = None, max_size: int = 64, source: str | Path = "<arrays>", kind: str = "arrays"
+) -> Dataset:
+    """A Dataset from in-memory arrays with the npz keys (x_train, y_train[, x_test, y_test, classes])."""
+    src = source
+    if "x_train" not in z or "y_train" not in z:
+        raise DatasetError(f"{src}: needs x_train and y_train")
     x = _npz_images(z["x_train"], "x_train", src)
     y = _npz_labels(z["y_train"], len(x), "y_train", src)
     if "classes" in z:
@@ -440,7 +448,7 @@ def _from_npz(path: Path, image_size: int | None, max_size: int) -> Dataset:
     train.x = resize_tensor(train.x, size)
     if test is not None:
         test.x = resize_tensor(test.x, size)
-    return _finish(path, "npz", classes, int(x.shape[1]), size, train, test, [], f"{h}x{w} (all)")
+    return _finish(Path(source), kind, classes, int(x.shape[1]), size, train, test, [], f"{h}x{w} (all)")
 
 
 # ---- the entry point ----------------------------------------------------------------------------------------
