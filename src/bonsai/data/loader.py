@@ -64,18 +64,17 @@ class Loader:
         self.channels_last = channels_last
         n = len(split)
         self.batch_size = min(batch_size, n) if train else batch_size
-        self.drop_last = train
         self.size, self.channels, self.workers = size, channels, workers
         self.x = None if split.x is None else split.x.to(device)
         self.y = None if split.y is None else split.y.to(device)
 
     def __len__(self) -> int:
         n = len(self.split)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     @property
     def images_per_epoch(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else len(self.split)
+        return len(self) * self.batch_size if self.train else len(self.split)
 
     def _order(self, gen: torch.Generator) -> torch.Tensor:
         n = len(self.split)
@@ -84,7 +83,7 @@ class Loader:
     def _batches_from_files(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ds = _FileImages(self.split.files, self.size, self.channels)
         dl = torch.utils.data.DataLoader(
-            ds, batch_size=self.batch_size, sampler=order.tolist(), drop_last=self.drop_last, num_workers=self.workers
+            ds, batch_size=self.batch_size, sampler=order.tolist(), drop_last=self.train, num_workers=self.workers
         )
         start = 0
         for xb in dl:
@@ -100,7 +99,7 @@ class Loader:
         if self.x is not None:
             source = ((self.x[idx], idx) for idx in (order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(steps)))
         else:
-            source = self._batches_from_files((order[: steps * self.batch_size] if self.drop_last else order).cpu())
+            source = self._batches_from_files((order[: steps * self.batch_size] if self.train else order).cpu())
         for xb, idx in source:
             if self.train and (self.translate or self.flip):
                 xb = augment_batch(xb, self.translate, self.flip, gen)

@@ -103,10 +103,10 @@ class GroupLasso:
 
 
 @torch.no_grad()
-def dead_channels(model: ResNet, threshold: float) -> dict[str, torch.Tensor]:
+def dead_channels(model: ResNet, threshold: float, groups: list | None = None) -> dict[str, torch.Tensor]:
     """Boolean masks (True = dead) per channel group; see the module docstring for the rule."""
     out = {}
-    for g in channel_groups(model):
+    for g in groups if groups is not None else channel_groups(model):
         writers_dead = torch.ones(g.width, dtype=torch.bool, device=model.head.weight.device)
         for conv, bn in g.writers:
             amax = torch.maximum(conv.weight.abs().amax(dim=(1, 2, 3)), torch.maximum(bn.weight.abs(), bn.bias.abs()))
@@ -125,8 +125,9 @@ def plan_keep(model: ResNet, threshold: float, min_width: int = 8, round_to: int
     multiple of ``round_to`` (never above the current width). Extra channels are the dead ones with the largest
     weights. Only groups that shrink appear in the result."""
     keep = {}
-    masks = dead_channels(model, threshold)
-    for g in channel_groups(model):
+    groups = channel_groups(model)
+    masks = dead_channels(model, threshold, groups)
+    for g in groups:
         dead = masks[g.name]
         alive = int((~dead).sum())
         n = max(alive, min(min_width, g.width), 1)

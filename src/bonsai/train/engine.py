@@ -310,11 +310,11 @@ class Engine:
     def _reconfigure(self, epoch: int, progress: bool) -> None:
         """Remove dead channels, grow the batch so FLOPs per step stay constant, log the event."""
         p, st, loader = self.cfg.prune, self.state, self.train_loader
+        group_widths = {g.name: g.width for g in channel_groups(self.model)}
         keep = plan_keep(self.model, p.threshold, p.min_width, p.round_to)
         if not keep:
             return
         widths_before, flops_before, batch_before = self.model.spec.widths(), self.flops, loader.batch_size
-        group_widths = {g.name: g.width for g in channel_groups(self.model)}
         remove_channels_(self.model, keep, self.opt)
         self.flops = count_flops(self.model.spec)
         if p.grow_batch:
