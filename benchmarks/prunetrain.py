@@ -71,43 +71,51 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/cifar10")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--archs", default="resnet32,bonsai")
-    ap.add_argument("--lpr", type=float, default=0.2)
+    ap.add_argument("--lpr", default="0.2", help="comma-separated LPRs, one pruned run each; the summary uses the first")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config for the pruned runs")
     ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke test)")
     ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
     args = ap.parse_args()
     if not Path(args.data).exists():
         raise SystemExit(f"{args.data}: not found; point --data at the CIFAR-10 .npz parts (see ../shared/data/README.md)")
+    lprs = [float(v) for v in args.lpr.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         data = _subset(args.data, args.limit, Path(tmp)) if args.limit else args.data
         details = {}
         for arch in args.archs.split(","):
             common = ["--arch", arch, "--epochs", str(args.epochs)]
             dense = _fit(data, Path(args.runs) / f"prunetrain_{arch}_dense", common)
-            pruned = _fit(data, Path(args.runs) / f"prunetrain_{arch}_pruned", [*common, "--prune", f"prune.lpr={args.lpr}", *args.set])
-            details[arch] = {"dense": dense, "pruned": pruned}
-            print(arch, {k: (dense[k], pruned[k]) for k in ("test_acc", "train_time_s", "inference_flops", "peak_rss_mib")}, flush=True)
+            details[arch] = {"dense": dense}
+            for i, lpr in enumerate(lprs):
+                # the first LPR's run is "pruned"; further ones are "pruned_lpr<value>"
+                key = "pruned" if i == 0 else f"pruned_lpr{lpr}"
+                run = _fit(data, Path(args.runs) / f"prunetrain_{arch}_{key}", [*common, "--prune", f"prune.lpr={lpr}", *args.set])
+                details[arch][key] = run
+                print(arch, key, {k: (dense[k], run[k]) for k in ("test_acc", "train_time_s", "inference_flops", "peak_rss_mib")}, flush=True)
 
     first = details[args.archs.split(",")[0]]
     d, p = first["dense"], first["pruned"]
     summary = {
         "arch": args.archs.split(",")[0],
         "epochs": args.epochs,
-        "lpr": args.lpr,
+        "lpr": lprs[0],
         "train_flops_reduction": round(1 - p["train_flops"] / d["train_flops"], 4),
         "inference_flops_reduction": round(1 - p["inference_flops"] / d["inference_flops"], 4),
         "wall_time_reduction": round(1 - p["train_time_s"] / d["train_time_s"], 4),
         "acc_drop_points": round(100 * (d["test_acc"] - p["test_acc"]), 2),
-        "by_arch": {
-            a: {
+        "by_run": {
+            f"{a}/{key}": {
                 "dense_test_acc": v["dense"]["test_acc"],
-                "pruned_test_acc": v["pruned"]["test_acc"],
-                "train_flops_reduction": round(1 - v["pruned"]["train_flops"] / v["dense"]["train_flops"], 4),
-                "inference_flops_reduction": round(1 - v["pruned"]["inference_flops"] / v["dense"]["inference_flops"], 4),
-                "wall_time_reduction": round(1 - v["pruned"]["train_time_s"] / v["dense"]["train_time_s"], 4),
-                "peak_rss_mib": {"dense": v["dense"]["peak_rss_mib"], "pruned": v["pruned"]["peak_rss_mib"]},
+                "pruned_test_acc": r["test_acc"],
+                "acc_drop_points": round(100 * (v["dense"]["test_acc"] - r["test_acc"]), 2),
+                "train_flops_reduction": round(1 - r["train_flops"] / v["dense"]["train_flops"], 4),
+                "inference_flops_reduction": round(1 - r["inference_flops"] / v["dense"]["inference_flops"], 4),
+                "wall_time_reduction": round(1 - r["train_time_s"] / v["dense"]["train_time_s"], 4),
+                "peak_rss_mib": {"dense": v["dense"]["peak_rss_mib"], "pruned": r["peak_rss_mib"]},
             }
             for a, v in details.items()
+            for key, r in v.items()
+            if key != "dense"
         },
     }
     if args.limit:
@@ -136,8 +144,8 @@ def _plot(details: dict, name: str) -> None:
         ax.set_title(f"{arch} widths while pruning")
     ax = axes[-1]
     for arch in archs:
-        for kind, style in (("dense", "--"), ("pruned", "-")):
-            c = details[arch][kind]["curve"]
+        for kind, c in ((k, r["curve"]) for k, r in details[arch].items()):
+            style = "--" if kind == "dense" else "-"
             ax.plot([r["train_time_s"] for r in c], [100 * r["test_acc"] for r in c], style, marker="o", ms=3, label=f"{arch} {kind}")
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("test accuracy (%)")

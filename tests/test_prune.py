@@ -12,15 +12,19 @@ from bonsai.surgery.prune import GroupLasso, dead_channels, plan_keep
 
 
 def _penalty_autograd(model) -> torch.Tensor:
-    """The group-lasso penalty written out directly, differentiable, as the reference."""
+    """The group-lasso penalty written out directly, differentiable, as the reference: each group's L2 norm
+    weighted by the square root of its size."""
     groups = {conv: bn for g in channel_groups(model) for conv, bn in g.writers}
     total = 0
     for conv, bn in groups.items():
         w = conv.weight
-        total = total + (w.pow(2).sum(dim=(1, 2, 3)) + bn.weight.pow(2) + bn.bias.pow(2)).sqrt().sum()
+        o, i, kh, kw = w.shape
+        out = (w.pow(2).sum(dim=(1, 2, 3)) + bn.weight.pow(2) + bn.bias.pow(2)).sqrt()
+        total = total + (i * kh * kw + 2) ** 0.5 * out.sum()
         if conv is not model.stem[0]:
-            total = total + w.pow(2).sum(dim=(0, 2, 3)).sqrt().sum()
-    return total + model.head.weight.pow(2).sum(dim=0).sqrt().sum()
+            total = total + (o * kh * kw) ** 0.5 * w.pow(2).sum(dim=(0, 2, 3)).sqrt().sum()
+    h = model.head.weight
+    return total + h.shape[0] ** 0.5 * h.pow(2).sum(dim=0).sqrt().sum()
 
 
 def test_add_grad_is_the_gradient_of_lambda_times_the_penalty():
@@ -119,3 +123,27 @@ def test_end_to_end_prune_run_removes_channels_and_keeps_training(tmp_path):
     # the pruned checkpoint resumes: its arch, momentum buffers, batch size and lambda come back
     more = bonsai.fit(None, resume=run.dir, epochs=5)
     assert more.summary["epochs"] == 5
+
+
+def test_prox_is_the_group_soft_threshold_and_clears_momentum_of_zeroed_groups():
+    torch.manual_seed(0)
+    model = build(preset("resnet8"), zero_init_residual=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"] = torch.ones_like(p)
+    conv, bn = model.stem[0], model.stem[1]  # the first conv: output groups only
+    with torch.no_grad():
+        conv.weight[3].mul_(1e-3)
+        bn.weight[3], bn.bias[3] = 1e-3, -1e-3  # a negative shift counts as much as a positive one
+    norm = lambda: (conv.weight.pow(2).sum(dim=(1, 2, 3)) + bn.weight.pow(2) + bn.bias.pow(2)).sqrt()  # noqa: E731
+    before = norm().clone()
+    lasso = GroupLasso(lpr=0.2, lam=0.01)
+    lasso.prox_(model, opt)
+    tau = 0.1 * 0.01 / (1 - 0.9) * (3 * 3 * 3 + 2) ** 0.5  # lr * lambda / (1 - momentum) * sqrt(group size)
+    expected = (before - tau).clamp_min(0)
+    assert expected[3] == 0 and (expected > 0).sum() == len(expected) - 1
+    torch.testing.assert_close(norm(), expected, atol=1e-6, rtol=1e-5)
+    assert conv.weight[3].abs().max() == 0 and bn.bias[3] == 0
+    buf = opt.state[conv.weight]["momentum_buffer"]
+    assert buf[3].abs().max() == 0 and bool((buf[torch.arange(len(buf)) != 3] == 1).all())
+    assert opt.state[bn.bias]["momentum_buffer"][3] == 0

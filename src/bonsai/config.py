@@ -71,6 +71,7 @@ class PruneConfig:
     enabled: bool = False  # PruneTrain: group lasso from the first step, channels removed every `interval` epochs
     lpr: float = 0.2  # lasso penalty ratio: the penalty's share of the loss at the first step (sets lambda)
     interval: int | None = None  # epochs between reconfigurations; None: 5% of the planned epochs (at least 1)
+    proximal: bool = True  # apply the penalty as a proximal group soft-threshold after each step (else a gradient)
     threshold: float = 1e-4  # a channel is dead when max |w| of its group is at most this
     min_width: int = 8  # no layer drops below this many channels (never zero)
     round_to: int = 8  # kept widths are rounded up to a multiple of this (full SIMD/AMX tiles)

@@ -5,8 +5,16 @@ Lym et al., "PruneTrain: Fast Neural Network Training by Dynamic Sparse Model Re
 * **Groups.** Every conv's output channel ``W[c]`` (together with its BN scale and shift, so that a dead channel's
   output becomes exactly zero and removing it is exact) and every conv's input channel ``W[:, k]``, plus the
   linear head's input columns. Excluded: the first conv's input (the image) and the head's outputs (the classes).
-* **Penalty.** ``lambda * sum of group L2 norms``, applied as an explicit gradient after ``backward()``
-  (``lasso.add_grad_(model)``): the training loss that is logged stays the plain cross-entropy.
+* **Penalty.** ``lambda * sum of group L2 norms``, applied in one of two visible ways, never folded into the loss
+  (the training loss that is logged stays the plain cross-entropy):
+
+  - ``lasso.prox_(model, opt)`` after ``opt.step()`` (the default, ``prune.proximal``): the proximal operator of the
+    penalty, a group soft-threshold ``w <- w * max(0, 1 - tau / ||w||)`` with ``tau = lr * lambda / (1 - momentum)``
+    (momentum SGD moves a weight by ``lr / (1 - momentum)`` times a steady gradient, so LPR means the same in both
+    ways). A group below ``tau`` becomes exactly zero and its momentum is cleared, so it stays zero unless the loss's
+    own gradient is strong enough to revive it. Short schedules need this: a plain gradient makes the norms hover
+    around zero instead of reaching it.
+  - ``lasso.add_grad_(model)`` after ``backward()``: the penalty's subgradient, as in the PruneTrain paper.
 * **lambda** comes from the lasso penalty ratio (LPR), the single knob: at the first step
   ``lambda = LPR * CE / (GL * (1 - LPR))``, so the penalty is the share LPR of the total loss; then it stays fixed.
 * **Dead channels.** A channel of a channel group (see :mod:`bonsai.surgery.channels`) is dead when every writer's
@@ -15,6 +23,8 @@ Lym et al., "PruneTrain: Fast Neural Network Training by Dynamic Sparse Model Re
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -66,39 +76,80 @@ class GroupLasso:
             raise RuntimeError("GroupLasso.add_grad_ before set_lambda")
         self._walk(model, add_grad=True)
 
-    def _walk(self, model: ResNet, add_grad: bool) -> torch.Tensor:
+    @torch.no_grad()
+    def prox_(self, model: ResNet, opt: torch.optim.Optimizer) -> None:
+        """Group soft-threshold of every group (see the module docstring), after ``opt.step()``.
+
+        Output groups are thresholded first, then input groups."""
+        if self.lam is None:
+            raise RuntimeError("GroupLasso.prox_ before set_lambda")
+        g0 = opt.param_groups[0]
+        tau = g0["lr"] * self.lam / (1.0 - g0.get("momentum", 0.0))
+
+        def shrink(params: list[torch.Tensor], norm: torch.Tensor, weight: float, shape) -> None:
+            factor = (1.0 - tau * weight / norm.clamp_min(_EPS)).clamp_min(0.0)
+            dead = factor == 0
+            any_dead = bool(dead.any())
+            for p in params:
+                p.mul_(factor.view(shape).to(p.dtype))
+                buf = opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None and any_dead:
+                    buf.mul_((~dead).view(shape).to(buf.dtype))
+
+        for conv, bn, w_out, w_in in self._groups(model):
+            w = conv.weight
+            out_norm = (w.float().pow(2).sum(dim=(1, 2, 3)) + bn.weight.float().pow(2) + bn.bias.float().pow(2)).sqrt()
+            shrink([w], out_norm, w_out, (-1, 1, 1, 1))
+            shrink([bn.weight, bn.bias], out_norm, w_out, (-1,))
+            if w_in:
+                shrink([w], w.float().pow(2).sum(dim=(0, 2, 3)).sqrt(), w_in, (1, -1, 1, 1))
+        h = model.head.weight
+        shrink([h], h.float().pow(2).sum(dim=0).sqrt(), math.sqrt(h.shape[0]), (1, -1))
+
+    def _groups(self, model: ResNet) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, float, float]]:
+        """(conv, bn, output-group weight, input-group weight or 0 for the image's channels) per conv, cached per
+        model; weights are sqrt(group size) as in Yuan & Lin's group lasso, so that small groups (the head's
+        columns, a thin conv's filters) are not wiped out before large ones."""
         if self._pairs is None or self._pairs[0] is not model:
-            self._pairs = (model, _conv_bn_pairs(model))
+            first = model.stem[0]
+            rows = []
+            for conv, bn in _conv_bn_pairs(model):
+                o, i, kh, kw = conv.weight.shape
+                rows.append((conv, bn, math.sqrt(i * kh * kw + 2), 0.0 if conv is first else math.sqrt(o * kh * kw)))
+            self._pairs = (model, rows)
+        return self._pairs[1]
+
+    def _walk(self, model: ResNet, add_grad: bool) -> torch.Tensor:
         total = torch.zeros((), device=model.head.weight.device)
-        first = model.stem[0]
 
         def add(p: torch.Tensor, g: torch.Tensor) -> None:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.add_(g.to(p.grad.dtype), alpha=self.lam)
 
-        for conv, bn in self._pairs[1]:
+        for conv, bn, w_out, w_in in self._groups(model):
             w = conv.weight
             sq = w.float().pow(2)
             # output channels: the filter with its BN scale and shift
             out_norm = (sq.sum(dim=(1, 2, 3)) + bn.weight.float().pow(2) + bn.bias.float().pow(2)).sqrt()
-            inv = 1.0 / (out_norm + _EPS)
+            inv = w_out / (out_norm + _EPS)
             scale = inv.view(-1, 1, 1, 1)
-            if conv is not first:  # input channels (the image's channels are never pruned)
+            if w_in:  # input channels (the image's channels are never pruned)
                 in_norm = sq.sum(dim=(0, 2, 3)).sqrt()
-                scale = scale + 1.0 / (in_norm + _EPS).view(1, -1, 1, 1)
+                scale = scale + w_in / (in_norm + _EPS).view(1, -1, 1, 1)
             if add_grad:
                 add(w, w * scale)
                 add(bn.weight, bn.weight * inv)
                 add(bn.bias, bn.bias * inv)
             else:
-                total += out_norm.sum() + (in_norm.sum() if conv is not first else 0.0)
+                total += w_out * out_norm.sum() + (w_in * in_norm.sum() if w_in else 0.0)
         h = model.head.weight  # the head's input columns
+        w_h = math.sqrt(h.shape[0])
         in_norm = h.float().pow(2).sum(dim=0).sqrt()
         if add_grad:
-            add(h, h / (in_norm + _EPS).view(1, -1))
+            add(h, w_h * h / (in_norm + _EPS).view(1, -1))
         else:
-            total += in_norm.sum()
+            total += w_h * in_norm.sum()
         return total
 
 

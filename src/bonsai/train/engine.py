@@ -89,6 +89,8 @@ class TrainState:
     batch_size: int | None = None  # current training batch (grows after pruning); None: train.batch_size
     lasso_lambda: float | None = None  # PruneTrain's lambda, fixed at the first step
     start_flops: int | None = None  # forward FLOPs per image of the network the run started with
+    grad_scale: float | None = None  # fp16 loss scale (CUDA only), so a resumed run does not re-learn it
+    reserve_s: float = 0.0  # seconds kept back from the budget for predicting the test set at the end
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -212,7 +214,9 @@ class Engine:
         self.opt = opt or make_optimizer(model, cfg)
         self.state = state or TrainState()
         self.step_fn = torch.compile(model) if cfg.train.compile else model
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        fp16 = self.dtype == torch.float16
+        init_scale = self.state.grad_scale or 2.0**16
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=fp16)
         # the plan is counted in images, so a batch that grows after pruning keeps the LR schedule on track
         self.images_per_epoch0 = train.images_per_epoch  # at the configured batch, before any growth
         if self.state.batch_size is not None:
@@ -222,7 +226,6 @@ class Engine:
         if self.state.start_flops is None:
             self.state.start_flops = self.flops
         self.budget = cfg.budget_s
-        self._reserve = 0.0  # seconds kept back from the budget for predicting the test set at the end
 
     @property
     def peak_lr(self) -> float:
@@ -239,11 +242,11 @@ class Engine:
 
     def _progress(self, clock: Clock) -> float:
         if self.budget is not None and self.cfg.train.epochs is None:
-            return clock.now() / max(self.budget - self._reserve, 1e-9)
+            return clock.now() / max(self.budget - self.state.reserve_s, 1e-9)
         return self.state.images_seen / (self._planned_epochs() * self.images_per_epoch0)
 
     def _out_of_time(self, clock: Clock) -> bool:
-        return self.budget is not None and clock.now() >= self.budget - self._reserve
+        return self.budget is not None and clock.now() >= self.budget - self.state.reserve_s
 
     # -- one epoch
 
@@ -265,13 +268,17 @@ class Engine:
                     loss = F.cross_entropy(logits.float(), yb, label_smoothing=smoothing)
                 opt.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
-                if self.lasso is not None:
-                    self.scaler.unscale_(opt)  # the penalty's gradient is added at true scale
-                    if self.lasso.lam is None:
-                        st.lasso_lambda = self.lasso.set_lambda(float(loss.detach()), model)
-                    self.lasso.add_grad_(model)
+                lasso = self.lasso
+                if lasso is not None:
+                    if lasso.lam is None:
+                        st.lasso_lambda = lasso.set_lambda(float(loss.detach()), model)
+                    if not self.cfg.prune.proximal:
+                        self.scaler.unscale_(opt)  # the penalty's gradient is added at true scale
+                        lasso.add_grad_(model)
                 self.scaler.step(opt)
                 self.scaler.update()
+                if lasso is not None and self.cfg.prune.proximal:
+                    lasso.prox_(model, opt)
                 n = len(yb)
                 loss_sum += loss.detach() * n
                 correct += (logits.argmax(1) == yb).sum()
@@ -386,7 +393,7 @@ class Engine:
                 val_acc = self._evaluate(self.val_loader)
                 val_s = clock.now() - v0
             # keep back enough budget to predict the test set once at the end (measured, plus 2%)
-            self._reserve = val_s / max(len(self.val_loader.split), 1) * n_test + 0.02 * (self.budget or 0)
+            st.reserve_s = val_s / max(len(self.val_loader.split), 1) * n_test + 0.02 * (self.budget or 0)
             test_acc = self._evaluate(self.test_loader) if cfg.test_each_epoch else None
             st.epoch = epoch
             if not math.isfinite(train_loss):
@@ -426,6 +433,8 @@ class Engine:
                 if self._reconfigure_due(epoch, planned, clock.now()):
                     self._reconfigure(epoch, progress)
                 st.clock_s = clock.now()
+                if self.scaler.is_enabled():
+                    st.grad_scale = float(self.scaler.get_scale())
                 save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.opt, st)
             if progress:
                 left = ""
