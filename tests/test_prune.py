@@ -30,7 +30,7 @@ def _penalty_autograd(model) -> torch.Tensor:
 def test_add_grad_is_the_gradient_of_lambda_times_the_penalty():
     torch.manual_seed(0)
     model = build(preset("resnet8"), zero_init_residual=False)
-    lasso = GroupLasso(lpr=0.2, lam=0.37)
+    lasso = GroupLasso(lpr=0.2, lam=0.37, weighting="size")
     ref = build(preset("resnet8"))
     ref.load_state_dict(model.state_dict())
     (0.37 * _penalty_autograd(ref)).backward()
@@ -137,7 +137,7 @@ def test_prox_is_the_group_soft_threshold_and_clears_momentum_of_zeroed_groups()
         bn.weight[3], bn.bias[3] = 1e-3, -1e-3  # a negative shift counts as much as a positive one
     norm = lambda: (conv.weight.pow(2).sum(dim=(1, 2, 3)) + bn.weight.pow(2) + bn.bias.pow(2)).sqrt()  # noqa: E731
     before = norm().clone()
-    lasso = GroupLasso(lpr=0.2, lam=0.01)
+    lasso = GroupLasso(lpr=0.2, lam=0.01, weighting="size")
     lasso.prox_(model, opt)
     tau = 0.1 * 0.01 / (1 - 0.9) * (3 * 3 * 3 + 2) ** 0.5  # lr * lambda / (1 - momentum) * sqrt(group size)
     expected = (before - tau).clamp_min(0)
@@ -147,3 +147,27 @@ def test_prox_is_the_group_soft_threshold_and_clears_momentum_of_zeroed_groups()
     buf = opt.state[conv.weight]["momentum_buffer"]
     assert buf[3].abs().max() == 0 and bool((buf[torch.arange(len(buf)) != 3] == 1).all())
     assert opt.state[bn.bias]["momentum_buffer"][3] == 0
+
+
+def test_flops_weights_are_what_each_channel_costs():
+    from bonsai.surgery.prune import _output_pixels
+
+    model = build(preset("resnet8"))  # 16/32/64 channels at 32/16/8 pixels
+    pixels = _output_pixels(model)
+    assert pixels[model.stem[0]] == 32 * 32
+    assert pixels[model.stages[2][0].conv2] == 8 * 8
+    assert model.training  # left in training mode
+    lasso = GroupLasso(lpr=0.2, weighting="flops")
+    rows = {conv: (w_out, w_in) for conv, _, w_out, w_in in lasso._groups(model)}
+    c = model.stages[1][0].conv1  # 16 -> 32 channels, stride 2: 16 x 16 outputs
+    assert rows[c] == (16 * 16 * 16 * 9, 16 * 16 * 32 * 9)
+    assert rows[model.stem[0]][1] == 0  # the image's channels are never a group
+
+
+def test_zero_init_residual_defaults_off_only_when_pruning():
+    from bonsai.config import FitConfig, set_value
+
+    assert FitConfig().resolved().model.zero_init_residual is True
+    assert set_value(FitConfig(), "prune.enabled", True).resolved().model.zero_init_residual is False
+    cfg = set_value(set_value(FitConfig(), "prune.enabled", True), "model.zero_init_residual", True)
+    assert cfg.resolved().model.zero_init_residual is True

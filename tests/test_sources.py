@@ -205,11 +205,17 @@ def test_missing_path_and_unknown_layout(tmp_path: Path):
         load_dataset(tmp_path / "x")
 
 
-def test_streaming_path_reads_the_same_pixels(folder_data: Path):
+def test_streaming_path_reads_the_same_pixels(folder_data: Path, monkeypatch):
+    import bonsai.data.sources as sources
+
     mem = load_dataset(folder_data, in_memory="yes")
+    calls = []
+    real = sources.read_image
+    monkeypatch.setattr(sources, "read_image", lambda *a: calls.append(a[0]) or real(*a))
     stream = load_dataset(folder_data, in_memory="no")
+    assert len(calls) == len(set(calls)), "a file was decoded twice while loading"
     assert stream.train.x is None and len(stream.train.files) == 24
-    assert mem.mean == pytest.approx(stream.mean)
+    assert mem.mean == pytest.approx(stream.mean) and mem.std == pytest.approx(stream.std)
     assert "streaming" in stream.describe()
 
 

@@ -42,7 +42,9 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     arch: str = "bonsai"  # preset name (resnet8/20/32/56, bonsai) or path to an arch.json
-    zero_init_residual: bool = True  # each block's last BN scale starts at 0 (blocks start as the identity)
+    # each block's last BN scale starts at 0 (blocks start as the identity); None: yes, except with --prune, where
+    # a zero scale sits in the lasso's dead zone from the first step and whole blocks never come alive
+    zero_init_residual: bool | None = None
 
 
 @dataclass
@@ -71,6 +73,7 @@ class PruneConfig:
     enabled: bool = False  # PruneTrain: group lasso from the first step, channels removed every `interval` epochs
     lpr: float = 0.2  # lasso penalty ratio: the penalty's share of the loss at the first step (sets lambda)
     interval: int | None = None  # epochs between reconfigurations; None: 5% of the planned epochs (at least 1)
+    weighting: str = "flops"  # each group's penalty weight: flops (what the channel costs), size (sqrt), none
     proximal: bool = True  # apply the penalty as a proximal group soft-threshold after each step (else a gradient)
     threshold: float = 1e-4  # a channel is dead when max |w| of its group is at most this
     min_width: int = 8  # no layer drops below this many channels (never zero)
@@ -116,6 +119,7 @@ class FitConfig:
         _check(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction must be in [0, 1)")
         p = self.prune
         _check(0 < p.lpr < 1, "prune.lpr must be in (0, 1)")
+        _check(p.weighting in ("flops", "size", "none"), "prune.weighting must be flops, size or none")
         _check(p.interval is None or p.interval >= 1, "prune.interval must be >= 1")
         _check(p.threshold >= 0, "prune.threshold must be >= 0")
         _check(p.min_width >= 1, "prune.min_width must be >= 1")
@@ -130,9 +134,11 @@ class FitConfig:
 
     def resolved(self) -> "FitConfig":
         """A copy with defaults that depend on other fields made explicit (what config.yaml records)."""
-        cfg = dataclasses.replace(self, train=dataclasses.replace(self.train))
+        cfg = dataclasses.replace(self, train=dataclasses.replace(self.train), model=dataclasses.replace(self.model))
         if cfg.train.epochs is None and cfg.train.budget is None and cfg.train.patience is None:
             cfg.train.epochs = 20
+        if cfg.model.zero_init_residual is None:
+            cfg.model.zero_init_residual = not cfg.prune.enabled
         return cfg.validate()
 
 

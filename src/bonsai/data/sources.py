@@ -56,6 +56,8 @@ class Split:
     y: torch.Tensor | None  # int64 class indices, or None when unlabeled
     x: torch.Tensor | None = None  # uint8 (N, C, H, W) when in memory
     files: list[Path] | None = None  # when streaming
+    # streaming only: per-channel (sum, sum of squares, pixel count) gathered while the files were first decoded
+    pixel_sums: tuple[np.ndarray, np.ndarray, int] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -553,6 +555,7 @@ def _decode(fl: _FileList, indices, size, channels, keep, skipped, progress, wha
     from tqdm import tqdm
 
     arrays, names, labels, files = [], [], [], []
+    s1, s2, n = np.zeros(channels), np.zeros(channels), 0
     it = tqdm(list(indices), desc=f"reading {what} images", unit="img", disable=None if progress else True, leave=False)
     for i in it:
         f = fl.files[i]
@@ -563,6 +566,11 @@ def _decode(fl: _FileList, indices, size, channels, keep, skipped, progress, wha
             continue
         if keep:
             arrays.append(a)
+        else:  # the pixel statistics, so the files need not be decoded a second time
+            a64 = a.reshape(-1, channels).astype(np.float64)
+            s1 += a64.sum(axis=0)
+            s2 += (a64 * a64).sum(axis=0)
+            n += a64.shape[0]
         files.append(f)
         names.append(_rel(f, fl.root))
         if fl.labels is not None:
@@ -570,23 +578,29 @@ def _decode(fl: _FileList, indices, size, channels, keep, skipped, progress, wha
     x = None
     if keep:
         x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()) if arrays else torch.zeros(0, channels, size, size, dtype=torch.uint8)
-    return Split(names=names, y=labels if fl.labels is not None else None, x=x, files=None if keep else files)  # type: ignore[arg-type]
+    sums = None if keep else (s1, s2, n)
+    return Split(names=names, y=labels if fl.labels is not None else None, x=x, files=None if keep else files, pixel_sums=sums)  # type: ignore[arg-type]
 
 
 def _channel_stats(split: Split, channels: int, size: int) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of pixel values (0..255) over the training images (a sample of 2,000 when streaming)."""
+    """Per-channel mean/std of pixel values (0..255) over the training images (when streaming, from the sums
+    gathered while decoding, else from a sample of 2,000 files)."""
     if split.x is not None:
         x = split.x
+    elif split.pixel_sums is not None:
+        x = None
+        s, s2, n = (torch.from_numpy(split.pixel_sums[0]), torch.from_numpy(split.pixel_sums[1]), split.pixel_sums[2])
     else:
         idx = np.random.default_rng(0).permutation(len(split.files))[:2000]
         x = torch.from_numpy(np.stack([read_image(split.files[i], size, channels) for i in idx]).transpose(0, 3, 1, 2).copy())
-    s = torch.zeros(channels, dtype=torch.float64)
-    s2 = torch.zeros(channels, dtype=torch.float64)
-    for chunk in x.split(4096):
-        c = chunk.to(torch.float64)
-        s += c.sum(dim=(0, 2, 3))
-        s2 += (c * c).sum(dim=(0, 2, 3))
-    n = x.shape[0] * x.shape[2] * x.shape[3]
+    if x is not None:
+        s = torch.zeros(channels, dtype=torch.float64)
+        s2 = torch.zeros(channels, dtype=torch.float64)
+        for chunk in x.split(4096):
+            c = chunk.to(torch.float64)
+            s += c.sum(dim=(0, 2, 3))
+            s2 += (c * c).sum(dim=(0, 2, 3))
+        n = x.shape[0] * x.shape[2] * x.shape[3]
     mean = s / n
     std = (s2 / n - mean**2).clamp_min(1e-6).sqrt().clamp_min(1.0)  # a constant channel must not divide by ~0
     return mean.tolist(), std.tolist()

@@ -33,6 +33,29 @@ from bonsai.models.resnet import ResNet
 from bonsai.surgery.channels import channel_groups
 
 _EPS = 1e-12  # keeps w / ||w|| finite for a group that is exactly zero
+WEIGHTINGS = ("flops", "size", "none")
+
+
+@torch.no_grad()
+def _output_pixels(model: ResNet) -> dict[nn.Conv2d, int]:
+    """Output pixels (H x W) of every conv at the architecture's working image size, from one tiny forward pass in
+    eval mode (BN statistics untouched)."""
+    pixels: dict[nn.Conv2d, int] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, _inp, out: pixels.__setitem__(mod, out.shape[-2] * out.shape[-1]))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        size = model.spec.image_size
+        model(torch.zeros(1, model.spec.in_channels, size, size, device=model.head.weight.device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return pixels
 
 
 def _conv_bn_pairs(model: ResNet) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
@@ -51,11 +74,14 @@ class GroupLasso:
     True
     """
 
-    def __init__(self, lpr: float = 0.2, lam: float | None = None):
+    def __init__(self, lpr: float = 0.2, lam: float | None = None, weighting: str = "flops"):
         if not 0 < lpr < 1:
             raise ValueError("lpr must be in (0, 1)")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}")
         self.lpr = lpr
         self.lam = lam
+        self.weighting = weighting
         self._pairs: tuple[ResNet, list] | None = None  # (model, its conv/BN pairs), built once per model
 
     @torch.no_grad()
@@ -104,20 +130,30 @@ class GroupLasso:
             if w_in:
                 shrink([w], w.float().pow(2).sum(dim=(0, 2, 3)).sqrt(), w_in, (1, -1, 1, 1))
         h = model.head.weight
-        shrink([h], h.float().pow(2).sum(dim=0).sqrt(), math.sqrt(h.shape[0]), (1, -1))
+        shrink([h], h.float().pow(2).sum(dim=0).sqrt(), self._head_weight(model), (1, -1))
 
     def _groups(self, model: ResNet) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, float, float]]:
-        """(conv, bn, output-group weight, input-group weight or 0 for the image's channels) per conv, cached per
-        model; weights are sqrt(group size) as in Yuan & Lin's group lasso, so that small groups (the head's
-        columns, a thin conv's filters) are not wiped out before large ones."""
+        """(conv, bn, output-group weight, input-group weight or 0 for the image's channels) per conv, and the
+        head's column weight last; see ``weighting``. Recomputed from the current shapes, so it follows surgery."""
         if self._pairs is None or self._pairs[0] is not model:
-            first = model.stem[0]
-            rows = []
-            for conv, bn in _conv_bn_pairs(model):
-                o, i, kh, kw = conv.weight.shape
-                rows.append((conv, bn, math.sqrt(i * kh * kw + 2), 0.0 if conv is first else math.sqrt(o * kh * kw)))
-            self._pairs = (model, rows)
-        return self._pairs[1]
+            self._pairs = (model, _conv_bn_pairs(model), _output_pixels(model))
+        _, pairs, pixels = self._pairs
+        first = model.stem[0]
+        rows = []
+        for conv, bn in pairs:
+            o, i, kh, kw = conv.weight.shape
+            if self.weighting == "flops":  # multiply-adds per image that one output / input channel costs
+                w_out, w_in = pixels[conv] * i * kh * kw, pixels[conv] * o * kh * kw
+            elif self.weighting == "size":
+                w_out, w_in = math.sqrt(i * kh * kw + 2), math.sqrt(o * kh * kw)
+            else:
+                w_out = w_in = 1.0
+            rows.append((conv, bn, float(w_out), 0.0 if conv is first else float(w_in)))
+        return rows
+
+    def _head_weight(self, model: ResNet) -> float:
+        n = model.head.weight.shape[0]
+        return {"flops": float(n), "size": math.sqrt(n)}.get(self.weighting, 1.0)
 
     def _walk(self, model: ResNet, add_grad: bool) -> torch.Tensor:
         total = torch.zeros((), device=model.head.weight.device)
@@ -144,7 +180,7 @@ class GroupLasso:
             else:
                 total += w_out * out_norm.sum() + (w_in * in_norm.sum() if w_in else 0.0)
         h = model.head.weight  # the head's input columns
-        w_h = math.sqrt(h.shape[0])
+        w_h = self._head_weight(model)
         in_norm = h.float().pow(2).sum(dim=0).sqrt()
         if add_grad:
             add(h, w_h * h / (in_norm + _EPS).view(1, -1))

@@ -222,7 +222,7 @@ class Engine:
         if self.state.batch_size is not None:
             train.batch_size = self.state.batch_size
         self.flops = count_flops(model.spec)
-        self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda) if cfg.prune.enabled else None
+        self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda, cfg.prune.weighting) if cfg.prune.enabled else None
         if self.state.start_flops is None:
             self.state.start_flops = self.flops
         self.budget = cfg.budget_s
