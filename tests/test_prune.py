@@ -171,3 +171,26 @@ def test_zero_init_residual_defaults_off_only_when_pruning():
     assert set_value(FitConfig(), "prune.enabled", True).resolved().model.zero_init_residual is False
     cfg = set_value(set_value(FitConfig(), "prune.enabled", True), "model.zero_init_residual", True)
     assert cfg.resolved().model.zero_init_residual is True
+
+
+def test_channels_the_prox_zeroes_are_removed_at_the_default_threshold_without_changing_the_function():
+    from bonsai.surgery.channels import remove_channels_
+
+    torch.manual_seed(0)
+    model = build(preset("resnet8"), zero_init_residual=False)
+    with torch.no_grad():  # train-mode passes give the BNs non-trivial running statistics
+        for _ in range(3):
+            model(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
+    model.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.0)  # tau = lambda
+    conv, bn = model.stages[0][0].conv1, model.stages[0][0].bn1
+    norms = (conv.weight.pow(2).sum(dim=(1, 2, 3)) + bn.weight.pow(2) + bn.bias.pow(2)).sqrt()
+    lasso = GroupLasso(lpr=0.2, lam=float(norms.detach().median()), weighting="none")
+    lasso.prox_(model, opt)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    before = model(x)
+    keep = plan_keep(model, threshold=1e-4, min_width=1, round_to=1)
+    assert "s0b0.inner" in keep and len(keep["s0b0.inner"]) < conv.out_channels
+    remove_channels_(model, keep, opt)
+    assert conv.out_channels == len(keep["s0b0.inner"])
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)

@@ -26,7 +26,7 @@ from bonsai.data.sources import (
     list_images,
     from_arrays,
     load_dataset,
-    read_image,
+    read_files,
     resize_tensor,
     split_validation,
 )
@@ -143,19 +143,12 @@ class Run:
             files, root = (list_images(p), p) if p.is_dir() else ([p], p.parent)
         if not files:
             raise BonsaiError(f"{images}: no images found ({', '.join(sorted(IMAGE_EXTS))})")
-        arrays, names, bad = [], [], []
-        for f in files:
-            try:
-                arrays.append(read_image(f, self.image_size, self.channels))
-                names.append(f.relative_to(root).as_posix() if root else str(f))
-            except Exception as e:  # noqa: BLE001 - reported below, per file
-                bad.append(f"{f} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        split, bad = read_files(files, root, self.image_size, self.channels)
         if bad:
-            log.warning("skipped %d unreadable image(s): %s", len(bad), "; ".join(bad[:5]))
-        if not arrays:
+            log.warning("skipped %d unreadable image(s): %s", len(bad), "; ".join(f"{f} ({why})" for f, why in bad[:5]))
+        if not len(split):
             raise BonsaiError(f"{images}: none of the images could be read")
-        x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
-        return Split(names=names, y=None, x=x)
+        return split
 
 
 def load(run_dir: str | Path) -> Run:

@@ -221,7 +221,7 @@ def _rel(p: Path, root: Path) -> str:
 class _FileList:
     files: list[Path]
     labels: list[str] | None
-    root: Path  # names are relative to this
+    root: Path | None  # names are relative to this; None: names are the paths as given
 
 
 def _natural_sorted(labels: set[str]) -> list[str]:
@@ -572,7 +572,7 @@ def _decode(fl: _FileList, indices, size, channels, keep, skipped, progress, wha
             s2 += (a64 * a64).sum(axis=0)
             n += a64.shape[0]
         files.append(f)
-        names.append(_rel(f, fl.root))
+        names.append(_rel(f, fl.root) if fl.root is not None else str(f))
         if fl.labels is not None:
             labels.append(fl.labels[i])
     x = None
@@ -580,6 +580,14 @@ def _decode(fl: _FileList, indices, size, channels, keep, skipped, progress, wha
         x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()) if arrays else torch.zeros(0, channels, size, size, dtype=torch.uint8)
     sums = None if keep else (s1, s2, n)
     return Split(names=names, y=labels if fl.labels is not None else None, x=x, files=None if keep else files, pixel_sums=sums)  # type: ignore[arg-type]
+
+
+def read_files(files: list[Path], root: Path | None, size: int, channels: int, progress: bool = False) -> tuple[Split, list[tuple[str, str]]]:
+    """Decode unlabeled image files into memory (names relative to ``root``, or the paths as given), and the
+    (file, reason) pairs of those that could not be read."""
+    skipped: list[tuple[str, str]] = []
+    split = _decode(_FileList(files, None, root), range(len(files)), size, channels, True, skipped, progress, "input")
+    return split, skipped
 
 
 def _channel_stats(split: Split, channels: int, size: int) -> tuple[list[float], list[float]]:

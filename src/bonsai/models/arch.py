@@ -10,7 +10,7 @@ built from a spec; surgery changes the network in place and keeps its spec in st
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bonsai.errors import BonsaiError
@@ -57,7 +57,6 @@ class ArchSpec:
     stages: list[StageSpec]
     image_size: int = 32  # working input size in pixels; the net is size-agnostic, FLOPs are counted at this size
     name: str = "custom"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def resnet(
@@ -121,7 +120,7 @@ class ArchSpec:
     def from_dict(cls, d: dict, source: str = "arch spec") -> "ArchSpec":
         if not isinstance(d, dict):
             raise BonsaiError(f"{source}: expected a JSON object")
-        known = {"in_channels", "num_classes", "stem", "stages", "image_size", "name", "extra"}
+        known = {"in_channels", "num_classes", "stem", "stages", "image_size", "name", "extra"}  # extra: older files
         unknown = set(d) - known
         missing = {"in_channels", "num_classes", "stem", "stages"} - set(d)
         if unknown or missing:
@@ -140,7 +139,6 @@ class ArchSpec:
             stages=stages,
             image_size=d.get("image_size", 32),
             name=str(d.get("name", "custom")),
-            extra=dict(d.get("extra") or {}),
         )
         return spec.validate(source)
 
