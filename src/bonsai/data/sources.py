@@ -23,6 +23,7 @@ more than ``data.max_bad_fraction`` (5%) bad files is an error.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import re
@@ -100,8 +101,6 @@ class Dataset:
 
     def fingerprint(self) -> str:
         """A hash of the training images' names and labels: a resumed run must see the same data."""
-        import hashlib
-
         h = hashlib.sha1()
         for name in self.train.names:
             h.update(name.encode("utf-8", "surrogateescape") + b"\0")
@@ -170,8 +169,13 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
 def _open_checked(path: str | Path) -> Iterator[Image.Image]:
     """Open an image, refusing declared sizes that would be decompression bombs before any pixel is decoded."""
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a corrupt file's decoder chatter; failures still raise
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
+        try:
+            opened = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError("declared size is too large (decompression bomb?)") from None
+        with opened as im:
             w, h = im.size
             if w * h > _MAX_PIXELS:
                 raise ValueError(f"declared size {w}x{h} is too large (decompression bomb?)")
@@ -556,6 +560,8 @@ def _decode(fl: _FileList, indices, size, channels, keep, skipped, progress, wha
 
     arrays, names, labels, files = [], [], [], []
     s1, s2, n = np.zeros(channels), np.zeros(channels), 0
+    seen: dict[bytes, tuple[str, str]] = {}  # pixel hash -> (label, name): the same image under two classes
+    clashes: list[str] = []
     it = tqdm(list(indices), desc=f"reading {what} images", unit="img", disable=None if progress else True, leave=False)
     for i in it:
         f = fl.files[i]
@@ -575,6 +581,14 @@ def _decode(fl: _FileList, indices, size, channels, keep, skipped, progress, wha
         names.append(_rel(f, fl.root) if fl.root is not None else str(f))
         if fl.labels is not None:
             labels.append(fl.labels[i])
+            key = hashlib.blake2b(a.tobytes(), digest_size=16).digest()
+            first = seen.setdefault(key, (fl.labels[i], names[-1]))
+            if first[0] != fl.labels[i]:
+                clashes.append(f"{first[1]} ({first[0]}) = {names[-1]} ({fl.labels[i]})")
+    if clashes:
+        log.warning(
+            "%s: %d image(s) appear under more than one class, e.g. %s", fl.root, len(clashes), "; ".join(clashes[:3])
+        )
     x = None
     if keep:
         x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()) if arrays else torch.zeros(0, channels, size, size, dtype=torch.uint8)
