@@ -109,6 +109,7 @@ FILE_CASES: list[tuple[str, str, bytes, str, Callable[[np.ndarray], bool] | None
     ("HTML page named .jpg", "page.jpg", b"<!doctype html><html><body>404</body></html>", "skip", None),
     ("random bytes named .webp", "noise.webp", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "skip", None),
     ("decompression bomb (100k x 100k declared)", "bomb.png", _bomb_png(100_000, 100_000), "skip", None),
+    ("decompression bomb (9k x 9k declared)", "bomb9k.png", _bomb_png(9_000, 9_000), "skip", None),
     ("PNG with a corrupt body", "badbody.png", _bomb_png(16, 16), "skip", None),
     ("1x1 image", "one.png", _png_bytes(np.full((1, 1, 3), 200, np.uint8)), "read", lambda a: bool((a == 200).all())),
     ("1000x1 sliver", "sliver.png", _png_bytes(np.full((1, 1000, 3), 90, np.uint8)), "read", lambda a: bool((a == 90).all())),
@@ -150,9 +151,10 @@ def test_one_hostile_file_in_a_dataset(tmp_path: Path, case, caplog):
             assert check(a), a[..., 0]
 
 
-def test_bomb_is_refused_before_decoding(tmp_path: Path):
+@pytest.mark.parametrize("side", [9_000, 10_000, 100_000])  # bonsai's own limit, PIL's warning, PIL's error
+def test_bomb_is_refused_before_decoding(tmp_path: Path, side: int):
     p = tmp_path / "bomb.png"
-    p.write_bytes(_bomb_png(100_000, 100_000))
+    p.write_bytes(_bomb_png(side, side))
     with pytest.raises(ValueError, match="decompression bomb"):
         read_image(p, 16, 3)
 

@@ -30,12 +30,12 @@ from bonsai.data.sources import (
     resize_tensor,
     split_validation,
 )
-from bonsai.errors import BonsaiError, DatasetError
+from bonsai.errors import BonsaiError, DatasetError, Interrupted
 from bonsai.models.arch import preset
 from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model
 from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_optimizer, predict_probs, read_checkpoint, resolve_device, resolve_precision, restore
 from bonsai.report.log import truncate_jsonl
-from bonsai.utils import atomic_write_text
+from bonsai.utils import STOP_SIGNALS, atomic_write_text
 
 log = logging.getLogger("bonsai")
 
@@ -299,6 +299,12 @@ def _check_same_data(path: Path, meta: dict) -> None:
 def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, test_loader: Loader | None, device) -> Run:
     """Predict the test set with the best model; write predictions.csv and summary.json."""
     if not (out / "model.safetensors").is_file():
+        if state.stop_reason in STOP_SIGNALS:
+            raise Interrupted(
+                f"{out}: stopped by {state.stop_reason.upper()} before the first epoch finished; "
+                f"continue with `bonsai fit --resume {out}`",
+                STOP_SIGNALS[state.stop_reason],
+            )
         raise BonsaiError(f"{out}: training produced no usable model ({state.stop_reason or 'no epoch finished'})")
     run = Run(out)
     model = run.model.to(device, memory_format=torch.channels_last)

@@ -99,8 +99,21 @@ def _cmd_fit(ns) -> int:
         kw["quiet"] = True
     if ns.prune:
         kw["prune.enabled"] = True
+        if not any(k.split(".")[-1] == "zero_init_residual" for k in kw):
+            kw["model.zero_init_residual"] = None  # re-derive it (off when pruning), even from an old config.yaml
     run = api.fit(positional[0] if positional else None, ns.config, resume=ns.resume, **kw)
     _print_summary(run)
+    return _exit_code(run)
+
+
+def _exit_code(run) -> int:
+    """0, or 130 / 143 for a fit stopped by Ctrl-C / SIGTERM (its best model and predictions are written)."""
+    from bonsai.utils import STOP_SIGNALS
+
+    reason = run.summary["stop_reason"]
+    if reason in STOP_SIGNALS:
+        print(f"bonsai: stopped by {reason.upper()}; continue with `bonsai fit --resume {run.dir}`", file=sys.stderr)
+        return STOP_SIGNALS[reason]
     return 0
 
 
@@ -147,7 +160,7 @@ def _cmd_demo(ns) -> int:
     print(f"demo: 5,000 CIFAR-10 training images (500 per class) and 1,000 labeled test images in {data}")
     run = api.fit(data, budget=ns.budget, out=str(out), quiet=ns.quiet)
     _print_summary(run)
-    return 0
+    return _exit_code(run)
 
 
 def _cmd_config(ns) -> int:
@@ -165,7 +178,7 @@ class _Formatter(logging.Formatter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bonsai.errors import BonsaiError
+    from bonsai.errors import BonsaiError, Interrupted
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
@@ -184,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"fit": _cmd_fit, "predict": _cmd_predict, "info": _cmd_info, "demo": _cmd_demo, "config": _cmd_config}
     try:
         return commands[ns.command](ns)
+    except Interrupted as e:
+        print(f"bonsai: {e}", file=sys.stderr)
+        return e.code
     except BonsaiError as e:
         print(f"bonsai: error: {e}", file=sys.stderr)
         return 2

@@ -66,6 +66,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (pays off only for long runs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 512
+    # a non-finite loss or gradient rolls back to the last checkpoint with the LR times rollback_lr_factor, at most
+    # max_rollbacks times in a run; one more and the run stops as diverged, keeping the best model so far
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
 
 
 @dataclass
@@ -103,6 +107,8 @@ class FitConfig:
         _check(t.max_epochs >= 1, "train.max_epochs must be >= 1")
         _check(t.batch_size >= 1, "train.batch_size must be >= 1")
         _check(t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+        _check(t.max_rollbacks >= 0, "train.max_rollbacks must be >= 0")
+        _check(0 < t.rollback_lr_factor < 1, "train.rollback_lr_factor must be in (0, 1)")
         _check(0 <= self.seed < 2**32, "seed must be in [0, 2**32)")
         _check(d.workers >= 0, "data.workers must be >= 0")
         _check(t.lr > 0, "train.lr must be > 0")

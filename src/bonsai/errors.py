@@ -11,3 +11,11 @@ class DatasetError(BonsaiError):
 
 class ConfigError(BonsaiError):
     """A configuration key or value is wrong."""
+
+
+class Interrupted(BonsaiError):
+    """Ctrl-C or SIGTERM stopped a fit before any epoch finished; ``code`` is the exit code (130 / 143)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

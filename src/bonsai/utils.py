@@ -54,3 +54,6 @@ def parse_duration(value: str | float | int) -> float:
     if not seconds > 0:
         raise ConfigError(f"budget {value!r}: must be positive")
     return seconds
+
+
+STOP_SIGNALS = {"sigint": 130, "sigterm": 143}  # a run's stop_reason after a signal -> the exit code the CLI returns

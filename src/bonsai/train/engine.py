@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -72,6 +74,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # ---- state ------------------------------------------------------------------------------------------------
 
 
+class Diverged(Exception):
+    """A training step produced a non-finite loss or gradient; nothing of that step was applied."""
+
+
 @dataclass
 class TrainState:
     """Everything besides tensors that a resumed run needs (stored in the checkpoint's metadata)."""
@@ -90,6 +96,8 @@ class TrainState:
     lasso_lambda: float | None = None  # PruneTrain's lambda, fixed at the first step
     start_flops: int | None = None  # forward FLOPs per image of the network the run started with
     grad_scale: float | None = None  # fp16 loss scale (CUDA only), so a resumed run does not re-learn it
+    rollbacks: int = 0  # divergences recovered from by rolling back to the last checkpoint
+    lr_scale: float = 1.0  # product of the LR cuts made by rollbacks
     reserve_s: float = 0.0  # seconds kept back from the budget for predicting the test set at the end
 
 
@@ -225,12 +233,14 @@ class Engine:
         self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda, cfg.prune.weighting) if cfg.prune.enabled else None
         if self.state.start_flops is None:
             self.state.start_flops = self.flops
+        self._signal: str | None = None  # "sigint" / "sigterm" once one arrives during run()
+        self._cut_short = False  # the signal ended an epoch before its last step
         self.budget = cfg.budget_s
 
     @property
     def peak_lr(self) -> float:
         """Peak LR: train.lr is per 256 examples, scaled linearly with the batch size in use."""
-        return self.cfg.train.lr * self.train_loader.batch_size / 256
+        return self.cfg.train.lr * self.train_loader.batch_size / 256 * self.state.lr_scale
 
     # -- planning
 
@@ -251,51 +261,67 @@ class Engine:
     # -- one epoch
 
     def _train_epoch(self, epoch: int, clock: Clock, bar) -> tuple[float, float, int, bool]:
+        """One epoch of steps. Returns (mean loss, accuracy, images seen, stopped by the budget). Raises
+        :class:`Diverged` before applying a step whose loss or gradient is not finite."""
         model, opt, st = self.model, self.opt, self.state
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, stopped = 0, False
         smoothing = self.cfg.train.label_smoothing
+        check_grads = not self.scaler.is_enabled()  # fp16's scaler skips non-finite steps by itself
         with clock:
             t0 = clock.now()
-            for i, (xb, yb) in enumerate(self.train_loader.batches(epoch)):
-                lr = self.peak_lr * lr_factor(self._progress(clock), self.cfg.train.schedule, self.cfg.train.warmup)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                with autocast(self.device, self.dtype):
-                    logits = self.step_fn(xb)
-                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=smoothing)
-                opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                lasso = self.lasso
-                if lasso is not None:
-                    if lasso.lam is None:
-                        st.lasso_lambda = lasso.set_lambda(float(loss.detach()), model)
-                    if not self.cfg.prune.proximal:
-                        self.scaler.unscale_(opt)  # the penalty's gradient is added at true scale
-                        lasso.add_grad_(model)
-                self.scaler.step(opt)
-                self.scaler.update()
-                if lasso is not None and self.cfg.prune.proximal:
-                    lasso.prox_(model, opt)
-                n = len(yb)
-                loss_sum += loss.detach() * n
-                correct += (logits.argmax(1) == yb).sum()
-                seen += n
-                st.step += 1
-                st.images_seen += n
-                st.train_flops += 3.0 * self.flops * n
-                if bar is not None:
-                    bar.update(1)
-                    if i % 10 == 0:
-                        rate = seen / max(clock.now() - t0, 1e-9)
-                        acc = float(correct) / seen
-                        bar.set_postfix_str(f"loss {float(loss.detach()):.3f} acc {acc:.1%} lr {lr:.3f} {rate:.0f} img/s", refresh=False)
-                if self._out_of_time(clock):
-                    stopped = True
-                    break
-            st.train_time_s += clock.now() - t0
+            try:
+                for i, (xb, yb) in enumerate(self.train_loader.batches(epoch)):
+                    lr = self.peak_lr * lr_factor(self._progress(clock), self.cfg.train.schedule, self.cfg.train.warmup)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    with autocast(self.device, self.dtype):
+                        logits = self.step_fn(xb)
+                        loss = F.cross_entropy(logits.float(), yb, label_smoothing=smoothing)
+                    if not bool(torch.isfinite(loss)):
+                        raise Diverged(f"loss {float(loss.detach())} at step {st.step + 1}")
+                    opt.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss).backward()
+                    if check_grads:
+                        norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                        if not bool(torch.isfinite(norm)):
+                            raise Diverged(f"gradient norm {float(norm)} at step {st.step + 1}")
+                    lasso = self.lasso
+                    if lasso is not None:
+                        if lasso.lam is None:
+                            st.lasso_lambda = lasso.set_lambda(float(loss.detach()), model)
+                        if not self.cfg.prune.proximal:
+                            self.scaler.unscale_(opt)  # the penalty's gradient is added at true scale
+                            lasso.add_grad_(model)
+                    scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                    skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale  # fp16 overflow: no step
+                    if lasso is not None and self.cfg.prune.proximal and not skipped:
+                        lasso.prox_(model, opt)
+                    n = len(yb)
+                    loss_sum += loss.detach() * n
+                    correct += (logits.argmax(1) == yb).sum()
+                    seen += n
+                    st.step += 1
+                    st.images_seen += n
+                    st.train_flops += 3.0 * self.flops * n
+                    if bar is not None:
+                        bar.update(1)
+                        if i % 10 == 0:
+                            rate = seen / max(clock.now() - t0, 1e-9)
+                            acc = float(correct) / seen
+                            bar.set_postfix_str(f"loss {float(loss.detach()):.3f} acc {acc:.1%} lr {lr:.3f} {rate:.0f} img/s", refresh=False)
+                    if self._out_of_time(clock):
+                        stopped = True
+                        break
+                    if self._signal is not None:  # Ctrl-C / SIGTERM: this step is done; stop here
+                        self._cut_short = i + 1 < len(self.train_loader)
+                        break
+            finally:  # a diverged epoch's time was spent too
+                st.train_time_s += clock.now() - t0
         if seen == 0:
             return float("nan"), float("nan"), seen, stopped
         return float(loss_sum) / seen, float(correct) / seen, seen, stopped
@@ -360,6 +386,63 @@ class Engine:
     # -- the run
 
     def run(self, progress: bool = True) -> TrainState:
+        """Train until a stopping rule fires. Ctrl-C or SIGTERM ends the current step, keeps the last checkpoint
+        (at most the current epoch's work is lost; ``--resume`` continues) and stops with ``stop_reason``
+        ``sigint``/``sigterm``; a second signal acts at once as usual."""
+        if threading.current_thread() is not threading.main_thread():
+            return self._run(progress)
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+        def on_signal(signum, _frame) -> None:
+            self._signal = "sigint" if signum == signal.SIGINT else "sigterm"
+            signal.signal(signum, defaults[signum])
+            log.warning("%s received: stopping after this step (send it again to stop at once)", self._signal.upper())
+
+        previous = {}
+        for sig in defaults:
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # a job started to ignore Ctrl-C keeps ignoring it
+                previous[sig] = signal.signal(sig, on_signal)
+        try:
+            return self._run(progress)
+        finally:
+            for sig, handler in previous.items():
+                if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                    signal.signal(sig, handler)
+
+    def _rollback(self, epoch: int, clock: Clock, reason: str) -> bool:
+        """Back to the last checkpoint with a lower LR after a divergence; False once the retries are spent."""
+        st, t = self.state, self.cfg.train
+        if st.rollbacks >= t.max_rollbacks:
+            log.warning("training diverged in epoch %d (%s) after %d rollback(s); keeping the best model so far", epoch, reason, st.rollbacks)
+            return False
+        path = self.run_dir / CHECKPOINT
+        spec, ck, model_t, opt_t = read_checkpoint(path)
+        if spec.widths() != self.model.spec.widths():
+            raise BonsaiError(f"{path}: the checkpoint's architecture differs from the network in training; cannot roll back")
+        self.opt.state.clear()
+        restore(self.model, self.opt, model_t, opt_t, source=str(path))
+        # what was really spent, the retries and LR cuts so far, and lambda (fixed at the first step) are kept
+        keep = {
+            "train_time_s": st.train_time_s,
+            "train_flops": st.train_flops,
+            "clock_s": clock.now(),
+            "rollbacks": st.rollbacks + 1,
+            "lr_scale": st.lr_scale * t.rollback_lr_factor,
+            "lasso_lambda": st.lasso_lambda,
+        }
+        for f in fields(TrainState):
+            setattr(st, f.name, getattr(ck, f.name))
+        for k, v in keep.items():
+            setattr(st, k, v)
+        st.stop_reason = ""  # a reason saved with the checkpoint (budget, plateau) was re-checked when resuming
+        if st.batch_size is not None:  # else the loader keeps the batch it was given (capped to the data)
+            self.train_loader.batch_size = st.batch_size
+        event = {"epoch": epoch, "event": "rollback", "reason": reason, "to_epoch": st.epoch, "lr_scale": st.lr_scale, "rollbacks": st.rollbacks}
+        append_jsonl(self.run_dir / "events.jsonl", event)
+        log.warning("training diverged in epoch %d (%s): rolled back to epoch %d, LR x%g", epoch, reason, st.epoch, st.lr_scale)
+        return True
+
+    def _run(self, progress: bool) -> TrainState:
         from tqdm import tqdm
 
         st, cfg = self.state, self.cfg
@@ -370,6 +453,8 @@ class Engine:
         epoch = st.epoch
         if st.stop_reason != "diverged":
             st.stop_reason = ""  # a resumed run re-checks its (possibly raised) epochs, budget and patience
+        if not (self.run_dir / CHECKPOINT).is_file():  # the starting point, for a rollback in the first epoch
+            save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.opt, st)
         while True:
             if st.stop_reason:
                 break
@@ -379,15 +464,29 @@ class Engine:
             if planned is not None and epoch >= planned:
                 st.stop_reason = "epochs" if cfg.train.epochs is not None else "max_epochs"
                 break
+            if self._signal is not None:  # arrived after the last epoch's steps: that epoch was completed
+                st.stop_reason = self._signal
+                break
             epoch += 1
             bar = None
             if progress:
                 total = f"/{planned}" if planned else ""
                 bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch}{total}", unit="step", leave=False, disable=None)
             epoch_t0 = clock.now()
-            train_loss, train_acc, seen, stopped = self._train_epoch(epoch, clock, bar)
+            try:
+                train_loss, train_acc, seen, stopped = self._train_epoch(epoch, clock, bar)
+            except Diverged as e:
+                if bar is not None:
+                    bar.close()
+                if not self._rollback(epoch, clock, str(e)):
+                    st.stop_reason = "diverged"
+                epoch = st.epoch
+                continue
             if bar is not None:
                 bar.close()
+            if self._cut_short:  # a signal ended the epoch early: it is dropped, the last checkpoint stays
+                st.stop_reason = self._signal
+                break
             with clock:
                 v0 = clock.now()
                 val_acc = self._evaluate(self.val_loader)

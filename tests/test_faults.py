@@ -1,0 +1,155 @@
+"""Faults during training: divergence is rolled back with a lower LR, and Ctrl-C / SIGTERM stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bonsai
+from bonsai.errors import BonsaiError
+from conftest import make_images
+
+TINY = dict(arch="resnet8", batch_size=16, eval_batch_size=64, quiet=True, precision="fp32")
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    x, y = make_images(20)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
+    return path
+
+
+def _poison_loss(monkeypatch, bad_calls) -> list[int]:
+    """Make the training loss NaN on the given (1-based) calls of cross_entropy with label smoothing."""
+    import bonsai.train.engine as engine
+
+    real = engine.F.cross_entropy
+    calls: list[int] = []
+
+    def ce(logits, y, label_smoothing=0.0, **kw):
+        loss = real(logits, y, label_smoothing=label_smoothing, **kw)
+        calls.append(1)
+        return loss * float("nan") if bad_calls(len(calls)) else loss
+
+    monkeypatch.setattr(engine.F, "cross_entropy", ce)
+    return calls
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_one_nan_step_rolls_back_halves_the_lr_and_training_completes(data: Path, tmp_path: Path, monkeypatch):
+    reference = bonsai.fit(data, epochs=3, out=str(tmp_path / "ref"), **TINY)
+    _poison_loss(monkeypatch, lambda n: n == 5)  # epoch 2, step 2 (54 training images: 3 full batches of 16)
+    run = bonsai.fit(data, epochs=3, out=str(tmp_path / "r"), **TINY)
+    rollbacks = [e for e in _events(run.dir) if e["event"] == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["lr_scale"] == 0.5 and rollbacks[0]["to_epoch"] == 1
+    assert "loss nan" in rollbacks[0]["reason"]
+    metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (reference.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    timing = ("images_per_s", "clock_s", "train_time_s")
+    assert {k: v for k, v in metrics[0].items() if k not in timing} == {k: v for k, v in ref[0].items() if k not in timing}
+    # the schedule replays from the checkpoint (same progress) at half the LR
+    assert [m["lr"] for m in metrics[1:]] == pytest.approx([0.5 * m["lr"] for m in ref[1:]])
+    assert run.summary["stop_reason"] == "epochs"
+    for p in run.model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_divergence_in_the_first_epoch_rolls_back_to_the_starting_weights(data: Path, tmp_path: Path, monkeypatch):
+    _poison_loss(monkeypatch, lambda n: n == 2)
+    run = bonsai.fit(data, epochs=2, out=str(tmp_path / "r"), **TINY)
+    rollbacks = [e for e in _events(run.dir) if e["event"] == "rollback"]
+    assert [e["to_epoch"] for e in rollbacks] == [0]
+    assert run.summary["epochs"] == 2 and run.summary["stop_reason"] == "epochs"
+
+
+def test_rollback_keeps_the_batch_the_loader_capped_to_the_data(data: Path, tmp_path: Path, monkeypatch):
+    _poison_loss(monkeypatch, lambda n: n == 2)  # the default batch (256) is capped to the 54 images: epoch 2
+    run = bonsai.fit(data, epochs=3, out=str(tmp_path / "r"), **(TINY | {"batch_size": 256}))
+    assert [e["to_epoch"] for e in _events(run.dir) if e["event"] == "rollback"] == [1]
+    assert run.summary["stop_reason"] == "epochs" and run.summary["epochs"] == 3
+
+
+def test_rollback_while_pruning_keeps_lambda(data: Path, tmp_path: Path, monkeypatch):
+    from safetensors import safe_open
+
+    _poison_loss(monkeypatch, lambda n: n == 2)  # back to the starting checkpoint, written before lambda was set
+    run = bonsai.fit(data, epochs=2, out=str(tmp_path / "r"), **TINY, **{"prune.enabled": True})
+    with safe_open(str(run.dir / "checkpoint.safetensors"), "pt") as f:
+        state = json.loads(f.metadata()["state"])
+    assert state["rollbacks"] == 1 and state["lasso_lambda"] is not None and state["lasso_lambda"] > 0
+
+
+def test_persistent_divergence_stops_after_the_retries_and_keeps_the_best_model(data: Path, tmp_path: Path, monkeypatch):
+    _poison_loss(monkeypatch, lambda n: n > 3)  # epoch 1 (3 steps) is fine, every later step fails
+    run = bonsai.fit(data, epochs=4, out=str(tmp_path / "r"), max_rollbacks=2, **TINY)
+    rollbacks = [e for e in _events(run.dir) if e["event"] == "rollback"]
+    assert [e["lr_scale"] for e in rollbacks] == [0.5, 0.25]
+    assert run.summary["stop_reason"] == "diverged" and run.summary["epochs"] == 1
+    assert (run.dir / "predictions.csv").is_file()
+
+
+def test_divergence_before_any_epoch_finished_is_a_clear_error(data: Path, tmp_path: Path, monkeypatch):
+    _poison_loss(monkeypatch, lambda n: True)
+    with pytest.raises(BonsaiError, match="no usable model.*diverged"):
+        bonsai.fit(data, epochs=2, out=str(tmp_path / "r"), max_rollbacks=1, **TINY)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_after_the_step_keeps_the_checkpoint_and_resume_finishes(data: Path, tmp_path: Path, sig, code):
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "bonsai", "fit", str(data), "--out", str(run), "--epochs", "40", "--arch", "resnet8",
+           "--quiet", "train.batch_size=16", "train.precision=fp32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            os.kill(proc.pid, sig)
+            break
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err.decode()
+    assert "--resume" in err.decode() and "Traceback" not in err.decode()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stop_reason"] == sig.name.lower()
+    assert (run / "predictions.csv").is_file()
+    done = len(metrics.read_text().splitlines())
+    assert 2 <= done < 40
+    resumed = bonsai.fit(None, resume=run, epochs=done + 1, quiet=True)
+    assert resumed.summary["epochs"] == done + 1 and resumed.summary["stop_reason"] == "epochs"
+
+
+def test_a_signal_in_the_first_epoch_exits_with_its_code_and_a_resume_hint(data: Path, tmp_path: Path, monkeypatch, capsys):
+    import bonsai.train.engine as engine
+    from bonsai.cli import main
+
+    real = engine.F.cross_entropy
+
+    def ce(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the first step; the handler lets the step finish
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine.F, "cross_entropy", ce)
+    code = main(["fit", str(data), "--out", str(tmp_path / "r"), "--epochs", "2", "--arch", "resnet8", "--quiet", "train.precision=fp32", "train.batch_size=16"])
+    assert code == 143
+    err = capsys.readouterr().err
+    assert "SIGTERM" in err and "before the first epoch finished" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    monkeypatch.setattr(engine.F, "cross_entropy", real)
+    resumed = bonsai.fit(None, resume=tmp_path / "r", quiet=True)  # from the checkpoint written before step 1
+    assert resumed.summary["epochs"] == 2 and resumed.summary["stop_reason"] == "epochs"
