@@ -38,6 +38,12 @@ def machine() -> dict:
     }
 
 
+def portable(args: list[str]) -> str:
+    """The command line with absolute paths made relative to the project folder, so results name no machine."""
+    root = RESULTS.parent.parent
+    return " ".join(os.path.relpath(a, root) if os.path.isabs(a) and os.path.exists(a) else a for a in args)
+
+
 def write_result(name: str, summary: dict, details: dict, command: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, portable, write_result  # noqa: E402
 
 from bonsai.report.log import read_jsonl  # noqa: E402
 
@@ -121,7 +121,7 @@ def main() -> None:
     if args.limit:
         summary["smoke_test_limit"] = args.limit
     name = "prunetrain" if not args.limit else "prunetrain_smoke"
-    path = write_result(name, summary, details, "python benchmarks/prunetrain.py " + " ".join(sys.argv[1:]))
+    path = write_result(name, summary, details, "python benchmarks/prunetrain.py " + portable(sys.argv[1:]))
     _plot(details, name)
     print(f"wrote {path}\nsummary: {json.dumps(summary, indent=1)}")
 

@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, portable, write_result  # noqa: E402
 
 from bonsai.models.arch import ArchSpec, preset  # noqa: E402
 from bonsai.models.resnet import build, count_flops  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
         "fastest_round_to": min(ROUNDINGS, key=lambda r: statistics.median(rel_time[r])),
         "batch": args.batch,
     }
-    path = write_result("rounding", summary, details, "python benchmarks/rounding.py " + " ".join(sys.argv[1:]))
+    path = write_result("rounding", summary, details, "python benchmarks/rounding.py " + portable(sys.argv[1:]))
     _plot(rel_time, rel_flops)
     print(f"wrote {path}\nsummary: {summary}")
 

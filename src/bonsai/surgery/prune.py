@@ -82,7 +82,8 @@ class GroupLasso:
         self.lpr = lpr
         self.lam = lam
         self.weighting = weighting
-        self._pairs: tuple[ResNet, list] | None = None  # (model, its conv/BN pairs), built once per model
+        self._pairs: tuple | None = None  # (model, its conv/BN pairs, conv output pixels), built once per model
+        self._rows: tuple | None = None  # (model, its widths, _groups' rows): rebuilt only after surgery
 
     @torch.no_grad()
     def penalty(self, model: ResNet) -> torch.Tensor:
@@ -133,8 +134,11 @@ class GroupLasso:
         shrink([h], h.float().pow(2).sum(dim=0).sqrt(), self._head_weight(model), (1, -1))
 
     def _groups(self, model: ResNet) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, float, float]]:
-        """(conv, bn, output-group weight, input-group weight or 0 for the image's channels) per conv, and the
-        head's column weight last; see ``weighting``. Recomputed from the current shapes, so it follows surgery."""
+        """(conv, bn, output-group weight, input-group weight or 0 for the image's channels) per conv; see
+        ``weighting``. Cached until surgery changes the widths."""
+        widths = tuple(model.spec.widths())
+        if self._rows is not None and self._rows[0] is model and self._rows[1] == widths:
+            return self._rows[2]
         if self._pairs is None or self._pairs[0] is not model:
             self._pairs = (model, _conv_bn_pairs(model), _output_pixels(model))
         _, pairs, pixels = self._pairs
@@ -149,6 +153,7 @@ class GroupLasso:
             else:
                 w_out = w_in = 1.0
             rows.append((conv, bn, float(w_out), 0.0 if conv is first else float(w_in)))
+        self._rows = (model, widths, rows)
         return rows
 
     def _head_weight(self, model: ResNet) -> float:
