@@ -153,3 +153,99 @@ def test_a_signal_in_the_first_epoch_exits_with_its_code_and_a_resume_hint(data:
     monkeypatch.setattr(engine.F, "cross_entropy", real)
     resumed = bonsai.fit(None, resume=tmp_path / "r", quiet=True)  # from the checkpoint written before step 1
     assert resumed.summary["epochs"] == 2 and resumed.summary["stop_reason"] == "epochs"
+
+
+# ---- surgery that breaks the network, out of memory, no room on disk ------------------------------------------
+
+PRUNE_HARD = {"prune.enabled": True, "prune.lpr": 0.5, "prune.interval": 1, "prune.threshold": 0.5, "prune.min_width": 2, "prune.round_to": 1}
+
+
+def test_a_surgery_with_non_finite_results_is_rejected_and_training_goes_on(data: Path, tmp_path: Path, monkeypatch):
+    import bonsai.train.engine as engine
+
+    reference = bonsai.fit(data, epochs=2, out=str(tmp_path / "ref"), **TINY, **PRUNE_HARD)
+    assert any(e["event"] == "prune" for e in _events(reference.dir))  # these settings do prune
+
+    real = engine.remove_channels_
+
+    def broken(model, keep, opt=None):
+        real(model, keep, opt)
+        with torch.no_grad():
+            model.head.weight[0, 0] = float("nan")
+
+    monkeypatch.setattr(engine, "remove_channels_", broken)
+    run = bonsai.fit(data, epochs=2, out=str(tmp_path / "r"), **TINY, **PRUNE_HARD)
+    events = _events(run.dir)
+    assert [e["event"] for e in events] == ["surgery_rejected"]
+    assert "head.weight" in events[0]["reason"]
+    metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[1]["widths"] == metrics[0]["widths"]  # the network in training was left as it was
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(run.dir / "checkpoint.safetensors").values() if v.is_floating_point())
+
+
+def _oom_above(monkeypatch, limit: int | None) -> None:
+    """Training steps with more than ``limit`` images (any, with None) raise the out-of-memory error."""
+    import bonsai.train.engine as engine
+
+    real = engine.F.cross_entropy
+
+    def ce(logits, y, **kw):
+        if limit is None or len(y) > limit:
+            raise torch.OutOfMemoryError("simulated: tried to allocate 2.00 GiB")
+        return real(logits, y, **kw)
+
+    monkeypatch.setattr(engine.F, "cross_entropy", ce)
+
+
+def test_out_of_memory_in_a_step_halves_the_batch_and_training_goes_on(data: Path, tmp_path: Path, monkeypatch):
+    _oom_above(monkeypatch, 8)
+    run = bonsai.fit(data, epochs=2, out=str(tmp_path / "r"), **TINY)  # batch 16
+    ooms = [e for e in _events(run.dir) if e["event"] == "out_of_memory"]
+    assert [(e["batch_size_before"], e["batch_size"], e["to_epoch"]) for e in ooms] == [(16, 8, 0)]
+    metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["epoch"], m["batch_size"]) for m in metrics] == [(1, 8), (2, 8)]
+    more = bonsai.fit(None, resume=run.dir, epochs=3)  # the halved batch is kept by a resumed run
+    metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert more.summary["epochs"] == 3 and metrics[-1]["batch_size"] == 8
+
+
+def test_out_of_memory_at_batch_one_is_a_clear_error(data: Path, tmp_path: Path, monkeypatch):
+    _oom_above(monkeypatch, None)
+    with pytest.raises(BonsaiError, match="out of memory in a training step even at batch size 1"):
+        bonsai.fit(data, epochs=1, out=str(tmp_path / "r"), **TINY)
+    sizes = [e["batch_size"] for e in _events(tmp_path / "r") if e["event"] == "out_of_memory"]
+    assert sizes == [8, 4, 2, 1]
+
+
+def test_the_batch_is_chosen_to_fit_the_memory_available(data: Path, tmp_path: Path, monkeypatch):
+    import bonsai.api as api
+    from bonsai.models.arch import preset
+    from bonsai.models.resnet import build, count_params
+    from bonsai.train.resources import MEMORY_SHARE, fit_batch, train_memory_bytes
+
+    spec = preset("resnet8", 3, 3, 16)
+    params = count_params(build(spec))
+    room = int(train_memory_bytes(spec, 8, False, params) / MEMORY_SHARE) + 1  # batch 8 fits, 16 does not
+    assert fit_batch(spec, 256, False, params, room) == 8
+    assert fit_batch(spec, 256, False, params, 10**6) == 1  # nothing fits: still a batch of one
+    assert fit_batch(spec, 16, False, params, 10**15) == 16
+    monkeypatch.setattr(api, "available_memory", lambda device: room)
+    run = bonsai.fit(data, epochs=1, out=str(tmp_path / "r"), **TINY)  # batch 16 asked for
+    capped = [e for e in _events(run.dir) if e["event"] == "batch_capped"]
+    assert [(e["batch_size_wanted"], e["batch_size"]) for e in capped] == [(16, 8)]
+    assert json.loads((run.dir / "metrics.jsonl").read_text().splitlines()[0])["batch_size"] == 8
+
+
+def test_too_little_disk_space_is_refused_before_training(data: Path, tmp_path: Path, monkeypatch):
+    import shutil
+
+    import bonsai.train.resources as resources
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(resources.shutil, "disk_usage", lambda p: usage._replace(free=2**20))
+    with pytest.raises(BonsaiError, match=r"only 1 MB free on its disk, and the run needs about \d+ MB"):
+        bonsai.fit(data, epochs=1, out=str(tmp_path / "r"), **TINY)
+    assert not (tmp_path / "r" / "checkpoint.safetensors").exists()

@@ -34,7 +34,8 @@ from bonsai.errors import BonsaiError, DatasetError, Interrupted
 from bonsai.models.arch import preset
 from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model
 from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_optimizer, predict_probs, read_checkpoint, resolve_device, resolve_precision, restore
-from bonsai.report.log import truncate_jsonl
+from bonsai.report.log import append_jsonl, truncate_jsonl
+from bonsai.train.resources import available_memory, check_disk, fit_batch, run_dir_bytes, train_memory_bytes
 from bonsai.utils import STOP_SIGNALS, atomic_write_text
 
 log = logging.getLogger("bonsai")
@@ -274,15 +275,36 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     if ckpt_tensors is not None:
         restore(model, opt, *ckpt_tensors, source=str(out / CHECKPOINT))
 
+    n_test = 0 if ds.test is None else len(ds.test)
+    check_disk(out, run_dir_bytes(sum(t.numel() for t in model.state_dict().values()), n_test, len(ds.classes)))
+    batch = _memory_batch(model, cfg, device, out, fresh=resume is None)
+
     translate = cfg.augment.translate if cfg.augment.translate is not None else ds.image_size // 8
     common = dict(device=device, channels_last=cfg.train.channels_last, size=ds.image_size, channels=ds.channels, workers=cfg.data.workers)
-    train_loader = Loader(train_split, cfg.train.batch_size, train=True, translate=translate, flip=cfg.augment.flip, seed=cfg.seed, **common)
+    train_loader = Loader(train_split, batch, train=True, translate=translate, flip=cfg.augment.flip, seed=cfg.seed, **common)
     val_loader = Loader(val_split, cfg.train.eval_batch_size, **common)
     test_loader = Loader(ds.test, cfg.train.eval_batch_size, **common) if ds.test is not None else None
 
     engine = Engine(model, cfg, out, train_loader, val_loader, test_loader, device, state=state, opt=opt)
     state = engine.run(progress=progress)
     return _finish(out, cfg, ds, state, test_loader, device)
+
+
+def _memory_batch(model: ResNet, cfg: FitConfig, device: torch.device, out: Path, fresh: bool) -> int:
+    """train.batch_size, or a smaller one when its estimated step would not fit in the memory available."""
+    half = resolve_precision(cfg.train.precision, device) is not None
+    want, params, free = cfg.train.batch_size, count_params(model), available_memory(device)
+    batch = fit_batch(model.spec, want, half, params, free)
+    if batch < want:
+        need = train_memory_bytes(model.spec, want, half, params)
+        log.warning(
+            "batch %d would need about %.1f GB for a training step and %.1f GB are available: training at batch %d",
+            want, need / 2**30, free / 2**30, batch,
+        )
+        if fresh:
+            event = {"epoch": 0, "event": "batch_capped", "batch_size_wanted": want, "batch_size": batch, "estimated_bytes": need, "available_bytes": free}
+            append_jsonl(out / "events.jsonl", event)
+    return batch
 
 
 def _check_same_data(path: Path, meta: dict) -> None:

@@ -107,6 +107,29 @@ def count_flops(spec: ArchSpec, image_size: int | None = None) -> int:
     return int(counter.get_total_flops())
 
 
+def activation_elements(spec: ArchSpec, image_size: int | None = None) -> int:
+    """Elements of every layer output (conv, BN, ReLU, pooling, head) in one forward pass for one image: what
+    autograd keeps for the backward pass scales with it. Counted on the meta device, nothing is allocated."""
+    size = image_size or spec.image_size
+    total = 0
+
+    def hook(_m, _inp, out) -> None:
+        nonlocal total
+        total += out.numel()
+
+    with torch.device("meta"):
+        model = ResNet(spec)
+        x = torch.zeros(1, spec.in_channels, size, size)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return int(total)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -348,6 +349,15 @@ class Engine:
         if not keep:
             return
         widths_before, flops_before, batch_before = self.model.spec.widths(), self.flops, loader.batch_size
+        # the surgery is tried on a copy first: a result with non-finite weights or outputs is rejected
+        trial = copy.deepcopy(self.model)
+        remove_channels_(trial, keep)
+        problem = self._broken(trial)
+        del trial
+        if problem is not None:
+            append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "surgery_rejected", "surgery": "prune", "reason": problem})
+            log.warning("pruning after epoch %d rejected (%s); training goes on with the network as it was", epoch, problem)
+            return
         remove_channels_(self.model, keep, self.opt)
         self.flops = count_flops(self.model.spec)
         if p.grow_batch:
@@ -378,10 +388,38 @@ class Engine:
                 f"batch {batch_before} -> {loader.batch_size}"
             )
 
+    @torch.no_grad()
+    def _broken(self, model: ResNet) -> str | None:
+        """Why ``model`` (the result of a surgery) is unusable, or None: a non-finite weight or buffer, or a
+        non-finite output on one validation batch."""
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"non-finite values in {name}"
+        xb, _ = next(iter(self.val_loader.batches()))
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast(self.device, self.dtype):
+                out = model(xb)
+        finally:
+            model.train(was_training)
+        if not bool(torch.isfinite(out).all()):
+            return "non-finite outputs on a validation batch"
+        return None
+
     def _evaluate(self, loader: Loader | None) -> float | None:
         if loader is None or loader.split.y is None or len(loader.split) == 0:
             return None
-        return accuracy(predict_probs(self.model, loader, self.dtype), loader.split.y)
+        while True:
+            try:
+                return accuracy(predict_probs(self.model, loader, self.dtype), loader.split.y)
+            except torch.OutOfMemoryError:
+                if loader.batch_size <= 1:
+                    raise BonsaiError(f"{self.run_dir}: out of memory evaluating even at batch size 1") from None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            loader.batch_size //= 2
+            log.warning("out of memory while evaluating: evaluation batch halved to %d", loader.batch_size)
 
     # -- the run
 
@@ -409,38 +447,61 @@ class Engine:
                 if handler is not None:  # None: a handler not set from Python, which cannot be put back
                     signal.signal(sig, handler)
 
+    def _restore_last_checkpoint(self, clock: Clock, **changes) -> None:
+        """Model, optimizer and progress back to the last checkpoint; what was really spent (time, FLOPs), the
+        retries and LR cuts so far, and lambda (fixed at the first step) are kept; ``changes`` are set on top."""
+        st = self.state
+        path = self.run_dir / CHECKPOINT
+        spec, ck, model_t, opt_t = read_checkpoint(path)
+        if spec.widths() != self.model.spec.widths():
+            raise BonsaiError(f"{path}: the checkpoint's architecture differs from the network in training; cannot roll back")
+        self.opt.zero_grad(set_to_none=True)
+        self.opt.state.clear()
+        restore(self.model, self.opt, model_t, opt_t, source=str(path))
+        keep = {
+            "train_time_s": st.train_time_s,
+            "train_flops": st.train_flops,
+            "clock_s": clock.now(),
+            "rollbacks": st.rollbacks,
+            "lr_scale": st.lr_scale,
+            "lasso_lambda": st.lasso_lambda,
+        }
+        for f in fields(TrainState):
+            setattr(st, f.name, getattr(ck, f.name))
+        for k, v in (keep | changes).items():
+            setattr(st, k, v)
+        st.stop_reason = ""  # a reason saved with the checkpoint (budget, plateau) was re-checked when resuming
+        if st.batch_size is not None:  # else the loader keeps the batch it was given (capped to the data)
+            self.train_loader.batch_size = st.batch_size
+
     def _rollback(self, epoch: int, clock: Clock, reason: str) -> bool:
         """Back to the last checkpoint with a lower LR after a divergence; False once the retries are spent."""
         st, t = self.state, self.cfg.train
         if st.rollbacks >= t.max_rollbacks:
             log.warning("training diverged in epoch %d (%s) after %d rollback(s); keeping the best model so far", epoch, reason, st.rollbacks)
             return False
-        path = self.run_dir / CHECKPOINT
-        spec, ck, model_t, opt_t = read_checkpoint(path)
-        if spec.widths() != self.model.spec.widths():
-            raise BonsaiError(f"{path}: the checkpoint's architecture differs from the network in training; cannot roll back")
-        self.opt.state.clear()
-        restore(self.model, self.opt, model_t, opt_t, source=str(path))
-        # what was really spent, the retries and LR cuts so far, and lambda (fixed at the first step) are kept
-        keep = {
-            "train_time_s": st.train_time_s,
-            "train_flops": st.train_flops,
-            "clock_s": clock.now(),
-            "rollbacks": st.rollbacks + 1,
-            "lr_scale": st.lr_scale * t.rollback_lr_factor,
-            "lasso_lambda": st.lasso_lambda,
-        }
-        for f in fields(TrainState):
-            setattr(st, f.name, getattr(ck, f.name))
-        for k, v in keep.items():
-            setattr(st, k, v)
-        st.stop_reason = ""  # a reason saved with the checkpoint (budget, plateau) was re-checked when resuming
-        if st.batch_size is not None:  # else the loader keeps the batch it was given (capped to the data)
-            self.train_loader.batch_size = st.batch_size
+        self._restore_last_checkpoint(clock, rollbacks=st.rollbacks + 1, lr_scale=st.lr_scale * t.rollback_lr_factor)
         event = {"epoch": epoch, "event": "rollback", "reason": reason, "to_epoch": st.epoch, "lr_scale": st.lr_scale, "rollbacks": st.rollbacks}
         append_jsonl(self.run_dir / "events.jsonl", event)
         log.warning("training diverged in epoch %d (%s): rolled back to epoch %d, LR x%g", epoch, reason, st.epoch, st.lr_scale)
         return True
+
+    def _out_of_memory(self, epoch: int, clock: Clock) -> None:
+        """After an out-of-memory error in a training step: back to the last checkpoint with half the batch (the
+        LR follows the batch). Raises BonsaiError when the batch is already 1."""
+        loader = self.train_loader
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        before = loader.batch_size
+        if before <= 1:
+            raise BonsaiError(f"{self.run_dir}: out of memory in a training step even at batch size 1; use a smaller arch or data.image_size")
+        self._restore_last_checkpoint(clock, batch_size=before // 2)
+        loader.batch_size = before // 2
+        st = self.state
+        event = {"epoch": epoch, "event": "out_of_memory", "batch_size_before": before, "batch_size": loader.batch_size, "to_epoch": st.epoch}
+        append_jsonl(self.run_dir / "events.jsonl", event)
+        log.warning("out of memory in epoch %d at batch %d: back to epoch %d with batch %d", epoch, before, st.epoch, loader.batch_size)
 
     def _run(self, progress: bool) -> TrainState:
         from tqdm import tqdm
@@ -473,12 +534,19 @@ class Engine:
                 total = f"/{planned}" if planned else ""
                 bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch}{total}", unit="step", leave=False, disable=None)
             epoch_t0 = clock.now()
+            diverged = oom = None
             try:
                 train_loss, train_acc, seen, stopped = self._train_epoch(epoch, clock, bar)
             except Diverged as e:
+                diverged = str(e)
+            except torch.OutOfMemoryError:
+                oom = True  # handled outside the except block, so the failed step's tensors are freed first
+            if diverged is not None or oom:
                 if bar is not None:
                     bar.close()
-                if not self._rollback(epoch, clock, str(e)):
+                if oom:
+                    self._out_of_memory(epoch, clock)
+                elif not self._rollback(epoch, clock, diverged):
                     st.stop_reason = "diverged"
                 epoch = st.epoch
                 continue
