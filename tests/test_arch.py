@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,25 @@ def test_round_trip_build_save_load_identical_outputs(tmp_path: Path):
     x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     torch.testing.assert_close(model(x), loaded(x), rtol=0, atol=0)
     assert ArchSpec.from_json(tmp_path / "arch.json") == model.spec
+
+
+def test_a_save_cut_between_weights_and_arch_json_still_loads(tmp_path: Path):
+    from bonsai.models.resnet import state_bytes
+    from bonsai.surgery.channels import channel_groups, remove_channels_
+
+    model = build(_tiny()).eval()
+    save_model(model, tmp_path)
+    group = channel_groups(model)[-1]
+    remove_channels_(model, {group.name: torch.arange(group.width - 2)})
+    # the process died after the new weights were renamed into place, before arch.json was replaced
+    (tmp_path / "model.safetensors").write_bytes(state_bytes(model, {"arch": json.dumps(model.spec.to_dict())}))
+    t = (tmp_path / "arch.json").stat().st_mtime_ns
+    os.utime(tmp_path / "model.safetensors", ns=(t + 10**6, t + 10**6))  # 1 ms later, whatever the clock's grain
+    assert ArchSpec.from_json(tmp_path / "arch.json") != model.spec
+    loaded = load_model(tmp_path)
+    assert loaded.spec == model.spec
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(model(x), loaded(x), rtol=0, atol=0)
 
 
 def test_flops_match_hand_count():
@@ -93,7 +113,9 @@ def test_weights_that_disagree_with_arch_json(tmp_path: Path):
     save_model(build(_tiny()), tmp_path)
     spec = _tiny()
     spec.stages[0].inner = [6]
-    spec.to_json(tmp_path / "arch.json")
+    spec.to_json(tmp_path / "arch.json")  # edited after the weights were saved: an error, not a stale file
+    t = (tmp_path / "model.safetensors").stat().st_mtime_ns + 10**6
+    os.utime(tmp_path / "arch.json", ns=(t, t))
     with pytest.raises(BonsaiError, match=r"stages.0.0.conv1.weight has shape \(5, 8, 3, 3\), arch.json implies \(6"):
         load_model(tmp_path)
     spec.stem = 16

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 from torch.nn import functional as F
@@ -14,6 +15,8 @@ from torch.nn import functional as F
 from bonsai.errors import BonsaiError
 from bonsai.models.arch import ArchSpec
 from bonsai.utils import atomic_write_bytes
+
+log = logging.getLogger("bonsai")
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
@@ -142,8 +145,13 @@ def state_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> byt
 def save_model(model: ResNet, directory: str | Path) -> None:
     """Write ``arch.json`` and ``model.safetensors`` atomically."""
     directory = Path(directory)
-    model.spec.to_json(directory / "arch.json")
-    atomic_write_bytes(directory / "model.safetensors", state_bytes(model, {"arch": json.dumps(model.spec.to_dict())}))
+    try:
+        # the weights carry their arch as metadata and go first: a kill between the two writes leaves an arch.json
+        # that load_model recognises as stale
+        atomic_write_bytes(directory / "model.safetensors", state_bytes(model, {"arch": json.dumps(model.spec.to_dict())}))
+        model.spec.to_json(directory / "arch.json")
+    except OSError as e:
+        raise BonsaiError(f"{directory}: cannot write the model ({e.strerror or e})") from None
 
 
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -173,7 +181,29 @@ def load_model(directory: str | Path) -> ResNet:
     """Rebuild the exact network saved by :func:`save_model` (no pickle involved)."""
     directory = Path(directory)
     spec = ArchSpec.from_json(directory / "arch.json")
-    model = ResNet(spec)
     weights = directory / "model.safetensors"
-    load_state(model, read_safetensors(weights), str(weights))
+    tensors = read_safetensors(weights)
+    model = ResNet(spec)
+    try:
+        load_state(model, tensors, str(weights))
+    except BonsaiError:
+        # an arch.json written before the weights is a save cut short between the two files (see save_model); one
+        # written after them was edited, and stays an error
+        stored = _stored_arch(weights, spec)
+        if stored is None or (directory / "arch.json").stat().st_mtime_ns > weights.stat().st_mtime_ns:
+            raise
+        log.warning("%s: arch.json is older than model.safetensors (a save was cut short); using the arch stored with the weights", directory)
+        model = ResNet(stored)
+        load_state(model, tensors, str(weights))
     return model.eval()
+
+
+def _stored_arch(weights: Path, spec: ArchSpec) -> ArchSpec | None:
+    """The arch saved inside ``weights``' metadata when it differs from ``spec`` (validated), else None."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = (f.metadata() or {}).get("arch")
+        stored = ArchSpec.from_dict(json.loads(meta), str(weights)) if meta else None
+    except (SafetensorError, OSError, ValueError, BonsaiError):
+        return None
+    return stored if stored is not None and stored != spec else None

@@ -130,7 +130,13 @@ def save_checkpoint(path: Path, model: ResNet, opt: torch.optim.Optimizer, state
             if buf is not None:
                 tensors[f"opt.{names[id(p)]}.momentum_buffer"] = buf.detach().contiguous().cpu()
     meta = {"format": _FORMAT, "arch": json.dumps(model.spec.to_dict()), "state": json.dumps(asdict(state))}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    try:
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+    except OSError as e:
+        raise BonsaiError(
+            f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous one is intact, and "
+            f"`bonsai fit --resume {path.parent}` continues from it"
+        ) from None
 
 
 def read_checkpoint(path: Path) -> tuple[ArchSpec, TrainState, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
