@@ -43,6 +43,14 @@ def write_folder(root: Path, n_train: int = 8, n_test: int = 3, size: int = 16, 
 
 
 @pytest.fixture(autouse=True)
+def _no_report_at_the_end_of_fit(request, monkeypatch):
+    """The end-of-fit HTML report (about 2 s of plotting) is drawn only in tests marked ``report``; the others
+    train dozens of tiny runs and check other things. Subprocess runs (the CLI tests) still write it."""
+    if request.node.get_closest_marker("report") is None:
+        monkeypatch.setattr("bonsai.api.write_report", lambda *a, **k: None)
+
+
+@pytest.fixture(autouse=True)
 def _seed_log_and_cwd(caplog, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # whatever a test writes by default (runs/...) lands in its own tmp dir
     torch.manual_seed(0)

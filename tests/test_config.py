@@ -40,6 +40,7 @@ def test_resolved_defaults_to_20_epochs_only_without_other_stopping_rule():
         ("train.schedule=wavy", "train.schedule must be"),
         ("budget=soon", "use a duration like"),
         ("noequals", "expected key=value"),
+        ("log=tensorboard,wandb", "log: unknown logger wandb"),
     ],
 )
 def test_bad_overrides_name_the_key(item: str, message: str):

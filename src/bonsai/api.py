@@ -34,6 +34,7 @@ from bonsai.errors import BonsaiError, DatasetError, Interrupted
 from bonsai.models.arch import preset
 from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model
 from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_optimizer, predict_probs, read_checkpoint, resolve_device, resolve_precision, restore
+from bonsai.report.html import write_report, write_samples
 from bonsai.report.log import append_jsonl, truncate_jsonl
 from bonsai.train.resources import available_memory, check_disk, fit_batch, run_dir_bytes, train_memory_bytes
 from bonsai.utils import STOP_SIGNALS, atomic_write_text
@@ -252,6 +253,8 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
         _check_same_data(out / "dataset.json", meta)
     atomic_write_text(out / "dataset.json", json.dumps(meta, indent=1) + "\n")
     _config.save_yaml(cfg, out / "config.yaml")
+    if not (out / "samples.png").is_file():
+        _best_effort("the sample images", write_samples, train_split, ds.classes, out / "samples.png", ds.image_size, ds.channels)
 
     spec = preset(cfg.model.arch, len(ds.classes), ds.channels, ds.image_size)
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
@@ -287,7 +290,7 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
 
     engine = Engine(model, cfg, out, train_loader, val_loader, test_loader, device, state=state, opt=opt)
     state = engine.run(progress=progress)
-    return _finish(out, cfg, ds, state, test_loader, device)
+    return _finish(out, cfg, ds, state, val_loader, test_loader, device)
 
 
 def _memory_batch(model: ResNet, cfg: FitConfig, device: torch.device, out: Path, fresh: bool) -> int:
@@ -318,7 +321,15 @@ def _check_same_data(path: Path, meta: dict) -> None:
             raise BonsaiError(f"{path}: the dataset differs from the one this run started with ({key} changed); cannot resume")
 
 
-def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, test_loader: Loader | None, device) -> Run:
+def _best_effort(what: str, fn, *args) -> None:
+    """Run a step whose failure must not lose a finished training run: a warning instead of an error."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - reports and pictures never cost the user the trained model
+        log.warning("could not write %s: %s", what, e)
+
+
+def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loader: Loader, test_loader: Loader | None, device) -> Run:
     """Predict the test set with the best model; write predictions.csv and summary.json."""
     if not (out / "model.safetensors").is_file():
         if state.stop_reason in STOP_SIGNALS:
@@ -349,6 +360,7 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, test_load
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    confusion = {"classes": ds.classes, "val": _confusion(predict_probs(model, val_loader, dtype), val_loader.split.y, len(ds.classes))}
     if test_loader is not None:
         t0 = time.perf_counter()
         probs_t = predict_probs(model, test_loader, dtype)
@@ -358,6 +370,16 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, test_load
         preds.to_csv(out / "predictions.csv")
         if ds.test.y is not None:
             summary["test_acc"] = accuracy(probs_t, ds.test.y)
+            confusion["test"] = _confusion(probs_t, ds.test.y, len(ds.classes))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "confusion.json", json.dumps(confusion) + "\n")
+    if cfg.report:
+        _best_effort("report.html", write_report, out)
     run.summary = summary
     return run
+
+
+def _confusion(probs: torch.Tensor, y: torch.Tensor, n: int) -> list[list[int]]:
+    """counts[true][predicted]"""
+    flat = y.cpu() * n + probs.argmax(1)
+    return torch.bincount(flat, minlength=n * n).reshape(n, n).tolist()

@@ -1,4 +1,4 @@
-"""Command line: ``bonsai fit | predict | info | demo | config``."""
+"""Command line: ``bonsai fit | report | predict | info | demo | config``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ examples:
   bonsai fit data.npz --epochs 30 --arch resnet20 --out runs/r20 lr=0.2
   bonsai fit --resume runs/r20                  # continue an interrupted run
   bonsai predict runs/r20 new_images/ --out preds.csv
+  bonsai report runs/r20                        # runs/r20/report.html: curves, widths, confusion matrix
+  bonsai report runs/a runs/b --out cmp.html    # accuracy vs time of several runs, side by side
 """
 
 
@@ -55,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
     f.add_argument("--prune", action="store_true", help="PruneTrain: prune channels while training (prune.* keys tune it)")
     f.add_argument("--quiet", action="store_true", help="no progress output")
+    f.add_argument("--log", metavar="LOGGERS", help="extra loggers, comma-separated: tensorboard (scalars in RUN/tensorboard/)")
+
+    r = sub.add_parser(
+        "report",
+        help="write a run's HTML report, or compare several runs",
+        description="One RUN: write RUN/report.html (plots and tables from the run directory's files, images inlined: "
+        "it opens offline). Several RUNs: one page overlaying their accuracy-vs-time curves, with a table of final "
+        "accuracy, time, FLOPs and parameters (default bonsai-compare.html).",
+    )
+    r.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    r.add_argument("--out", help="where to write the HTML (default RUN/report.html, or bonsai-compare.html for several runs)")
 
     p = sub.add_parser("predict", help="classify images with a trained run")
     p.add_argument("run", help="a run directory (arch.json + model.safetensors + dataset.json)")
@@ -91,7 +104,7 @@ def _cmd_fit(ns) -> int:
     if len(positional) > 1:
         raise BonsaiError(f"fit takes one DATA path, got {positional}")
     kw = dict(config.parse_override(item) for item in items)  # on top of --config or the resumed run's config
-    flags = {"out": ns.out, "budget": ns.budget, "epochs": ns.epochs, "arch": ns.arch, "seed": ns.seed}
+    flags = {"out": ns.out, "budget": ns.budget, "epochs": ns.epochs, "arch": ns.arch, "seed": ns.seed, "log": ns.log}
     kw.update({k: v for k, v in flags.items() if v is not None})
     if ns.budget is not None and ns.epochs is None:
         kw["epochs"] = None  # a budget replaces the epoch count of a loaded config
@@ -126,6 +139,17 @@ def _print_summary(run) -> None:
     )
     if (run.dir / "predictions.csv").is_file():
         print(f"predictions: {run.dir / 'predictions.csv'}")
+
+
+def _cmd_report(ns) -> int:
+    from bonsai.report.html import write_comparison, write_report
+
+    if len(ns.runs) == 1:
+        path = write_report(ns.runs[0], ns.out)
+    else:
+        path = write_comparison(ns.runs, ns.out or "bonsai-compare.html")
+    print(f"wrote {path}")
+    return 0
 
 
 def _cmd_predict(ns) -> int:
@@ -194,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         ns.args = list(ns.args) + extra
-    commands = {"fit": _cmd_fit, "predict": _cmd_predict, "info": _cmd_info, "demo": _cmd_demo, "config": _cmd_config}
+    commands = {"fit": _cmd_fit, "report": _cmd_report, "predict": _cmd_predict, "info": _cmd_info, "demo": _cmd_demo, "config": _cmd_config}
     try:
         return commands[ns.command](ns)
     except Interrupted as e:

@@ -97,6 +97,8 @@ class FitConfig:
     out: str | None = None  # run directory; None: runs/<dataset>-<time>
     test_each_epoch: bool = True  # report test accuracy per epoch when test labels exist (never used to decide)
     quiet: bool = False  # no progress bar
+    report: bool = True  # write report.html into the run directory at the end of fit
+    log: str = ""  # extra loggers, comma-separated: tensorboard (scalars in RUN/tensorboard/)
 
     def validate(self) -> "FitConfig":
         t, d = self.train, self.data
@@ -132,7 +134,12 @@ class FitConfig:
         _check(p.round_to >= 1, "prune.round_to must be >= 1")
         _check(p.max_batch_scale >= 1, "prune.max_batch_scale must be >= 1")
         _check(self.augment.translate is None or self.augment.translate >= 0, "augment.translate must be >= 0")
+        unknown = sorted(set(self.loggers()) - {"tensorboard"})
+        _check(not unknown, f"log: unknown logger {', '.join(unknown)} (known: tensorboard)")
         return self
+
+    def loggers(self) -> list[str]:
+        return [x.strip() for x in self.log.split(",") if x.strip()]
 
     @property
     def budget_s(self) -> float | None:

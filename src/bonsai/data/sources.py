@@ -122,6 +122,7 @@ class Dataset:
             "test_images": 0 if self.test is None else len(self.test),
             "test_labeled": self.test is not None and self.test.y is not None,
             "skipped_files": len(self.skipped),
+            "class_counts": self.class_counts(),
         }
 
     def describe(self) -> str:

@@ -242,6 +242,15 @@ class Engine:
             self.state.start_flops = self.flops
         self._signal: str | None = None  # "sigint" / "sigterm" once one arrives during run()
         self._cut_short = False  # the signal ended an epoch before its last step
+        self._last_val: float | None = None  # the last epoch's validation accuracy, for the progress bar
+        self.tensorboard = None
+        if "tensorboard" in cfg.loggers():
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise BonsaiError("--log tensorboard needs the tensorboard package: pip install tensorboard") from None
+            # a resumed run drops the scalars of the epochs it is about to replay
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self.state.epoch + 1)
         self.budget = cfg.budget_s
 
     @property
@@ -320,7 +329,12 @@ class Engine:
                         if i % 10 == 0:
                             rate = seen / max(clock.now() - t0, 1e-9)
                             acc = float(correct) / seen
-                            bar.set_postfix_str(f"loss {float(loss.detach()):.3f} acc {acc:.1%} lr {lr:.3f} {rate:.0f} img/s", refresh=False)
+                            val = "" if self._last_val is None else f" val {self._last_val:.1%}"
+                            bar.set_postfix_str(
+                                f"loss {float(loss.detach()):.3f} acc {acc:.1%}{val} lr {lr:.3f} {rate:.0f} img/s "
+                                f"{self.flops / 1e6:.1f}M FLOPs/img",
+                                refresh=False,
+                            )
                     if self._out_of_time(clock):
                         stopped = True
                         break
@@ -434,7 +448,11 @@ class Engine:
         (at most the current epoch's work is lost; ``--resume`` continues) and stops with ``stop_reason``
         ``sigint``/``sigterm``; a second signal acts at once as usual."""
         if threading.current_thread() is not threading.main_thread():
-            return self._run(progress)
+            try:
+                return self._run(progress)
+            finally:
+                if self.tensorboard is not None:
+                    self.tensorboard.close()
         defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
         def on_signal(signum, _frame) -> None:
@@ -449,6 +467,8 @@ class Engine:
         try:
             return self._run(progress)
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             for sig, handler in previous.items():
                 if handler is not None:  # None: a handler not set from Python, which cannot be put back
                     signal.signal(sig, handler)
@@ -603,6 +623,12 @@ class Engine:
                     "widths": self.model.spec.widths(),
                 }
                 append_jsonl(metrics_path, {k: _finite_or_none(v) for k, v in record.items()})
+                self._last_val = val_acc
+                if self.tensorboard is not None:
+                    for k, v in record.items():
+                        if k != "epoch" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                            self.tensorboard.add_scalar(k, v, epoch)
+                    self.tensorboard.flush()
                 if self._reconfigure_due(epoch, planned, clock.now()):
                     self._reconfigure(epoch, progress)
                 st.clock_s = clock.now()

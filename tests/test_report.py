@@ -1,0 +1,154 @@
+"""HTML reports from a run directory (a fixture written by hand: no training), comparisons, the CLI, and what
+fit itself writes for them (samples.png, confusion.json, report.html, TensorBoard scalars)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bonsai.data.sources import Split
+from bonsai.errors import BonsaiError
+from bonsai.models.arch import preset
+from bonsai.report.html import SECTIONS, layer_names, write_comparison, write_report, write_samples
+
+
+def _fixture_run(d: Path, name_widths=(16, 12), val=(0.4, 0.6, 0.7)) -> Path:
+    """A run directory as fit leaves it after 3 epochs with one prune after epoch 2."""
+    d.mkdir(parents=True)
+    spec = preset("resnet8", 3, 3, 16)
+    arch = spec.to_dict()
+    widths0 = spec.widths()
+    widths1 = [name_widths[1] if i == 1 else w for i, w in enumerate(widths0)]
+    classes = ["cat", "dog", "fox"]
+    (d / "dataset.json").write_text(json.dumps({
+        "source": "data", "kind": "folder", "classes": classes, "channels": 3, "image_size": 16, "train_images": 30,
+        "test_images": 9, "test_labeled": True, "skipped_files": 0, "val_images": 6, "train_images_used": 24,
+        "class_counts": [10, 10, 10],
+    }))
+    metrics = []
+    for e in (1, 2, 3):
+        metrics.append({
+            "epoch": e, "train_time_s": 10.0 * e, "clock_s": 11.0 * e, "train_loss": 1.0 / e, "train_acc": 0.3 + 0.1 * e,
+            "val_acc": val[e - 1], "test_acc": val[e - 1] - 0.05, "lr": 0.1 / e, "batch_size": 16 if e < 3 else 24,
+            "images_per_s": 100.0, "flops_per_image": 2e6 if e < 3 else 1.5e6, "params": 5000, "train_flops": 1e9 * e,
+            "widths": widths0 if e < 3 else widths1,
+        })
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    event = {"epoch": 2, "event": "prune", "widths_before": widths0, "widths_after": widths1, "flops_before": 2e6,
+             "flops_after": 1.5e6, "params_after": 4000, "batch_size_before": 16, "batch_size": 24, "peak_lr": 0.1, "removed": {"s1.b1": 4}}
+    (d / "events.jsonl").write_text(json.dumps(event) + "\n")
+    arch["stages"][0]["inner"][0] = name_widths[1]
+    (d / "arch.json").write_text(json.dumps(arch))
+    (d / "summary.json").write_text(json.dumps({
+        "stop_reason": "epochs", "epochs": 3, "best_epoch": 3, "val_acc": val[-1], "test_acc": val[-1] - 0.05,
+        "train_time_s": 30.0, "clock_s": 33.0, "train_flops": 3e9, "flops_per_image": 1.5e6, "params": 4000,
+        "device": "cpu", "precision": "bfloat16", "torch": torch.__version__,
+    }))
+    (d / "confusion.json").write_text(json.dumps({"classes": classes, "val": [[2, 0, 0], [1, 1, 0], [0, 0, 2]], "test": [[3, 0, 0], [0, 2, 1], [0, 1, 2]]}))
+    (d / "config.yaml").write_text("seed: 0\n")
+    x = torch.randint(0, 256, (30, 3, 16, 16), dtype=torch.uint8)
+    write_samples(Split(names=[str(i) for i in range(30)], y=torch.arange(30) % 3, x=x), classes, d / "samples.png", 16, 3)
+    return d
+
+
+def _external_urls(page: str) -> list[str]:
+    return re.findall(r"""(?:src|href)\s*=\s*["']?(?!data:|#)[a-z]+://[^"' >]+|url\(\s*["']?(?!data:)[a-z]+://""", page, re.I)
+
+
+def test_report_is_self_contained_and_has_every_section(tmp_path: Path):
+    run = _fixture_run(tmp_path / "r")
+    path = write_report(run)
+    assert path == run / "report.html"
+    page = path.read_text()
+    for section in SECTIONS:
+        assert f">{section}</h2>" in page, section
+    assert _external_urls(page) == []
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) >= 7  # samples, curves, lr/batch, shape, flops, val and test confusion
+    import base64
+
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
+    assert "FLOPs/image 2.0M -&gt; 1.5M, batch 16 -&gt; 24, removed 4 channels" in page  # the prune event, escaped
+    assert "70.00%" in page and "s1.b1" in page
+
+
+def test_report_with_files_missing_says_so_instead_of_failing(tmp_path: Path):
+    run = _fixture_run(tmp_path / "r")
+    for name in ("confusion.json", "samples.png", "events.jsonl", "arch.json"):
+        (run / name).unlink()
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"epoch": 4, "trunc')  # torn last line
+    page = write_report(run).read_text()
+    assert "no confusion.json" in page and "no arch.json" in page and "no events" in page
+    assert "no compression.json" in page
+
+
+def test_report_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(BonsaiError, match="not a run directory"):
+        write_report(tmp_path)
+
+
+def test_comparison_overlays_runs_and_tabulates_them(tmp_path: Path):
+    a = _fixture_run(tmp_path / "a")
+    b = _fixture_run(tmp_path / "b", val=(0.5, 0.8, 0.9))
+    page = write_comparison([a, b], tmp_path / "cmp.html").read_text()
+    assert "<td>a</td><td>70.00%</td>" in page and "<td>b</td><td>90.00%</td>" in page
+    assert _external_urls(page) == [] and page.count("data:image/png;base64,") == 1
+
+
+def test_report_cli(tmp_path: Path):
+    a = _fixture_run(tmp_path / "a")
+    b = _fixture_run(tmp_path / "b")
+    r = subprocess.run([sys.executable, "-m", "bonsai", "report", str(a)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and (a / "report.html").is_file(), r.stderr
+    r = subprocess.run([sys.executable, "-m", "bonsai", "report", str(a), str(b), "--out", str(tmp_path / "c.html")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and (tmp_path / "c.html").is_file(), r.stderr
+    r = subprocess.run([sys.executable, "-m", "bonsai", "report", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"bonsai: error: {tmp_path / 'nope'}: not a run directory"]
+
+
+def test_layer_names_match_the_widths():
+    spec = preset("resnet20")
+    names = layer_names(spec.to_dict())
+    assert len(names) == len(spec.widths()) and names[:3] == ["stem", "s1.b1.conv1", "s1.b1.conv2"]
+
+
+def test_samples_grid_has_one_row_per_class(tmp_path: Path):
+    from PIL import Image
+
+    x = torch.zeros(12, 1, 8, 8, dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2] * 4)
+    x[y == 1] = 255
+    write_samples(Split(names=[str(i) for i in range(12)], y=y, x=x), ["a", "b", "c"], tmp_path / "s.png", 8, 1, per_class=4)
+    im = np.asarray(Image.open(tmp_path / "s.png"))
+    scale = 48 // 8
+    assert im.shape == (3 * 8 * scale, 4 * 8 * scale)
+    assert (im[8 * scale : 16 * scale] == 255).all() and (im[: 8 * scale] == 0).all()
+
+
+@pytest.mark.report
+def test_fit_writes_report_confusion_samples_and_tensorboard(npz_data: Path, tmp_path: Path):
+    import bonsai
+
+    run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", log="tensorboard")
+    conf = json.loads((run.dir / "confusion.json").read_text())
+    ds = json.loads((run.dir / "dataset.json").read_text())
+    assert sum(map(sum, conf["val"])) == ds["val_images"]
+    assert sum(conf["val"][i][i] for i in range(len(conf["classes"]))) / ds["val_images"] == pytest.approx(run.summary["val_acc"])
+    assert (run.dir / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    page = (run.dir / "report.html").read_text()
+    assert all(f">{s}</h2>" in page for s in SECTIONS)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run.dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val_acc")] == [1, 2]
+    metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in acc.Scalars("train_loss")] == pytest.approx([m["train_loss"] for m in metrics], rel=1e-6)
