@@ -152,3 +152,19 @@ def test_fit_writes_report_confusion_samples_and_tensorboard(npz_data: Path, tmp
     assert [e.step for e in acc.Scalars("val_acc")] == [1, 2]
     metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in acc.Scalars("train_loss")] == pytest.approx([m["train_loss"] for m in metrics], rel=1e-6)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(__import__("bonsai.report.browser", fromlist=["x"]).find_chromium() is None, reason="no chromium installed")
+def test_report_renders_in_headless_chromium(tmp_path: Path):
+    from PIL import Image
+
+    from bonsai.report.browser import decoded_images, screenshot
+
+    page = write_report(_fixture_run(tmp_path / "r"))
+    total, decoded = decoded_images(page)
+    assert total >= 7 and decoded == total  # every inlined figure decodes, offline
+    png = screenshot(page, tmp_path / "shot.png", width=1000, height=3000)
+    im = np.asarray(Image.open(png).convert("L"))
+    assert im.shape == (3000, 1000)
+    assert im.std() > 20 and (im < 100).mean() > 0.01  # text and figures were drawn, not a blank page

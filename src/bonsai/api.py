@@ -288,9 +288,26 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     val_loader = Loader(val_split, cfg.train.eval_batch_size, **common)
     test_loader = Loader(ds.test, cfg.train.eval_batch_size, **common) if ds.test is not None else None
 
-    engine = Engine(model, cfg, out, train_loader, val_loader, test_loader, device, state=state, opt=opt)
+    teacher = _teacher(cfg, ds, device)
+    engine = Engine(model, cfg, out, train_loader, val_loader, test_loader, device, state=state, opt=opt, teacher=teacher)
     state = engine.run(progress=progress)
     return _finish(out, cfg, ds, state, val_loader, test_loader, device)
+
+
+def _teacher(cfg: FitConfig, ds: Dataset, device: torch.device) -> ResNet | None:
+    """The distillation teacher named by distill.teacher (a run directory or exported model), frozen."""
+    if cfg.distill.teacher is None:
+        return None
+    teacher = Run(cfg.distill.teacher)
+    if teacher.classes != ds.classes or teacher.channels != ds.channels:
+        raise BonsaiError(
+            f"{cfg.distill.teacher}: the teacher predicts {len(teacher.classes)} classes from {teacher.channels}-channel "
+            f"images; this dataset has {len(ds.classes)} classes ({ds.channels} channels) and they must match, names included"
+        )
+    model = teacher.model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
 
 
 def _memory_batch(model: ResNet, cfg: FitConfig, device: torch.device, out: Path, fresh: bool) -> int:

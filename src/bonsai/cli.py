@@ -1,4 +1,4 @@
-"""Command line: ``bonsai fit | report | predict | info | demo | config``."""
+"""Command line: ``bonsai fit | report | export | compress | predict | info | demo | config``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
     f.add_argument("--prune", action="store_true", help="PruneTrain: prune channels while training (prune.* keys tune it)")
     f.add_argument("--quiet", action="store_true", help="no progress output")
+    f.add_argument("--teacher", metavar="RUN", help="distill: also learn this run's soft targets (distill.* keys tune it)")
     f.add_argument("--log", metavar="LOGGERS", help="extra loggers, comma-separated: tensorboard (scalars in RUN/tensorboard/)")
 
     r = sub.add_parser(
@@ -68,6 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     r.add_argument("--out", help="where to write the HTML (default RUN/report.html, or bonsai-compare.html for several runs)")
+    r.add_argument("--screenshot", metavar="PNG", help="also save the page as headless Chromium draws it (needs chromium)")
+
+    x = sub.add_parser("export", help="export a run's best model: ONNX + arch.json + model.safetensors")
+    x.add_argument("run", help="a run directory")
+    x.add_argument("--out", required=True, help="folder for model.onnx, arch.json, model.safetensors, dataset.json")
+
+    k = sub.add_parser(
+        "compress",
+        help="int8-quantize and Huffman-code a run's model, measuring size, latency and accuracy",
+        description="The run's best model through PyTorch fp32 -> ONNX fp32 -> ONNX int8 -> int8 + Huffman, each "
+        "measured on this CPU (size on disk, batch-1/64 latency, validation and test accuracy on the run's own "
+        "split). Writes RUN/compressed/ and RUN/compression.json.",
+    )
+    k.add_argument("run", help="a run directory")
+    k.add_argument("--data", help="the dataset (default: data.path from the run's config.yaml)")
+    k.add_argument("--calibration", type=int, default=512, help="training images used to calibrate int8 ranges (default 512)")
+    k.add_argument("--out", help="folder for the artifacts (default RUN/compressed)")
 
     p = sub.add_parser("predict", help="classify images with a trained run")
     p.add_argument("run", help="a run directory (arch.json + model.safetensors + dataset.json)")
@@ -104,7 +122,7 @@ def _cmd_fit(ns) -> int:
     if len(positional) > 1:
         raise BonsaiError(f"fit takes one DATA path, got {positional}")
     kw = dict(config.parse_override(item) for item in items)  # on top of --config or the resumed run's config
-    flags = {"out": ns.out, "budget": ns.budget, "epochs": ns.epochs, "arch": ns.arch, "seed": ns.seed, "log": ns.log}
+    flags = {"out": ns.out, "budget": ns.budget, "epochs": ns.epochs, "arch": ns.arch, "seed": ns.seed, "log": ns.log, "distill.teacher": ns.teacher}
     kw.update({k: v for k, v in flags.items() if v is not None})
     if ns.budget is not None and ns.epochs is None:
         kw["epochs"] = None  # a budget replaces the epoch count of a loaded config
@@ -149,6 +167,32 @@ def _cmd_report(ns) -> int:
     else:
         path = write_comparison(ns.runs, ns.out or "bonsai-compare.html")
     print(f"wrote {path}")
+    if ns.screenshot:
+        from bonsai.report.browser import decoded_images, screenshot
+
+        total, ok = decoded_images(path)
+        print(f"wrote {screenshot(path, ns.screenshot)} (Chromium decoded {ok} of {total} images)")
+    return 0
+
+
+def _cmd_export(ns) -> int:
+    from bonsai.compress.pipeline import export
+
+    r = export(ns.run, ns.out)
+    print(f"wrote {ns.out}: model.onnx (opset {r['opset']}, dynamic batch), arch.json, model.safetensors, dataset.json")
+    print(f"onnxruntime vs PyTorch: max abs logit difference {r['max_abs_logit_diff']:.2e}")
+    return 0
+
+
+def _cmd_compress(ns) -> int:
+    from bonsai.compress.pipeline import compress
+
+    r = compress(ns.run, ns.data, ns.calibration, ns.out)
+    print(f"{'stage':22s} {'size':>10s} {'val acc':>8s} {'test acc':>8s} {'b1 ms':>7s} {'b64 ms':>7s}")
+    for st in r["stages"]:
+        test = "-" if st["test_acc"] is None else f"{st['test_acc']:.2%}"
+        print(f"{st['stage']:22s} {st['size_bytes'] / 1024:8.1f}KB {st['val_acc']:8.2%} {test:>8s} {st['latency_b1_ms']:7.2f} {st['latency_b64_ms']:7.1f}")
+    print(f"{r['size_reduction_vs_fp32']}x smaller than model.safetensors; wrote {Path(ns.run) / 'compression.json'}")
     return 0
 
 
@@ -218,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         ns.args = list(ns.args) + extra
-    commands = {"fit": _cmd_fit, "report": _cmd_report, "predict": _cmd_predict, "info": _cmd_info, "demo": _cmd_demo, "config": _cmd_config}
+    commands = {"fit": _cmd_fit, "report": _cmd_report, "export": _cmd_export, "compress": _cmd_compress, "predict": _cmd_predict, "info": _cmd_info, "demo": _cmd_demo, "config": _cmd_config}
     try:
         return commands[ns.command](ns)
     except Interrupted as e:

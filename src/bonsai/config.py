@@ -87,12 +87,20 @@ class PruneConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str | None = None  # a run directory (or exported model) whose soft targets the student learns too
+    temperature: float = 4.0  # softens both networks' outputs; the soft loss is scaled by T^2 (Hinton et al.)
+    alpha: float = 0.5  # weight of the soft-target loss; the labels' cross-entropy gets 1 - alpha
+
+
+@dataclass
 class FitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     out: str | None = None  # run directory; None: runs/<dataset>-<time>
     test_each_epoch: bool = True  # report test accuracy per epoch when test labels exist (never used to decide)
@@ -134,6 +142,8 @@ class FitConfig:
         _check(p.round_to >= 1, "prune.round_to must be >= 1")
         _check(p.max_batch_scale >= 1, "prune.max_batch_scale must be >= 1")
         _check(self.augment.translate is None or self.augment.translate >= 0, "augment.translate must be >= 0")
+        _check(self.distill.temperature > 0, "distill.temperature must be > 0")
+        _check(0 <= self.distill.alpha <= 1, "distill.alpha must be in [0, 1]")
         unknown = sorted(set(self.loggers()) - {"tensorboard"})
         _check(not unknown, f"log: unknown logger {', '.join(unknown)} (known: tensorboard)")
         return self

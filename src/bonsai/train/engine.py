@@ -26,6 +26,7 @@ from bonsai.models.resnet import ResNet, count_flops, count_params, load_state, 
 from bonsai.report.log import append_jsonl
 from bonsai.surgery.channels import channel_groups, remove_channels_
 from bonsai.surgery.prune import GroupLasso, plan_keep
+from bonsai.train.distill import distillation_loss
 from bonsai.train.schedule import Clock, lr_factor
 from bonsai.utils import atomic_write_bytes
 
@@ -221,6 +222,7 @@ class Engine:
         device: torch.device,
         state: TrainState | None = None,
         opt: torch.optim.Optimizer | None = None,
+        teacher: nn.Module | None = None,
     ):
         self.model, self.cfg, self.run_dir = model, cfg, run_dir
         self.train_loader, self.val_loader, self.test_loader = train, val, test
@@ -237,6 +239,8 @@ class Engine:
         if self.state.batch_size is not None:
             train.batch_size = self.state.batch_size
         self.flops = count_flops(model.spec)
+        self.teacher = teacher  # distillation: its soft targets join the loss; its forward passes count as FLOPs
+        self.teacher_flops = 0 if teacher is None else count_flops(teacher.spec, model.spec.image_size)
         self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda, cfg.prune.weighting) if cfg.prune.enabled else None
         if self.state.start_flops is None:
             self.state.start_flops = self.flops
@@ -295,7 +299,13 @@ class Engine:
                         g["lr"] = lr
                     with autocast(self.device, self.dtype):
                         logits = self.step_fn(xb)
-                        loss = F.cross_entropy(logits.float(), yb, label_smoothing=smoothing)
+                        if self.teacher is None:
+                            loss = F.cross_entropy(logits.float(), yb, label_smoothing=smoothing)
+                        else:
+                            with torch.no_grad():
+                                soft = self.teacher(xb).float()
+                            d = self.cfg.distill
+                            loss = distillation_loss(logits.float(), soft, yb, d.temperature, d.alpha, smoothing)
                     if not bool(torch.isfinite(loss)):
                         raise Diverged(f"loss {float(loss.detach())} at step {st.step + 1}")
                     opt.zero_grad(set_to_none=True)
@@ -323,7 +333,7 @@ class Engine:
                     seen += n
                     st.step += 1
                     st.images_seen += n
-                    st.train_flops += 3.0 * self.flops * n
+                    st.train_flops += (3.0 * self.flops + self.teacher_flops) * n
                     if bar is not None:
                         bar.update(1)
                         if i % 10 == 0:

@@ -1,0 +1,104 @@
+"""Deep Compression's chain on CIFAR-10 models: dense fp32 -> pruned -> int8 -> + Huffman, each stage measured.
+
+    python benchmarks/compress.py [--dense RUN] [--pruned RUN] [--repeats 20]
+
+The inputs are run directories of `benchmarks/prunetrain.py` (full CIFAR-10, 10 epochs; defaults: the resnet32
+dense run, and the resnet32 run pruned at LPR 0.5). Each run goes through `bonsai compress` (PyTorch fp32, ONNX
+fp32, ONNX int8 with per-channel weights calibrated on 512 training images, int8 + Huffman), which measures size
+on disk, batch-1 and batch-64 latency (median of --repeats calls, onnxruntime / PyTorch on this CPU's 2 cores),
+and validation and test accuracy. Summary:
+- size_reduction: dense fp32 `model.safetensors` size / pruned int8 + Huffman size (x);
+- acc_drop_points: dense fp32 test accuracy - pruned int8 + Huffman test accuracy (points);
+- int8_latency_ratio: int8 / fp32 batch-64 latency in onnxruntime, for the pruned model (and the dense one).
+Writes benchmarks/results/compress.json and compress.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, portable, write_result  # noqa: E402
+
+RUNS = Path(__file__).resolve().parent / "runs"
+
+
+def plot(chains: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    labels, sizes, lat, acc = [], [], [], []
+    for name, stages in chains.items():
+        for s in stages:
+            labels.append(f"{name}\n{s['stage']}")
+            sizes.append(s["size_bytes"] / 1024)
+            lat.append(s["latency_b64_ms"])
+            acc.append(100 * s["test_acc"])
+    colors = ["tab:blue"] * len(chains["dense"]) + ["tab:green"] * (len(labels) - len(chains["dense"]))
+    for ax, values, title in ((axes[0], sizes, "size on disk (KB, log)"), (axes[1], lat, "batch-64 latency (ms)"), (axes[2], acc, "test accuracy (%)")):
+        ax.barh(range(len(labels)), values, color=colors)
+        ax.set_yticks(range(len(labels)), labels if ax is axes[0] else [""] * len(labels), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(title)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
+    axes[0].set_xscale("log")
+    axes[2].set_xlim(min(acc) - 5, max(acc) + 3)
+    fig.suptitle("bonsai compress on CIFAR-10: dense resnet32 (blue) and pruned resnet32 (green)")
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dense", default=str(RUNS / "prunetrain_resnet32_dense"))
+    ap.add_argument("--pruned", default=str(RUNS / "prunetrain_resnet32_pruned_lpr0.5"))
+    ap.add_argument("--calibration", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    for d in (args.dense, args.pruned):
+        if not (Path(d) / "model.safetensors").is_file():
+            raise SystemExit(f"{d}: no trained run; run benchmarks/prunetrain.py first (see its --lpr)")
+
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from bonsai.compress.pipeline import compress
+
+    t0 = time.time()
+    records = {name: compress(d, calibration=args.calibration, repeats=args.repeats) for name, d in (("dense", args.dense), ("pruned", args.pruned))}
+    chains = {k: r["stages"] for k, r in records.items()}
+    dense_fp32, dense_onnx = chains["dense"][0], chains["dense"][1]
+    final = chains["pruned"][-1]
+    summary = {
+        "size_reduction": round(dense_fp32["size_bytes"] / final["size_bytes"], 2),
+        "acc_drop_points": round(100 * (dense_fp32["test_acc"] - final["test_acc"]), 2),
+        "int8_latency_ratio": round(chains["pruned"][2]["latency_b64_ms"] / chains["pruned"][1]["latency_b64_ms"], 3),
+        "int8_latency_ratio_dense": round(chains["dense"][2]["latency_b64_ms"] / dense_onnx["latency_b64_ms"], 3),
+        "dense_fp32_test_acc": dense_fp32["test_acc"],
+        "final_test_acc": final["test_acc"],
+        "dense_fp32_bytes": dense_fp32["size_bytes"],
+        "final_bytes": final["size_bytes"],
+        "int8_quantization_test_acc_drop_points_pruned": round(100 * (chains["pruned"][1]["test_acc"] - chains["pruned"][2]["test_acc"]), 2),
+        "targets": {"size_reduction": ">= 20", "acc_drop_points": "<= 1", "int8_latency_ratio": "<= 0.5"},
+        "wall_s": round(time.time() - t0, 1),
+    }
+    summary["targets_met"] = {
+        "size_reduction": summary["size_reduction"] >= 20,
+        "acc_drop_points": summary["acc_drop_points"] <= 1,
+        "int8_latency_ratio": summary["int8_latency_ratio"] <= 0.5,
+    }
+    details = {k: {kk: vv for kk, vv in r.items() if kk != "run"} | {"run": portable([r["run"]])} for k, r in records.items()}
+    out = write_result("compress", summary, details, portable([Path(sys.executable).name, *sys.argv]))
+    plot(chains, RESULTS / "compress.png")
+    print(summary)
+    print(f"wrote {out} and {RESULTS / 'compress.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""ONNX export with an onnxruntime parity check, int8 post-training quantization, and a Huffman-packed int8 model.
+
+- **Export**: ``torch.onnx.export`` (the dynamo exporter, opset 20) of the network in eval mode, with a dynamic
+  batch axis. The input is raw uint8 pixels, NCHW, as for ``bonsai predict``: normalization is part of the graph.
+  The exporter's optimizer folds each BatchNorm into the conv before it.
+- **int8**: onnxruntime's static quantization in QDQ format: per-channel symmetric int8 weights, per-tensor uint8
+  activations with ranges calibrated (min/max) on a sample of training images. onnxruntime runs the QDQ pairs
+  around each conv as integer kernels (VNNI/AMX where the CPU has them).
+- **Huffman**: every int8 weight tensor of the quantized model is Huffman-coded (``bonsai.compress.huffman``); the
+  rest of the model (graph, scales, biases) is stored as is. ``unpack_onnx`` restores the model bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import struct
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bonsai.compress.huffman import decode, encode
+from bonsai.errors import BonsaiError
+from bonsai.models.resnet import ResNet
+
+OPSET = 20
+_PACK_MAGIC = b"BONSAI-ONNX-HUF1"
+
+
+def _need_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise BonsaiError("export needs onnx and onnxruntime: pip install 'bonsai[export]'") from None
+
+
+def export_onnx(model: ResNet, path: str | Path) -> Path:
+    """Write ``model`` as ONNX (uint8 NCHW input ``images``, dynamic batch; output ``logits``)."""
+    _need_onnx()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = model.spec
+    m = ResNet(spec)
+    m.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    m.eval()
+    x = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            m, (x,), str(tmp), input_names=["images"], output_names=["logits"], opset_version=OPSET,
+            dynamic_shapes={"x": {0: batch}}, dynamo=True, optimize=True, verbose=False, external_data=False,
+        )
+    tmp.replace(path)
+    return path
+
+
+def session(path: str | Path | bytes, threads: int | None = None):
+    """An onnxruntime CPU session for a model file (or its bytes)."""
+    _need_onnx()
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(sess, x: np.ndarray | torch.Tensor, batch: int = 256) -> np.ndarray:
+    """Logits for uint8 NCHW images, in batches."""
+    x = x.numpy() if isinstance(x, torch.Tensor) else x
+    x = np.ascontiguousarray(x, dtype=np.uint8)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]) if len(x) else np.zeros((0, 0))
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray | torch.Tensor, batch: int = 64) -> Path:
+    """Static int8 quantization (QDQ, per-channel weights) calibrated on ``calibration`` (uint8 NCHW images)."""
+    _need_onnx()
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    x = calibration.numpy() if isinstance(calibration, torch.Tensor) else np.asarray(calibration)
+    if len(x) == 0:
+        raise BonsaiError("int8 quantization needs calibration images; none were given")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"images": np.ascontiguousarray(x[i : i + batch], dtype=np.uint8)} for i in range(0, len(x), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        quantize_static(
+            str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+    tmp.replace(out_path)
+    return out_path
+
+
+# ---- Huffman packing of an int8 ONNX model ---------------------------------------------------------------------
+
+
+def pack_onnx(model_path: str | Path) -> tuple[bytes, dict]:
+    """The quantized model with every int8/uint8 initializer Huffman-coded; returns (packed bytes, statistics)."""
+    _need_onnx()
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    entries, blobs, n_values, coded_bytes = [], [], 0, 0
+    for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and init.data_location != onnx.TensorProto.EXTERNAL:
+            arr = numpy_helper.to_array(init)
+            blob = encode(arr)
+            if len(blob) >= arr.nbytes:  # small tensors (zero points, scalars) cost less stored as they are
+                continue
+            entries.append({"name": init.name, "dtype": str(arr.dtype), "shape": list(arr.shape), "bytes": len(blob)})
+            blobs.append(blob)
+            n_values += arr.size
+            coded_bytes += len(blob)
+            init.ClearField("raw_data")
+            init.ClearField("int32_data")
+    graph = model.SerializeToString()
+    header = json.dumps({"tensors": entries, "graph_bytes": len(graph)}).encode()
+    packed = _PACK_MAGIC + struct.pack("<Q", len(header)) + header + b"".join(blobs) + graph
+    stats = {"huffman_values": n_values, "huffman_bytes": coded_bytes, "bits_per_weight": 8 * (coded_bytes - 268 * len(blobs)) / max(n_values, 1)}
+    return packed, stats
+
+
+def unpack_onnx(packed: bytes, source: str = "packed model") -> bytes:
+    """The ONNX model bytes that :func:`pack_onnx` packed, with every coded tensor restored exactly."""
+    _need_onnx()
+    import onnx
+    from onnx import numpy_helper
+
+    if not packed.startswith(_PACK_MAGIC):
+        raise BonsaiError(f"{source}: not a Huffman-packed bonsai ONNX model")
+    try:
+        (n,) = struct.unpack_from("<Q", packed, len(_PACK_MAGIC))
+        start = len(_PACK_MAGIC) + 8
+        header = json.loads(packed[start : start + n])
+        pos = start + n
+        arrays = {}
+        for e in header["tensors"]:
+            values = decode(packed[pos : pos + e["bytes"]])
+            arrays[e["name"]] = values.view(np.dtype(e["dtype"])).reshape(e["shape"])
+            pos += e["bytes"]
+        model = onnx.ModelProto()
+        model.ParseFromString(packed[pos : pos + header["graph_bytes"]])
+    except (ValueError, KeyError, struct.error, TypeError) as e:
+        raise BonsaiError(f"{source}: damaged ({e})") from None
+    for i, init in enumerate(model.graph.initializer):
+        if init.name in arrays:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+    return model.SerializeToString()
+
+
+def latency_ms(run_batch, batch: int, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time (ms) of ``run_batch(batch)`` over ``repeats`` calls after ``warmup``."""
+    for _ in range(warmup):
+        run_batch(batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_batch(batch)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))

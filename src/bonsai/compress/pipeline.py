@@ -1,0 +1,159 @@
+"""``bonsai compress RUN`` and ``bonsai export RUN``: the run's best model through the compression stages, each
+measured on this CPU (size on disk, parameters, FLOPs, batch-1 and batch-64 latency, validation and test accuracy),
+recorded in ``RUN/compression.json``.
+
+Stages: the PyTorch fp32 model (``model.safetensors``), its ONNX export, the int8-quantized ONNX model, and the
+Huffman-packed int8 model (restored bit for bit before it is scored). The validation images are the ones the run
+held out (same split, same seed); calibration uses training images only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bonsai.compress import onnx_export as ox
+from bonsai.errors import BonsaiError
+from bonsai.models.resnet import count_flops, count_params
+from bonsai.utils import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger("bonsai")
+
+
+def _images(split, size: int, channels: int) -> torch.Tensor:
+    """uint8 NCHW pixels of a split, decoding its files when it streams."""
+    if split.x is not None:
+        return split.x
+    from bonsai.data.sources import read_files
+
+    decoded, bad = read_files(split.files, None, size, channels)
+    if bad:
+        raise BonsaiError(f"{bad[0][0]}: unreadable while compressing ({bad[0][1]})")
+    return decoded.x
+
+
+def _data(run, data: str | Path | None):
+    """(calibration candidates, val images, val labels, test images, test labels or None) as the run saw them."""
+    from bonsai import api, config
+    from bonsai.data.sources import split_validation
+
+    cfg_path = run.dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise BonsaiError(f"{run.dir}: no config.yaml; cannot tell which data the run used")
+    cfg = config.load_yaml(cfg_path)
+    cfg.data.image_size = run.image_size
+    source = data or cfg.data.path
+    if source is None:
+        raise BonsaiError(f"{cfg_path}: names no data.path; give the dataset with --data")
+    ds = api.read_dataset(source, cfg)
+    if ds.classes != run.classes:
+        raise BonsaiError(f"{source}: its classes differ from the run's ({len(ds.classes)} vs {len(run.classes)})")
+    tr, va = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed)
+    x = _images(ds.train, run.image_size, run.channels)
+    test = None
+    if ds.test is not None and ds.test.y is not None:
+        test = (_images(ds.test, run.image_size, run.channels), ds.test.y)
+    tr_t, va_t = torch.as_tensor(tr), torch.as_tensor(va)
+    return x[tr_t], x[va_t], ds.train.y[va_t], test, cfg.seed
+
+
+def _acc(logits: np.ndarray, y: torch.Tensor) -> float:
+    return float((torch.as_tensor(logits).argmax(1) == y).float().mean())
+
+
+@torch.no_grad()
+def _torch_logits(model, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
+
+
+def _measure(name: str, file: Path, logits_fn, val, test, params: int, flops: int, repeats: int) -> dict:
+    xv, yv = val
+    row = {
+        "stage": name,
+        "file": file.name,
+        "size_bytes": file.stat().st_size,
+        "params": params,
+        "flops_per_image": flops,
+        "val_acc": _acc(logits_fn(xv), yv),
+        "test_acc": None if test is None else _acc(logits_fn(test[0]), test[1]),
+    }
+    for b in (1, 64):
+        sample = xv[:b] if len(xv) >= b else xv[torch.arange(b) % len(xv)]
+        row[f"latency_b{b}_ms"] = round(ox.latency_ms(lambda _b, s=sample: logits_fn(s), b, repeats=repeats), 3)
+    log.info("%-22s %8.1f KB  val %.2f%%  b1 %.2f ms  b64 %.1f ms", name, row["size_bytes"] / 1024, 100 * row["val_acc"], row["latency_b1_ms"], row["latency_b64_ms"])
+    return row
+
+
+def compress(run_dir: str | Path, data: str | Path | None = None, calibration: int = 512, out: str | Path | None = None, repeats: int = 20) -> dict:
+    """Run every stage on ``run_dir``'s best model; write the artifacts to ``out`` (default RUN/compressed) and
+    ``RUN/compression.json``; return the record."""
+    from bonsai.api import load
+
+    run = load(run_dir)
+    out = Path(out) if out else run.dir / "compressed"
+    out.mkdir(parents=True, exist_ok=True)
+    train_x, xv, yv, test, seed = _data(run, data)
+    g = torch.Generator().manual_seed(seed)
+    calib = train_x[torch.randperm(len(train_x), generator=g)[:calibration]]
+    model = run.model.float().eval()
+    torch.set_grad_enabled(False)
+    params, flops = count_params(model), count_flops(model.spec)
+    val = (xv, yv)
+    stages = [_measure("PyTorch fp32", run.dir / "model.safetensors", lambda x: _torch_logits(model, x), val, test, params, flops, repeats)]
+
+    fp32 = ox.export_onnx(model, out / "model.onnx")
+    s32 = ox.session(fp32)
+    parity = float(np.abs(ox.ort_logits(s32, xv[:256]) - _torch_logits(model, xv[:256])).max())
+    stages.append(_measure("ONNX fp32", fp32, lambda x: ox.ort_logits(s32, x), val, test, params, flops, repeats))
+
+    int8 = ox.quantize_int8(fp32, out / "model.int8.onnx", calib)
+    s8 = ox.session(int8)
+    stages.append(_measure("ONNX int8", int8, lambda x: ox.ort_logits(s8, x), val, test, params, flops, repeats))
+
+    packed, stats = ox.pack_onnx(int8)
+    packed_path = out / "model.int8.bhf"
+    atomic_write_bytes(packed_path, packed)
+    restored = ox.unpack_onnx(packed_path.read_bytes(), str(packed_path))
+    sh = ox.session(restored)
+    stages.append(_measure("ONNX int8 + Huffman", packed_path, lambda x: ox.ort_logits(sh, x), val, test, params, flops, repeats))
+
+    base = stages[0]
+    record = {
+        "run": str(run.dir),
+        "calibration_images": len(calib),
+        "onnx_parity_max_abs_logit_diff": parity,
+        "huffman": stats,
+        "stages": stages,
+        "size_reduction_vs_fp32": round(base["size_bytes"] / stages[-1]["size_bytes"], 2),
+        "val_acc_drop_points": round(100 * (base["val_acc"] - stages[-1]["val_acc"]), 2),
+        "int8_latency_ratio_b64": round(stages[2]["latency_b64_ms"] / stages[1]["latency_b64_ms"], 3),
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(run.dir / "compression.json", json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def export(run_dir: str | Path, out: str | Path) -> dict:
+    """An exported model folder: ``model.onnx`` plus the native ``arch.json`` + ``model.safetensors`` and the
+    ``dataset.json`` that ``bonsai predict`` reads. Returns the onnxruntime parity figures."""
+    from bonsai.api import load
+
+    run = load(run_dir)
+    out = Path(out)
+    if out.resolve() == run.dir.resolve():
+        raise BonsaiError(f"{out}: export into a different folder than the run")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("arch.json", "model.safetensors", "dataset.json"):
+        shutil.copyfile(run.dir / name, out / name)
+    model = run.model.float().eval()
+    path = ox.export_onnx(model, out / "model.onnx")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, run.channels, run.image_size, run.image_size), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        diff = float(np.abs(ox.ort_logits(ox.session(path), x) - model(x).numpy()).max())
+    return {"onnx": str(path), "max_abs_logit_diff": diff, "opset": ox.OPSET}

@@ -1,0 +1,142 @@
+"""Compression: Huffman coding (exact), ONNX export parity, int8 quantization, packing, and the compress command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bonsai.compress.huffman import MAX_BITS, bits_per_value, canonical_codes, code_lengths, decode, encode
+from bonsai.errors import BonsaiError
+from bonsai.models.arch import preset
+from bonsai.models.resnet import build
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.zeros(0, np.uint8),
+        np.full(1, 7, np.uint8),
+        np.full(1000, 200, np.uint8),  # one repeated value
+        np.arange(256, dtype=np.uint8),  # every symbol once
+        np.array([0, 255] * 50, np.uint8),
+        np.clip(np.random.default_rng(0).normal(0, 12, 20000), -127, 127).astype(np.int8),
+        np.random.default_rng(1).integers(-128, 128, (3, 5, 7), dtype=np.int8),
+    ],
+    ids=["empty", "one", "repeated", "all-256", "two", "int8-normal", "int8-uniform-3d"],
+)
+def test_huffman_round_trip_is_bit_exact(values: np.ndarray):
+    blob = encode(values)
+    out = decode(blob).view(values.dtype).reshape(values.shape)
+    assert out.dtype == values.dtype and np.array_equal(out, values)
+
+
+def test_huffman_beats_8_bits_on_peaked_weights_and_codes_are_prefix_free():
+    v = np.clip(np.random.default_rng(0).laplace(0, 4, 50000), -127, 127).astype(np.int8)
+    blob = encode(v)
+    assert bits_per_value(blob) < 5.5
+    lengths = code_lengths(np.bincount(v.view(np.uint8), minlength=256))
+    assert sum(2.0 ** -int(L) for L in lengths if L) == pytest.approx(1.0)  # Kraft: a complete prefix code
+    codes = canonical_codes(lengths)
+    words = [format(int(codes[s]), f"0{int(lengths[s])}b") for s in np.flatnonzero(lengths)]
+    assert not any(a != b and b.startswith(a) for a in words for b in words)
+
+
+def test_huffman_lengths_are_limited_on_fibonacci_counts():
+    fib = [1, 1]
+    while len(fib) < 30:
+        fib.append(fib[-1] + fib[-2])
+    counts = np.zeros(256, np.int64)
+    counts[:30] = fib  # an unlimited Huffman tree would be 29 levels deep
+    lengths = code_lengths(counts)
+    assert lengths.max() == MAX_BITS and (lengths[:30] > 0).all()
+    values = np.repeat(np.arange(30, dtype=np.uint8), np.minimum(fib, 500))
+    assert np.array_equal(decode(encode(values)), values)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:10], lambda b: b"XXXX" + b[4:], lambda b: b[: len(b) - 3]])
+def test_damaged_huffman_blob_is_a_clear_error(damage):
+    blob = encode(np.random.default_rng(0).integers(0, 50, 5000).astype(np.uint8))
+    with pytest.raises(BonsaiError, match="Huffman blob"):
+        decode(damage(blob))
+
+
+# ---- ONNX ------------------------------------------------------------------------------------------------------
+
+pytest.importorskip("onnxruntime")
+
+
+def _trained_tiny():
+    torch.manual_seed(0)
+    model = build(preset("resnet8", 3, 3, 16), zero_init_residual=False)
+    x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():  # non-trivial BN statistics, so that folding them into the convs is exercised
+        model.train()
+        for i in range(0, 64, 16):
+            model(x[i : i + 16])
+    return model.eval(), x
+
+
+def test_onnx_export_matches_pytorch_at_any_batch(tmp_path: Path):
+    from bonsai.compress.onnx_export import export_onnx, ort_logits, session
+
+    model, x = _trained_tiny()
+    sess = session(export_onnx(model, tmp_path / "m.onnx"))
+    assert sess.get_inputs()[0].type == "tensor(uint8)"
+    for n in (1, 7, 64):
+        with torch.no_grad():
+            ref = model(x[:n]).numpy()
+        assert np.abs(ort_logits(sess, x[:n]) - ref).max() < 1e-4
+
+
+def test_int8_model_is_close_to_float_and_huffman_packing_restores_it_exactly(tmp_path: Path):
+    import onnx
+    from onnx import numpy_helper
+
+    from bonsai.compress.onnx_export import export_onnx, ort_logits, pack_onnx, quantize_int8, session, unpack_onnx
+
+    model, x = _trained_tiny()
+    fp32 = export_onnx(model, tmp_path / "m.onnx")
+    int8 = quantize_int8(fp32, tmp_path / "m8.onnx", x[:48])
+    ref, q = ort_logits(session(fp32), x), ort_logits(session(int8), x)
+    assert np.abs(q - ref).mean() < 0.1 * ref.std()  # int8 error well under the spread of the logits
+    assert (q.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(int8)).graph.initializer}
+    assert sum(a.dtype == np.int8 for a in inits.values()) >= 8  # every conv and the head: int8 weights
+    assert int8.stat().st_size < 0.45 * fp32.stat().st_size
+
+    packed, stats = pack_onnx(int8)
+    assert len(packed) < int8.stat().st_size and 0 < stats["bits_per_weight"] < 8
+    restored = unpack_onnx(packed)
+    back = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(restored).graph.initializer}
+    assert back.keys() == inits.keys() and all(np.array_equal(back[k], inits[k]) and back[k].dtype == inits[k].dtype for k in inits)
+    assert np.array_equal(ort_logits(session(restored), x), q)
+    with pytest.raises(BonsaiError, match="not a Huffman-packed"):
+        unpack_onnx(b"nonsense")
+
+
+@pytest.mark.report
+def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
+    import bonsai
+    from bonsai.cli import main
+    from bonsai.compress.pipeline import compress
+
+    run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
+    record = compress(run.dir, calibration=32, repeats=2)
+    assert [s["stage"] for s in record["stages"]] == ["PyTorch fp32", "ONNX fp32", "ONNX int8", "ONNX int8 + Huffman"]
+    sizes = [s["size_bytes"] for s in record["stages"]]
+    assert sizes[2] < sizes[1] and sizes[3] < sizes[2]
+    assert record["onnx_parity_max_abs_logit_diff"] < 1e-3
+    assert record["stages"][1]["val_acc"] == record["stages"][0]["val_acc"]
+    assert record["stages"][3]["val_acc"] == record["stages"][2]["val_acc"]  # packing is lossless
+    assert all(s["latency_b1_ms"] > 0 and s["latency_b64_ms"] > 0 and s["test_acc"] is not None for s in record["stages"])
+    assert json.loads((run.dir / "compression.json").read_text())["stages"][3]["file"] == "model.int8.bhf"
+    page = bonsai.report.html.write_report(run.dir).read_text()
+    assert "ONNX int8 + Huffman" in page
+
+    assert main(["export", str(run.dir), "--out", str(tmp_path / "exp")]) == 0
+    exported = bonsai.load(tmp_path / "exp").predict(npz_data)
+    assert exported.labels == run.predict(npz_data).labels
