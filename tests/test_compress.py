@@ -125,18 +125,58 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     from bonsai.compress.pipeline import compress
 
     run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
-    record = compress(run.dir, calibration=32, repeats=2)
-    assert [s["stage"] for s in record["stages"]] == ["PyTorch fp32", "ONNX fp32", "ONNX int8", "ONNX int8 + Huffman"]
+    record = compress(run.dir, calibration=32, repeats=2, lowrank=0.5)
+    names = ["PyTorch fp32", "PyTorch fp32 low-rank 0.5", "ONNX fp32", "ONNX int8", "ONNX int8 + Huffman"]
+    assert [s["stage"] for s in record["stages"]] == names
+    assert len(record["lowrank_layers"]) == 9 and all(r["rank"] <= r["max_rank"] for r in record["lowrank_layers"])
+    assert record["stages"][1]["flops_per_image"] <= record["stages"][0]["flops_per_image"]
+    del record["stages"][1]
     sizes = [s["size_bytes"] for s in record["stages"]]
     assert sizes[2] < sizes[1] and sizes[3] < sizes[2]
     assert record["onnx_parity_max_abs_logit_diff"] < 1e-3
     assert record["stages"][1]["val_acc"] == record["stages"][0]["val_acc"]
     assert record["stages"][3]["val_acc"] == record["stages"][2]["val_acc"]  # packing is lossless
     assert all(s["latency_b1_ms"] > 0 and s["latency_b64_ms"] > 0 and s["test_acc"] is not None for s in record["stages"])
-    assert json.loads((run.dir / "compression.json").read_text())["stages"][3]["file"] == "model.int8.bhf"
+    assert json.loads((run.dir / "compression.json").read_text())["stages"][-1]["file"] == "model.int8.bhf"
     page = bonsai.report.html.write_report(run.dir).read_text()
     assert "ONNX int8 + Huffman" in page
 
     assert main(["export", str(run.dir), "--out", str(tmp_path / "exp")]) == 0
     exported = bonsai.load(tmp_path / "exp").predict(npz_data)
     assert exported.labels == run.predict(npz_data).labels
+
+
+# ---- low-rank factorization ----------------------------------------------------------------------------------
+
+
+def test_svd_factorization_at_full_rank_reproduces_the_conv():
+    from bonsai.compress.lowrank import factorize_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=True)
+    x = torch.randn(4, 6, 9, 9)
+    pair = factorize_conv(conv, rank=54)  # clipped to min(10, 54) = 10: full rank
+    with torch.no_grad():
+        torch.testing.assert_close(pair(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert pair[0].weight.shape == (10, 6, 3, 3) and pair[1].weight.shape == (10, 10, 1, 1)
+
+
+def test_rank_follows_the_energy_rule_and_a_low_rank_conv_is_recovered():
+    from bonsai.compress.lowrank import factorize, factorize_conv, rank_for_energy
+
+    assert rank_for_energy(torch.tensor([3.0, 1.0, 0.0]), 0.9) == 1  # 9 of 10
+    assert rank_for_energy(torch.tensor([3.0, 1.0, 0.0]), 0.95) == 2
+    assert rank_for_energy(torch.tensor([1.0, 1.0, 1.0, 1.0]), 1.0) == 4
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    with torch.no_grad():  # a kernel of rank 4 exactly
+        conv.weight.copy_((torch.randn(32, 4) @ torch.randn(4, 32 * 9)).reshape(32, 32, 3, 3))
+    model = torch.nn.Sequential(conv, torch.nn.ReLU())
+    x = torch.randn(2, 32, 8, 8)
+    small, records = factorize(model, x, energy=0.999, timed=False)
+    assert records[0]["rank"] == 4 and records[0]["replaced"] and records[0]["flops_ratio"] < 0.2
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(small[0], torch.nn.Sequential) and isinstance(model[0], torch.nn.Conv2d)  # a copy was changed
+    with pytest.raises(ValueError):
+        factorize_conv(torch.nn.Conv2d(4, 4, 3, groups=2), 2)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import struct
@@ -39,15 +40,13 @@ def _need_onnx():
         raise BonsaiError("export needs onnx and onnxruntime: pip install 'bonsai[export]'") from None
 
 
-def export_onnx(model: ResNet, path: str | Path) -> Path:
+def export_onnx(model: ResNet | torch.nn.Module, path: str | Path) -> Path:
     """Write ``model`` as ONNX (uint8 NCHW input ``images``, dynamic batch; output ``logits``)."""
     _need_onnx()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     spec = model.spec
-    m = ResNet(spec)
-    m.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
-    m.eval()
+    m = copy.deepcopy(model).float().cpu().eval()  # a ResNet, or one whose convs were factorized
     x = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -89,9 +89,22 @@ def _measure(name: str, file: Path, logits_fn, val, test, params: int, flops: in
     return row
 
 
-def compress(run_dir: str | Path, data: str | Path | None = None, calibration: int = 512, out: str | Path | None = None, repeats: int = 20) -> dict:
+def _module_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x[:1])
+    return int(counter.get_total_flops())
+
+
+def compress(
+    run_dir: str | Path, data: str | Path | None = None, calibration: int = 512, out: str | Path | None = None, repeats: int = 20,
+    lowrank: float | None = None,
+) -> dict:
     """Run every stage on ``run_dir``'s best model; write the artifacts to ``out`` (default RUN/compressed) and
-    ``RUN/compression.json``; return the record."""
+    ``RUN/compression.json``; return the record. ``lowrank``: also measure the SVD-factorized fp32 model keeping
+    this share of each kernel's energy (a side branch: the int8 stages start from the unfactorized model)."""
     from bonsai.api import load
 
     run = load(run_dir)
@@ -105,6 +118,19 @@ def compress(run_dir: str | Path, data: str | Path | None = None, calibration: i
     params, flops = count_params(model), count_flops(model.spec)
     val = (xv, yv)
     stages = [_measure("PyTorch fp32", run.dir / "model.safetensors", lambda x: _torch_logits(model, x), val, test, params, flops, repeats)]
+
+    lowrank_layers = None
+    if lowrank is not None:
+        from safetensors.torch import save_file
+
+        from bonsai.compress.lowrank import factorize
+
+        small, lowrank_layers = factorize(model, xv[:2], energy=lowrank)
+        path = out / "model.lowrank.safetensors"
+        save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+        name = f"PyTorch fp32 low-rank {lowrank:g}"
+        stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), _module_flops(small, xv[:1]), repeats))
+        stages[-1]["note"] = f"{sum(r['replaced'] for r in lowrank_layers)} of {len(lowrank_layers)} convs factorized; no fine-tuning; a side branch"
 
     fp32 = ox.export_onnx(model, out / "model.onnx")
     s32 = ox.session(fp32)
@@ -123,6 +149,7 @@ def compress(run_dir: str | Path, data: str | Path | None = None, calibration: i
     stages.append(_measure("ONNX int8 + Huffman", packed_path, lambda x: ox.ort_logits(sh, x), val, test, params, flops, repeats))
 
     base = stages[0]
+    by_name = {st["stage"]: st for st in stages}
     record = {
         "run": str(run.dir),
         "calibration_images": len(calib),
@@ -131,7 +158,8 @@ def compress(run_dir: str | Path, data: str | Path | None = None, calibration: i
         "stages": stages,
         "size_reduction_vs_fp32": round(base["size_bytes"] / stages[-1]["size_bytes"], 2),
         "val_acc_drop_points": round(100 * (base["val_acc"] - stages[-1]["val_acc"]), 2),
-        "int8_latency_ratio_b64": round(stages[2]["latency_b64_ms"] / stages[1]["latency_b64_ms"], 3),
+        "int8_latency_ratio_b64": round(by_name["ONNX int8"]["latency_b64_ms"] / by_name["ONNX fp32"]["latency_b64_ms"], 3),
+        "lowrank_layers": lowrank_layers,
         "threads": torch.get_num_threads(),
     }
     atomic_write_text(run.dir / "compression.json", json.dumps(record, indent=1) + "\n")
