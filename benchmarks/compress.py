@@ -7,8 +7,8 @@ The inputs are run directories of `benchmarks/prunetrain.py` (full CIFAR-10, 10 
 dense run, and the resnet32 run pruned at LPR 0.5). Each run goes through `bonsai compress` (PyTorch fp32, ONNX
 fp32, ONNX int8 with per-channel weights calibrated on 512 training images, int8 + Huffman), which measures size
 on disk, batch-1 and batch-64 latency (median of --repeats calls, onnxruntime / PyTorch on this CPU's 2 cores),
-and validation and test accuracy. The low-rank branch factorizes, without fine-tuning, each conv whose SVD
-rank at 90% energy saves multiply-adds and runs faster at its own shape. Summary:
+and validation and test accuracy. The low-rank branch factorizes each conv whose SVD rank at 90% energy saves
+multiply-adds and runs faster at its own shape, measured before and after one epoch of fine-tuning. Summary:
 - size_reduction: dense fp32 `model.safetensors` size / pruned int8 + Huffman size (x);
 - acc_drop_points: dense fp32 test accuracy - pruned int8 + Huffman test accuracy (points);
 - int8_latency_ratio: int8 / fp32 batch-64 latency in onnxruntime, for the pruned model (and the dense one).

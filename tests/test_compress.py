@@ -126,11 +126,12 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
 
     run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
     record = compress(run.dir, calibration=32, repeats=2, lowrank=0.5)
-    names = ["PyTorch fp32", "PyTorch fp32 low-rank 0.5", "ONNX fp32", "ONNX int8", "ONNX int8 + Huffman"]
+    names = ["PyTorch fp32", "PyTorch fp32 low-rank 0.5", "PyTorch fp32 low-rank 0.5 + fine-tune", "ONNX fp32", "ONNX int8", "ONNX int8 + Huffman"]
     assert [s["stage"] for s in record["stages"]] == names
     assert len(record["lowrank_layers"]) == 9 and all(r["rank"] <= r["max_rank"] for r in record["lowrank_layers"])
     assert record["stages"][1]["flops_per_image"] <= record["stages"][0]["flops_per_image"]
-    del record["stages"][1]
+    assert torch.is_grad_enabled()  # compressing leaves the process as it found it
+    del record["stages"][1:3]
     sizes = [s["size_bytes"] for s in record["stages"]]
     assert sizes[2] < sizes[1] and sizes[3] < sizes[2]
     assert record["onnx_parity_max_abs_logit_diff"] < 1e-3
@@ -159,6 +160,25 @@ def test_svd_factorization_at_full_rank_reproduces_the_conv():
     with torch.no_grad():
         torch.testing.assert_close(pair(x), conv(x), rtol=1e-5, atol=1e-5)
     assert pair[0].weight.shape == (10, 6, 3, 3) and pair[1].weight.shape == (10, 10, 1, 1)
+
+
+def test_finetune_after_factorizing_lowers_the_training_loss():
+    from torch.nn import functional as F
+
+    from bonsai.compress.lowrank import factorize, finetune_
+    from conftest import make_images
+
+    x, y = make_images(30)
+    x, y = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y)
+    torch.manual_seed(0)
+    model = build(preset("resnet8", 3, 3, 16), zero_init_residual=False).eval()
+    small, _ = factorize(model, x[:2], energy=0.6, timed=False)
+    with torch.no_grad():
+        before = float(F.cross_entropy(small.eval()(x), y))
+    finetune_(small, x, y, epochs=4, lr=0.05, batch=16)
+    with torch.no_grad():
+        after = float(F.cross_entropy(small(x), y))
+    assert after < before and not small.training
 
 
 def test_rank_follows_the_energy_rule_and_a_low_rank_conv_is_recovered():

@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--calibration", type=int, default=512, help="training images used to calibrate int8 ranges (default 512)")
     k.add_argument("--out", help="folder for the artifacts (default RUN/compressed)")
     k.add_argument("--lowrank", type=float, metavar="ENERGY", help="also measure SVD low-rank convs keeping this share of energy, e.g. 0.9")
+    k.add_argument("--finetune-epochs", type=float, default=1.0, help="fine-tuning of the low-rank model on the training images (default 1)")
 
     p = sub.add_parser("predict", help="classify images with a trained run")
     p.add_argument("run", help="a run directory (arch.json + model.safetensors + dataset.json)")
@@ -188,7 +189,7 @@ def _cmd_export(ns) -> int:
 def _cmd_compress(ns) -> int:
     from bonsai.compress.pipeline import compress
 
-    r = compress(ns.run, ns.data, ns.calibration, ns.out, lowrank=ns.lowrank)
+    r = compress(ns.run, ns.data, ns.calibration, ns.out, lowrank=ns.lowrank, finetune_epochs=ns.finetune_epochs)
     print(f"{'stage':22s} {'size':>10s} {'val acc':>8s} {'test acc':>8s} {'b1 ms':>7s} {'b64 ms':>7s}")
     for st in r["stages"]:
         test = "-" if st["test_acc"] is None else f"{st['test_acc']:.2%}"

@@ -59,7 +59,7 @@ def _data(run, data: str | Path | None):
     if ds.test is not None and ds.test.y is not None:
         test = (_images(ds.test, run.image_size, run.channels), ds.test.y)
     tr_t, va_t = torch.as_tensor(tr), torch.as_tensor(va)
-    return x[tr_t], x[va_t], ds.train.y[va_t], test, cfg.seed
+    return (x[tr_t], ds.train.y[tr_t]), x[va_t], ds.train.y[va_t], test, cfg.seed
 
 
 def _acc(logits: np.ndarray, y: torch.Tensor) -> float:
@@ -100,21 +100,21 @@ def _module_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def compress(
     run_dir: str | Path, data: str | Path | None = None, calibration: int = 512, out: str | Path | None = None, repeats: int = 20,
-    lowrank: float | None = None,
+    lowrank: float | None = None, finetune_epochs: float = 1.0,
 ) -> dict:
     """Run every stage on ``run_dir``'s best model; write the artifacts to ``out`` (default RUN/compressed) and
     ``RUN/compression.json``; return the record. ``lowrank``: also measure the SVD-factorized fp32 model keeping
-    this share of each kernel's energy (a side branch: the int8 stages start from the unfactorized model)."""
+    this share of each kernel's energy, before and after ``finetune_epochs`` of fine-tuning (a side branch: the
+    int8 stages start from the unfactorized model)."""
     from bonsai.api import load
 
     run = load(run_dir)
     out = Path(out) if out else run.dir / "compressed"
     out.mkdir(parents=True, exist_ok=True)
-    train_x, xv, yv, test, seed = _data(run, data)
+    (train_x, train_y), xv, yv, test, seed = _data(run, data)
     g = torch.Generator().manual_seed(seed)
     calib = train_x[torch.randperm(len(train_x), generator=g)[:calibration]]
     model = run.model.float().eval()
-    torch.set_grad_enabled(False)
     params, flops = count_params(model), count_flops(model.spec)
     val = (xv, yv)
     stages = [_measure("PyTorch fp32", run.dir / "model.safetensors", lambda x: _torch_logits(model, x), val, test, params, flops, repeats)]
@@ -123,14 +123,22 @@ def compress(
     if lowrank is not None:
         from safetensors.torch import save_file
 
-        from bonsai.compress.lowrank import factorize
+        from bonsai.compress.lowrank import factorize, finetune_
 
         small, lowrank_layers = factorize(model, xv[:2], energy=lowrank)
+        n_small = f"{sum(r['replaced'] for r in lowrank_layers)} of {len(lowrank_layers)} convs factorized"
         path = out / "model.lowrank.safetensors"
         save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
         name = f"PyTorch fp32 low-rank {lowrank:g}"
-        stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), _module_flops(small, xv[:1]), repeats))
-        stages[-1]["note"] = f"{sum(r['replaced'] for r in lowrank_layers)} of {len(lowrank_layers)} convs factorized; no fine-tuning; a side branch"
+        flops_small = _module_flops(small, xv[:1])
+        stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), flops_small, repeats))
+        stages[-1]["note"] = f"{n_small}; no fine-tuning; a side branch"
+        if finetune_epochs > 0:
+            finetune_(small, train_x, train_y, finetune_epochs, seed=seed)
+            save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+            name = f"{name} + fine-tune"
+            stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), flops_small, repeats))
+            stages[-1]["note"] = f"{n_small}; fine-tuned {finetune_epochs:g} epoch(s) on the training images; a side branch"
 
     fp32 = ox.export_onnx(model, out / "model.onnx")
     s32 = ox.session(fp32)
