@@ -359,7 +359,7 @@ def hostile_inputs(work: Path) -> list[dict]:
 
 
 def _memory_probe(arch: str, batch: int, half: bool) -> dict:
-    """Peak resident memory of three training steps beyond what the process held before them, in this process."""
+    """Peak resident memory during three training steps beyond what the process held just before them."""
     import resource
 
     import torch
@@ -374,7 +374,7 @@ def _memory_probe(arch: str, batch: int, half: bool) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident now
     for _ in range(3):
         with torch.autocast("cpu", torch.bfloat16, enabled=half):
             loss = F.cross_entropy(model(x).float(), y)

@@ -55,3 +55,10 @@ def test_a_teacher_for_other_classes_is_refused(npz_data: Path, tmp_path: Path):
     teacher = bonsai.fit(other, epochs=1, out=str(tmp_path / "t"), **TINY)
     with pytest.raises(BonsaiError, match="the teacher predicts 2 classes"):
         bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "s"), **(TINY | {"distill.teacher": str(teacher.dir)}))
+
+
+def test_a_teacher_working_at_another_image_size_is_refused_before_anything_is_written(npz_data: Path, tmp_path: Path):
+    teacher = bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "t"), **(TINY | {"data.image_size": 24}))
+    with pytest.raises(BonsaiError, match="the teacher works on 24px images, this dataset on 16px"):
+        bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "s"), **(TINY | {"distill.teacher": str(teacher.dir)}))
+    assert not (tmp_path / "s").exists()

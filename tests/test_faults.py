@@ -207,9 +207,55 @@ def test_out_of_memory_in_a_step_halves_the_batch_and_training_goes_on(data: Pat
     assert [(e["batch_size_before"], e["batch_size"], e["to_epoch"]) for e in ooms] == [(16, 8, 0)]
     metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert [(m["epoch"], m["batch_size"]) for m in metrics] == [(1, 8), (2, 8)]
-    more = bonsai.fit(None, resume=run.dir, epochs=3)  # the halved batch is kept by a resumed run
+    monkeypatch.undo()  # memory is plentiful again: a resumed run keeps the halved batch all the same
+    more = bonsai.fit(None, resume=run.dir, epochs=3)
     metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert more.summary["epochs"] == 3 and metrics[-1]["batch_size"] == 8
+    assert len([e for e in _events(run.dir) if e["event"] == "out_of_memory"]) == 1
+
+
+def test_the_cpu_allocator_s_out_of_memory_error_is_handled_too(data: Path, tmp_path: Path, monkeypatch):
+    import bonsai.train.engine as engine
+
+    real = engine.F.cross_entropy
+
+    def ce(logits, y, **kw):
+        if len(y) > 8:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not enough memory: you tried to allocate 2147483648 bytes.")
+        return real(logits, y, **kw)
+
+    monkeypatch.setattr(engine.F, "cross_entropy", ce)
+    run = bonsai.fit(data, epochs=1, out=str(tmp_path / "r"), **TINY)
+    assert [e["batch_size"] for e in _events(run.dir) if e["event"] == "out_of_memory"] == [8]
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(data: Path, tmp_path: Path, monkeypatch):
+    import bonsai.train.engine as engine
+
+    def ce(logits, y, **kw):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(engine.F, "cross_entropy", ce)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        bonsai.fit(data, epochs=1, out=str(tmp_path / "r"), **TINY)
+
+
+def test_out_of_memory_while_evaluating_halves_the_evaluation_batch(data: Path, tmp_path: Path, monkeypatch, caplog):
+    import bonsai.train.engine as engine
+
+    real = engine.predict_probs
+    seen = []
+
+    def predict(model, loader, dtype):
+        seen.append(loader.batch_size)
+        if loader.batch_size > 16:
+            raise torch.OutOfMemoryError("simulated")
+        return real(model, loader, dtype)
+
+    monkeypatch.setattr(engine, "predict_probs", predict)
+    run = bonsai.fit(data, epochs=1, out=str(tmp_path / "r"), **TINY)  # eval_batch_size 64
+    assert seen[:3] == [64, 32, 16] and run.summary["val_acc"] is not None
+    assert "evaluation batch halved to 16" in caplog.text
 
 
 def test_out_of_memory_at_batch_one_is_a_clear_error(data: Path, tmp_path: Path, monkeypatch):

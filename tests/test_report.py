@@ -79,6 +79,25 @@ def test_report_is_self_contained_and_has_every_section(tmp_path: Path):
     assert "70.00%" in page and "s1.b1" in page
 
 
+def test_writing_a_report_leaves_pyplot_alone(tmp_path: Path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    run = _fixture_run(tmp_path / "r")
+    backend, layout, figures = matplotlib.get_backend(), plt.rcParams["figure.constrained_layout.use"], plt.get_fignums()
+    write_report(run)
+    write_comparison([run, run], tmp_path / "c.html")
+    assert (matplotlib.get_backend(), plt.rcParams["figure.constrained_layout.use"], plt.get_fignums()) == (backend, layout, figures)
+
+
+def test_a_file_with_unexpected_content_costs_its_section_only(tmp_path: Path):
+    run = _fixture_run(tmp_path / "r")
+    (run / "compression.json").write_text('["not", "stages"]')
+    (run / "arch.json").write_text('{"stem": 8}')
+    page = write_report(run).read_text()
+    assert "could not draw this section (KeyError" in page and "Training curves</h2><img" in page
+
+
 def test_report_with_files_missing_says_so_instead_of_failing(tmp_path: Path):
     run = _fixture_run(tmp_path / "r")
     for name in ("confusion.json", "samples.png", "events.jsonl", "arch.json"):

@@ -240,10 +240,11 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     if ds.kind != "arrays":
         cfg.data.path = str(ds.source.resolve())
     cfg.out = str(out)
+    device = resolve_device(cfg.train.device)
+    teacher = _teacher(cfg, ds, device)  # before anything is written: a wrong teacher leaves no run behind
     _make_run_dir(out)
 
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.train.device)
     tr_idx, va_idx = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed)
     if len(va_idx) == 0:
         raise DatasetError(f"{ds.source}: no class has two or more images, so none can be held out for validation")
@@ -288,7 +289,6 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     val_loader = Loader(val_split, cfg.train.eval_batch_size, **common)
     test_loader = Loader(ds.test, cfg.train.eval_batch_size, **common) if ds.test is not None else None
 
-    teacher = _teacher(cfg, ds, device)
     engine = Engine(model, cfg, out, train_loader, val_loader, test_loader, device, state=state, opt=opt, teacher=teacher)
     state = engine.run(progress=progress)
     return _finish(out, cfg, ds, state, val_loader, test_loader, device)
@@ -299,10 +299,16 @@ def _teacher(cfg: FitConfig, ds: Dataset, device: torch.device) -> ResNet | None
     if cfg.distill.teacher is None:
         return None
     teacher = Run(cfg.distill.teacher)
+    cfg.distill.teacher = str(teacher.dir.resolve())  # config.yaml re-runs and resumes from anywhere
     if teacher.classes != ds.classes or teacher.channels != ds.channels:
         raise BonsaiError(
-            f"{cfg.distill.teacher}: the teacher predicts {len(teacher.classes)} classes from {teacher.channels}-channel "
+            f"{teacher.dir}: the teacher predicts {len(teacher.classes)} classes from {teacher.channels}-channel "
             f"images; this dataset has {len(ds.classes)} classes ({ds.channels} channels) and they must match, names included"
+        )
+    if teacher.image_size != ds.image_size:
+        raise BonsaiError(
+            f"{teacher.dir}: the teacher works on {teacher.image_size}px images, this dataset on {ds.image_size}px; "
+            f"set data.image_size={teacher.image_size} to train at the teacher's size"
         )
     model = teacher.model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     for p in model.parameters():

@@ -90,6 +90,8 @@ def decode(blob: bytes) -> np.ndarray:
     if lengths.max(initial=0) > MAX_BITS:
         raise BonsaiError("Huffman blob: code longer than 16 bits")
     payload = np.frombuffer(blob, dtype=np.uint8, offset=_HEADER.size + 256)
+    if n > 8 * len(payload):  # every value takes at least one bit
+        raise BonsaiError("Huffman blob: bitstream ends early")
     if n == 0:
         return np.zeros(0, dtype=np.uint8)
     codes = canonical_codes(lengths)

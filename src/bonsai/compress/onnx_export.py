@@ -36,8 +36,9 @@ def _need_onnx():
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
-    except ImportError:
-        raise BonsaiError("export needs onnx and onnxruntime: pip install 'bonsai[export]'") from None
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as e:
+        raise BonsaiError(f"export needs onnx, onnxruntime and onnxscript ({e.name} is missing): pip install 'bonsai[export]'") from None
 
 
 def export_onnx(model: ResNet | torch.nn.Module, path: str | Path) -> Path:
@@ -50,13 +51,18 @@ def export_onnx(model: ResNet | torch.nn.Module, path: str | Path) -> Path:
     x = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            m, (x,), str(tmp), input_names=["images"], output_names=["logits"], opset_version=OPSET,
-            dynamic_shapes={"x": {0: batch}}, dynamo=True, optimize=True, verbose=False, external_data=False,
-        )
-    tmp.replace(path)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                m, (x,), str(tmp), input_names=["images"], output_names=["logits"], opset_version=OPSET,
+                dynamic_shapes={"x": {0: batch}}, dynamo=True, optimize=True, verbose=False, external_data=False,
+            )
+        tmp.replace(path)
+    except Exception as e:  # noqa: BLE001 - the exporter's many error types become one clear error
+        raise BonsaiError(f"{path}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -99,14 +105,17 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
 
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        quantize_static(
-            str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-        )
-    tmp.replace(out_path)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quantize_static(
+                str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            )
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out_path
 
 
@@ -160,8 +169,10 @@ def unpack_onnx(packed: bytes, source: str = "packed model") -> bytes:
             pos += e["bytes"]
         model = onnx.ModelProto()
         model.ParseFromString(packed[pos : pos + header["graph_bytes"]])
-    except (ValueError, KeyError, struct.error, TypeError) as e:
+    except BonsaiError as e:
         raise BonsaiError(f"{source}: damaged ({e})") from None
+    except Exception as e:  # noqa: BLE001 - JSON, struct, protobuf's DecodeError: any of them means a damaged file
+        raise BonsaiError(f"{source}: damaged ({type(e).__name__}: {e})") from None
     for i, init in enumerate(model.graph.initializer):
         if init.name in arrays:
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 
 from bonsai.compress import onnx_export as ox
 from bonsai.errors import BonsaiError
-from bonsai.models.resnet import count_flops, count_params
+from bonsai.models.resnet import count_flops, count_params, save_model, state_bytes
 from bonsai.utils import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("bonsai")
@@ -121,21 +120,19 @@ def compress(
 
     lowrank_layers = None
     if lowrank is not None:
-        from safetensors.torch import save_file
-
         from bonsai.compress.lowrank import factorize, finetune_
 
         small, lowrank_layers = factorize(model, xv[:2], energy=lowrank)
         n_small = f"{sum(r['replaced'] for r in lowrank_layers)} of {len(lowrank_layers)} convs factorized"
         path = out / "model.lowrank.safetensors"
-        save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+        atomic_write_bytes(path, state_bytes(small))
         name = f"PyTorch fp32 low-rank {lowrank:g}"
         flops_small = _module_flops(small, xv[:1])
         stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), flops_small, repeats))
         stages[-1]["note"] = f"{n_small}; no fine-tuning; a side branch"
         if finetune_epochs > 0:
             finetune_(small, train_x, train_y, finetune_epochs, seed=seed)
-            save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+            atomic_write_bytes(path, state_bytes(small))
             name = f"{name} + fine-tune"
             stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), flops_small, repeats))
             stages[-1]["note"] = f"{n_small}; fine-tuned {finetune_epochs:g} epoch(s) on the training images; a side branch"
@@ -184,9 +181,9 @@ def export(run_dir: str | Path, out: str | Path) -> dict:
     if out.resolve() == run.dir.resolve():
         raise BonsaiError(f"{out}: export into a different folder than the run")
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("arch.json", "model.safetensors", "dataset.json"):
-        shutil.copyfile(run.dir / name, out / name)
     model = run.model.float().eval()
+    save_model(model, out)  # arch.json as the weights have it, even where the run's own copy was stale
+    atomic_write_bytes(out / "dataset.json", (run.dir / "dataset.json").read_bytes())
     path = ox.export_onnx(model, out / "model.onnx")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (16, run.channels, run.image_size, run.image_size), dtype=torch.uint8, generator=g)

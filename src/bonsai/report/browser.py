@@ -56,8 +56,9 @@ def screenshot(page: str | Path, png: str | Path, width: int = 1200, height: int
     if height is None:
         text = page.read_text(encoding="utf-8", errors="replace")
         height = 900 + 520 * text.count("<img") + 14 * text.count("<tr>")
+    png.unlink(missing_ok=True)  # a PNG from an earlier call must not pass for this one
     r = _run([f"--window-size={width},{height}", f"--screenshot={png}", "--virtual-time-budget=10000", page.as_uri()], timeout)
-    if not png.is_file():
+    if r.returncode != 0 or not png.is_file():
         raise BonsaiError(f"{page}: Chromium wrote no screenshot ({(r.stderr.strip().splitlines() or ['no output'])[-1]})")
     return png
 

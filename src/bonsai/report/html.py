@@ -116,20 +116,20 @@ def write_samples(split, classes: list[str], path: str | Path, size: int, channe
 # ---- drawing ----------------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
+def _subplots(nrows: int = 1, ncols: int = 1, figsize=(8, 3), **kw):
+    """A figure on its own Agg canvas: pyplot's global state (backend, open figures, rcParams) is left alone, so
+    writing a report inside a notebook changes nothing there."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["figure.constrained_layout.use"] = True  # one layout pass; bbox_inches="tight" would draw twice
-    return plt
+    fig = Figure(figsize=figsize, layout="constrained")  # one layout pass; bbox_inches="tight" would draw twice
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kw)
 
 
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    _plt().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -149,8 +149,7 @@ def _mark_events(ax, events: list[dict], x_of_epoch) -> None:
 
 def _curves(run: dict) -> str:
     m, ev = run["metrics"], run["events"]
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = _subplots(1, 3, figsize=(14, 3.6))
     ep, clock = _col(m, "epoch"), [c / 60 for c in _col(m, "clock_s")]
     for key, label in (("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test")):
         ys = _col(m, key)
@@ -173,8 +172,7 @@ def _curves(run: dict) -> str:
 
 def _lr_batch(run: dict) -> str:
     m = run["metrics"]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = _subplots(figsize=(8, 3.2))
     ep = _col(m, "epoch")
     ax.plot(ep, _col(m, "lr"), marker=".", color="tab:blue")
     ax.set(xlabel="epoch", title="learning rate at the end of each epoch and batch size")
@@ -197,8 +195,7 @@ def _shape(run: dict) -> str:
     for j, x in enumerate(m):
         grid[: len(x["widths"]), j] = x["widths"]
     names = layer_names(run["arch"]) if run["arch"] and len(layer_names(run["arch"])) == depth else [str(i) for i in range(depth)]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.35 * len(m)), 1.5 + 0.2 * depth))
+    fig, ax = _subplots(figsize=(min(14, 3 + 0.35 * len(m)), 1.5 + 0.2 * depth))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(depth), names, fontsize=7)
     epochs = [x["epoch"] for x in m]
@@ -216,8 +213,7 @@ def _shape(run: dict) -> str:
 
 def _flops(run: dict) -> str:
     m = run["metrics"]
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))
+    fig, axes = _subplots(1, 2, figsize=(12, 3.2))
     axes[0].step(_col(m, "epoch"), [f / 1e6 for f in _col(m, "flops_per_image")], where="pre")
     axes[0].set(xlabel="epoch", ylabel="MFLOPs per image (forward)", title="FLOPs per image")
     axes[1].plot([c / 60 for c in _col(m, "clock_s")], [f / 1e12 for f in _col(m, "train_flops")], marker=".")
@@ -240,8 +236,7 @@ def _confusion(run: dict) -> str:
             continue
         mat = np.asarray(c[split], dtype=float)
         n = len(classes)
-        plt = _plt()
-        fig, axes = plt.subplots(1, 2, figsize=(12, 0.3 * n + 3), gridspec_kw={"width_ratios": [3, 2]})
+        fig, axes = _subplots(1, 2, figsize=(12, 0.3 * n + 3), gridspec_kw={"width_ratios": [3, 2]})
         rows = mat / np.maximum(mat.sum(1, keepdims=True), 1)
         axes[0].imshow(rows, cmap="Blues", vmin=0, vmax=1)
         if n <= 40:
@@ -353,7 +348,7 @@ def _compression(run: dict) -> str:
     c = run["compression"]
     if not c:
         return '<p class="note">no compression.json: this run was not compressed</p>'
-    stages = c.get("stages", c if isinstance(c, list) else [])
+    stages = c if isinstance(c, list) else c.get("stages", []) if isinstance(c, dict) else []
     if not stages:
         return '<p class="note">compression.json has no stages</p>'
     keys = list(dict.fromkeys(k for st in stages for k in st))
@@ -369,19 +364,25 @@ def _page(title: str, body: str) -> str:
 
 
 def render_report(run: dict) -> str:
-    m = run["metrics"]
-    curves = (lambda f: f(run)) if m else (lambda f: '<p class="note">no epochs recorded</p>')
+    def section(draw, needs_metrics: bool = False) -> str:
+        if needs_metrics and not run["metrics"]:
+            return '<p class="note">no epochs recorded</p>'
+        try:
+            return draw(run)
+        except Exception as e:  # noqa: BLE001 - a file with unexpected content costs its section, not the report
+            return f'<p class="note">could not draw this section ({html.escape(type(e).__name__)}: {html.escape(str(e)[:200])})</p>'
+
     sections = {
-        "Summary": _table(None, _summary_rows(run)),
-        "Dataset": _dataset(run),
-        "Training curves": curves(_curves),
-        "Learning rate and batch size": curves(_lr_batch),
-        "Network shape over time": curves(_shape),
-        "FLOPs": curves(_flops),
-        "Confusion matrix": _confusion(run),
-        "Final architecture": _arch(run),
-        "Events": _events(run),
-        "Compression": _compression(run),
+        "Summary": section(lambda r: _table(None, _summary_rows(r))),
+        "Dataset": section(_dataset),
+        "Training curves": section(_curves, True),
+        "Learning rate and batch size": section(_lr_batch, True),
+        "Network shape over time": section(_shape, True),
+        "FLOPs": section(_flops, True),
+        "Confusion matrix": section(_confusion),
+        "Final architecture": section(_arch),
+        "Events": section(_events),
+        "Compression": section(_compression),
     }
     body = "".join(f'<h2 id="{k.lower().replace(" ", "-")}">{k}</h2>{v}' for k, v in sections.items())
     if run["config"]:
@@ -410,13 +411,12 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     accuracy, time, FLOPs and parameters."""
     runs = [read_run(d) for d in run_dirs]
     labels = _unique_labels(runs)
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    fig, axes = _subplots(1, 2, figsize=(13, 4))
     for r, label in zip(runs, labels, strict=True):
         m = r["metrics"]
         clock = [c / 60 for c in _col(m, "clock_s")]
         axes[0].plot(clock, _col(m, "val_acc"), marker=".", label=label)
-        axes[1].step(clock, [f / 1e6 for f in _col(m, "flops_per_image")], where="post", label=label)
+        axes[1].step(clock, [f / 1e6 for f in _col(m, "flops_per_image")], where="pre", label=label)
     axes[0].set(xlabel="wall time (min, budget clock)", ylabel="validation accuracy", title="accuracy vs time")
     axes[1].set(xlabel="wall time (min)", ylabel="MFLOPs per image", title="network cost vs time")
     for ax in axes:

@@ -27,6 +27,7 @@ from bonsai.report.log import append_jsonl
 from bonsai.surgery.channels import channel_groups, remove_channels_
 from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.distill import distillation_loss
+from bonsai.train.resources import available_memory, fit_batch
 from bonsai.train.schedule import Clock, lr_factor
 from bonsai.utils import atomic_write_bytes
 
@@ -74,6 +75,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # ---- state ------------------------------------------------------------------------------------------------
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError (``DefaultCPUAllocator: not enough memory``)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(k in msg for k in ("not enough memory", "out of memory", "can't allocate memory"))
 
 
 class Diverged(Exception):
@@ -134,10 +143,12 @@ def save_checkpoint(path: Path, model: ResNet, opt: torch.optim.Optimizer, state
     try:
         atomic_write_bytes(path, save(tensors, metadata=meta))
     except OSError as e:
-        raise BonsaiError(
-            f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous one is intact, and "
-            f"`bonsai fit --resume {path.parent}` continues from it"
-        ) from None
+        after = (
+            f"the previous one is intact, and `bonsai fit --resume {path.parent}` continues from it"
+            if path.is_file()
+            else "no checkpoint was written yet"
+        )
+        raise BonsaiError(f"{path}: cannot write the checkpoint ({e.strerror or e}); {after}") from None
 
 
 def read_checkpoint(path: Path) -> tuple[ArchSpec, TrainState, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -236,6 +247,7 @@ class Engine:
         self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=fp16)
         # the plan is counted in images, so a batch that grows after pruning keeps the LR schedule on track
         self.images_per_epoch0 = train.images_per_epoch  # at the configured batch, before any growth
+        self.batch0 = train.batch_size  # the starting batch, after the memory cap and the data's size
         if self.state.batch_size is not None:
             train.batch_size = self.state.batch_size
         self.flops = count_flops(model.spec)
@@ -380,9 +392,15 @@ class Engine:
             return
         widths_before, flops_before, batch_before = self.model.spec.widths(), self.flops, loader.batch_size
         # the surgery is tried on a copy first: a result with non-finite weights or outputs is rejected
+        self.opt.zero_grad(set_to_none=True)  # stale after the epoch; not worth copying
         trial = copy.deepcopy(self.model)
         remove_channels_(trial, keep)
-        problem = self._broken(trial)
+        try:
+            problem = self._broken(trial)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            problem = "out of memory while checking the result"
         del trial
         if problem is not None:
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "surgery_rejected", "surgery": "prune", "reason": problem})
@@ -391,10 +409,14 @@ class Engine:
         remove_channels_(self.model, keep, self.opt)
         self.flops = count_flops(self.model.spec)
         if p.grow_batch:
-            b0 = self.cfg.train.batch_size
+            b0 = self.batch0  # the batch training started with (after any memory cap)
             target = b0 * st.start_flops / self.flops  # the batch that costs what the first model's batch cost
             cap = min(b0 * p.max_batch_scale, len(loader.split))
-            loader.batch_size = max(batch_before, int(min(target, cap)) // 8 * 8 or batch_before)
+            grown = int(min(target, cap)) // 8 * 8
+            # never past what the memory estimate allows for the smaller network
+            half = self.dtype is not None
+            grown = fit_batch(self.model.spec, grown, half, count_params(self.model), available_memory(self.device)) if grown > batch_before else grown
+            loader.batch_size = max(batch_before, grown)
         st.batch_size = loader.batch_size
         event = {
             "epoch": epoch,
@@ -425,7 +447,10 @@ class Engine:
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 return f"non-finite values in {name}"
-        xb, _ = next(iter(self.val_loader.batches()))
+        batch = next(iter(self.val_loader.batches()), None)
+        if batch is None:
+            return None  # no validation images: the weights' check above is all there is
+        xb = batch[0][:32]
         was_training = model.training
         model.eval()
         try:
@@ -443,7 +468,9 @@ class Engine:
         while True:
             try:
                 return accuracy(predict_probs(self.model, loader, self.dtype), loader.split.y)
-            except torch.OutOfMemoryError:
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
                 if loader.batch_size <= 1:
                     raise BonsaiError(f"{self.run_dir}: out of memory evaluating even at batch size 1") from None
             if self.device.type == "cuda":
@@ -506,6 +533,8 @@ class Engine:
             setattr(st, f.name, getattr(ck, f.name))
         for k, v in (keep | changes).items():
             setattr(st, k, v)
+        if self.scaler.is_enabled():  # a step cut short may have left the scaler between unscale_ and update
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=st.grad_scale or 2.0**16)
         st.stop_reason = ""  # a reason saved with the checkpoint (budget, plateau) was re-checked when resuming
         if st.batch_size is not None:  # else the loader keeps the batch it was given (capped to the data)
             self.train_loader.batch_size = st.batch_size
@@ -575,7 +604,9 @@ class Engine:
                 train_loss, train_acc, seen, stopped = self._train_epoch(epoch, clock, bar)
             except Diverged as e:
                 diverged = str(e)
-            except torch.OutOfMemoryError:
+            except RuntimeError as e:  # torch.OutOfMemoryError is one
+                if not is_out_of_memory(e):
+                    raise
                 oom = True  # handled outside the except block, so the failed step's tensors are freed first
             if diverged is not None or oom:
                 if bar is not None:

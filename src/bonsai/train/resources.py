@@ -26,21 +26,43 @@ WORKSPACE_BYTES = 256 * 2**20  # allocator slack, the input batch, convolution w
 MEMORY_SHARE = 0.8  # of the memory available when training starts
 
 
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's container memory limit (cgroup v2, else v1), or None without a limit."""
+    for limit_path, usage_path in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit = Path(limit_path).read_text().strip()
+            usage = int(Path(usage_path).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
 def available_memory(device: torch.device) -> int:
-    """Bytes free for training on ``device``: free GPU memory, or the kernel's MemAvailable on the CPU."""
+    """Bytes free for training on ``device``: free GPU memory; on the CPU the kernel's MemAvailable, or the room
+    left under a container's memory limit when that is smaller."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
+    if free is None:
+        try:
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            free = 8 * 2**30
+    room = _cgroup_room()
+    return free if room is None else min(free, room)
 
 
 def train_memory_bytes(spec: ArchSpec, batch_size: int, half: bool, params: int, image_size: int | None = None) -> int:
@@ -50,8 +72,8 @@ def train_memory_bytes(spec: ArchSpec, batch_size: int, half: bool, params: int,
 
 
 def fit_batch(spec: ArchSpec, batch_size: int, half: bool, params: int, available: int) -> int:
-    """The largest batch up to ``batch_size`` whose estimated step fits in ``MEMORY_SHARE`` of ``available``
-    bytes: a multiple of 8 when above 8, at least 1."""
+    """``batch_size`` if its estimated step fits in ``MEMORY_SHARE`` of ``available`` bytes, else the first that
+    fits of its successive halvings (rounded down to a multiple of 8 above 16); at least 1."""
     limit = MEMORY_SHARE * available
     b = batch_size
     while b > 1 and train_memory_bytes(spec, b, half, params) > limit:
