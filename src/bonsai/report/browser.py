@@ -55,7 +55,7 @@ def screenshot(page: str | Path, png: str | Path, width: int = 1200, height: int
         raise BonsaiError(f"{page}: no such file")
     if height is None:
         text = page.read_text(encoding="utf-8", errors="replace")
-        height = 900 + 520 * text.count("<img") + 14 * text.count("<tr>")
+        height = 1200 + 520 * text.count("<img") + 30 * text.count("<tr>") + 16 * text.count("\n", text.find("<pre>"))
     png.unlink(missing_ok=True)  # a PNG from an earlier call must not pass for this one
     r = _run([f"--window-size={width},{height}", f"--screenshot={png}", "--virtual-time-budget=10000", page.as_uri()], timeout)
     if r.returncode != 0 or not png.is_file():
