@@ -117,7 +117,13 @@ def _data(folder: Path) -> Path:
 def _bonsai(args: list[str], fault: str | None = None, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--child", fault, "--", *args] if fault else [sys.executable, "-m", "bonsai", *args]
     e = os.environ | {"PYTHONPATH": str(ROOT / "src")} | (env or {})
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, cwd=ROOT)
+    # default signal handling, as a user's foreground command has it, even when this script runs under nohup
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, cwd=ROOT, preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _finish(p: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:

@@ -108,12 +108,41 @@ def test_divergence_before_any_epoch_finished_is_a_clear_error(data: Path, tmp_p
         bonsai.fit(data, epochs=2, out=str(tmp_path / "r"), max_rollbacks=1, **TINY)
 
 
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_signal_ignored_by_the_parent_stays_ignored(data: Path, tmp_path: Path):
+    # nohup-style jobs: SIGINT set to be ignored before bonsai starts is not taken over by bonsai's handler
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "bonsai", "fit", str(data), "--out", str(run), "--epochs", "3", "--arch", "resnet8",
+           "--quiet", "train.batch_size=16", "train.precision=fp32"]
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ignore_sigint)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            os.kill(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert json.loads((run / "summary.json").read_text())["stop_reason"] == "epochs"
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_after_the_step_keeps_the_checkpoint_and_resume_finishes(data: Path, tmp_path: Path, sig, code):
     run = tmp_path / "r"
     cmd = [sys.executable, "-m", "bonsai", "fit", str(data), "--out", str(run), "--epochs", "40", "--arch", "resnet8",
            "--quiet", "train.batch_size=16", "train.precision=fp32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # as a user's foreground command gets them: a test run started in the background inherits an ignored SIGINT,
+    # which bonsai rightly keeps ignoring
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_signals)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
