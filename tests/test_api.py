@@ -134,6 +134,10 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path: Path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     done = len((run / "metrics.jsonl").read_text().splitlines())
     assert done < 4
+    # anytime predictions: the killed run already holds the best model's predictions
+    with open(run / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [r[1] for r in rows] == bonsai.load(run).predict(data).labels
 
     resumed = bonsai.fit(None, resume=run, quiet=True)
     assert resumed.summary["epochs"] == 4

@@ -289,7 +289,14 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     val_loader = Loader(val_split, cfg.train.eval_batch_size, **common)
     test_loader = Loader(ds.test, cfg.train.eval_batch_size, **common) if ds.test is not None else None
 
-    engine = Engine(model, cfg, out, train_loader, val_loader, test_loader, device, state=state, opt=opt, teacher=teacher)
+    def write_predictions(probs: torch.Tensor) -> None:
+        p = probs.numpy()
+        Predictions(ds.test.names, [ds.classes[i] for i in p.argmax(1)], p, ds.classes).to_csv(out / "predictions.csv")
+
+    engine = Engine(
+        model, cfg, out, train_loader, val_loader, test_loader, device, state=state, opt=opt, teacher=teacher,
+        on_best=write_predictions if cfg.anytime_predictions else None,
+    )
     state = engine.run(progress=progress)
     return _finish(out, cfg, ds, state, val_loader, test_loader, device)
 

@@ -106,6 +106,7 @@ class FitConfig:
     test_each_epoch: bool = True  # report test accuracy per epoch when test labels exist (never used to decide)
     quiet: bool = False  # no progress bar
     report: bool = True  # write report.html into the run directory at the end of fit
+    anytime_predictions: bool = True  # rewrite predictions.csv whenever validation accuracy improves
     log: str = ""  # extra loggers, comma-separated: tensorboard (scalars in RUN/tensorboard/)
 
     def validate(self) -> "FitConfig":

@@ -234,6 +234,7 @@ class Engine:
         state: TrainState | None = None,
         opt: torch.optim.Optimizer | None = None,
         teacher: nn.Module | None = None,
+        on_best=None,
     ):
         self.model, self.cfg, self.run_dir = model, cfg, run_dir
         self.train_loader, self.val_loader, self.test_loader = train, val, test
@@ -259,6 +260,8 @@ class Engine:
         self._signal: str | None = None  # "sigint" / "sigterm" once one arrives during run()
         self._cut_short = False  # the signal ended an epoch before its last step
         self._last_val: float | None = None  # the last epoch's validation accuracy, for the progress bar
+        self._test_probs: torch.Tensor | None = None  # this epoch's test-set probabilities, when computed
+        self.on_best = on_best  # called with the test-set probabilities whenever validation accuracy improves
         self.tensorboard = None
         if "tensorboard" in cfg.loggers():
             try:
@@ -465,9 +468,16 @@ class Engine:
     def _evaluate(self, loader: Loader | None) -> float | None:
         if loader is None or loader.split.y is None or len(loader.split) == 0:
             return None
+        probs = self._predict(loader)
+        if loader is self.test_loader:
+            self._test_probs = probs  # reused for the anytime predictions when this epoch is the best so far
+        return accuracy(probs, loader.split.y)
+
+    def _predict(self, loader: Loader) -> torch.Tensor:
+        """Class probabilities for ``loader``'s images; an out-of-memory error halves its batch and retries."""
         while True:
             try:
-                return accuracy(predict_probs(self.model, loader, self.dtype), loader.split.y)
+                return predict_probs(self.model, loader, self.dtype)
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
@@ -628,6 +638,7 @@ class Engine:
                 val_s = clock.now() - v0
             # keep back enough budget to predict the test set once at the end (measured, plus 2%)
             st.reserve_s = val_s / max(len(self.val_loader.split), 1) * n_test + 0.02 * (self.budget or 0)
+            self._test_probs = None
             test_acc = self._evaluate(self.test_loader) if cfg.test_each_epoch else None
             st.epoch = epoch
             if not math.isfinite(train_loss):
@@ -639,6 +650,10 @@ class Engine:
                 if improved:
                     st.best_val, st.best_epoch, st.stale_epochs = val_acc, epoch, 0
                     save_model(self.model, self.run_dir)
+                    if self.on_best is not None and self.test_loader is not None and len(self.test_loader.split):
+                        # anytime predictions: a run cut short (kill, budget) leaves the best model's predictions
+                        probs = self._test_probs if self._test_probs is not None else self._predict(self.test_loader)
+                        self.on_best(probs)
                 else:
                     st.stale_epochs += 1
                 if st.stop_reason:  # diverged: that reason stands
