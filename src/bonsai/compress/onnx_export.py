@@ -3,9 +3,10 @@
 - **Export**: ``torch.onnx.export`` (the dynamo exporter, opset 20) of the network in eval mode, with a dynamic
   batch axis. The input is raw uint8 pixels, NCHW, as for ``bonsai predict``: normalization is part of the graph.
   The exporter's optimizer folds each BatchNorm into the conv before it.
-- **int8**: onnxruntime's static quantization in QDQ format: per-channel symmetric int8 weights, per-tensor uint8
-  activations with ranges calibrated (min/max) on a sample of training images. onnxruntime runs the QDQ pairs
-  around each conv as integer kernels (VNNI/AMX where the CPU has them).
+- **int8**: onnxruntime's static quantization after its pre-processing (graph fusions), in operator format
+  (QLinearConv, QLinearMatMul, ...): per-channel symmetric int8 weights, per-tensor uint8 activations with ranges
+  calibrated (min/max) on a sample of training images. On this CPU the operator format ran 10-25% faster than
+  QDQ and was a quarter smaller (one measurement on the pruned CIFAR-10 resnet32).
 - **Huffman**: every int8 weight tensor of the quantized model is Huffman-coded (``bonsai.compress.huffman``); the
   rest of the model (graph, scales, biases) is stored as is. ``unpack_onnx`` restores the model bit for bit.
 """
@@ -58,12 +59,25 @@ def export_onnx(model: ResNet | torch.nn.Module, path: str | Path) -> Path:
                 m, (x,), str(tmp), input_names=["images"], output_names=["logits"], opset_version=OPSET,
                 dynamic_shapes={"x": {0: batch}}, dynamo=True, optimize=True, verbose=False, external_data=False,
             )
+        _strip_metadata(tmp)
         tmp.replace(path)
     except Exception as e:  # noqa: BLE001 - the exporter's many error types become one clear error
         raise BonsaiError(f"{path}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _strip_metadata(path: Path) -> None:
+    """Drop the exporter's per-node provenance (FX node text, module names: about 300 bytes a node, a tenth of a
+    small model's file); the graph and its weights are untouched."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
 
 
 def session(path: str | Path | bytes, threads: int | None = None):
@@ -91,6 +105,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
     """Static int8 quantization (QDQ, per-channel weights) calibrated on ``calibration`` (uint8 NCHW images)."""
     _need_onnx()
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     x = calibration.numpy() if isinstance(calibration, torch.Tensor) else np.asarray(calibration)
     if len(x) == 0:
@@ -105,17 +120,21 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
 
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
+    pre = out_path.with_name(f".{out_path.name}.pre.onnx")
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)  # onnxruntime's graph fusions first
             quantize_static(
-                str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                str(pre), str(tmp), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
             )
+        _strip_metadata(tmp)
         tmp.replace(out_path)
     finally:
         tmp.unlink(missing_ok=True)
+        pre.unlink(missing_ok=True)
     return out_path
 
 
