@@ -18,7 +18,6 @@ import copy
 import io
 import json
 import struct
-import time
 import warnings
 from pathlib import Path
 
@@ -196,15 +195,3 @@ def unpack_onnx(packed: bytes, source: str = "packed model") -> bytes:
         if init.name in arrays:
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
     return model.SerializeToString()
-
-
-def latency_ms(run_batch, batch: int, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time (ms) of ``run_batch(batch)`` over ``repeats`` calls after ``warmup``."""
-    for _ in range(warmup):
-        run_batch(batch)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_batch(batch)
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))

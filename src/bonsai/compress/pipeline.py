@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,9 @@ def _torch_logits(model, x: torch.Tensor, batch: int = 256) -> np.ndarray:
     return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
 
 
-def _measure(name: str, file: Path, logits_fn, val, test, params: int, flops: int, repeats: int) -> dict:
+def _measure(name: str, file: Path, logits_fn, val, test, params: int, flops: int, runners: list) -> dict:
+    """Size, parameters, FLOPs and accuracy of one stage; its latency is timed later, interleaved with the other
+    stages' (see :func:`_latencies`), so that the host's noise falls on all of them alike."""
     xv, yv = val
     row = {
         "stage": name,
@@ -81,11 +84,28 @@ def _measure(name: str, file: Path, logits_fn, val, test, params: int, flops: in
         "val_acc": _acc(logits_fn(xv), yv),
         "test_acc": None if test is None else _acc(logits_fn(test[0]), test[1]),
     }
-    for b in (1, 64):
-        sample = xv[:b] if len(xv) >= b else xv[torch.arange(b) % len(xv)]
-        row[f"latency_b{b}_ms"] = round(ox.latency_ms(lambda _b, s=sample: logits_fn(s), b, repeats=repeats), 3)
-    log.info("%-22s %8.1f KB  val %.2f%%  b1 %.2f ms  b64 %.1f ms", name, row["size_bytes"] / 1024, 100 * row["val_acc"], row["latency_b1_ms"], row["latency_b64_ms"])
+    runners.append((row, logits_fn))
     return row
+
+
+def _latencies(runners: list, x: torch.Tensor, repeats: int, warmup: int = 3) -> None:
+    """Median wall time of one call at batch 1 and 64 for every stage, taken round-robin: each round times every
+    stage once."""
+    for b in (1, 64):
+        sample = x[:b] if len(x) >= b else x[torch.arange(b) % len(x)]
+        for _, fn in runners:
+            for _ in range(warmup):
+                fn(sample)
+        times: list[list[float]] = [[] for _ in runners]
+        for _ in range(repeats):
+            for i, (_, fn) in enumerate(runners):
+                t0 = time.perf_counter()
+                fn(sample)
+                times[i].append(time.perf_counter() - t0)
+        for (row, _), t in zip(runners, times, strict=True):
+            row[f"latency_b{b}_ms"] = round(1000 * float(np.median(t)), 3)
+    for row, _ in runners:
+        log.info("%-38s %8.1f KB  val %.2f%%  b1 %.2f ms  b64 %.1f ms", row["stage"], row["size_bytes"] / 1024, 100 * row["val_acc"], row["latency_b1_ms"], row["latency_b64_ms"])
 
 
 def _module_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -116,7 +136,8 @@ def compress(
     model = run.model.float().eval()
     params, flops = count_params(model), count_flops(model.spec)
     val = (xv, yv)
-    stages = [_measure("PyTorch fp32", run.dir / "model.safetensors", lambda x: _torch_logits(model, x), val, test, params, flops, repeats)]
+    runners: list = []
+    stages = [_measure("PyTorch fp32", run.dir / "model.safetensors", lambda x: _torch_logits(model, x), val, test, params, flops, runners)]
 
     lowrank_layers = None
     if lowrank is not None:
@@ -128,31 +149,32 @@ def compress(
         atomic_write_bytes(path, state_bytes(small))
         name = f"PyTorch fp32 low-rank {lowrank:g}"
         flops_small = _module_flops(small, xv[:1])
-        stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), flops_small, repeats))
+        stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), flops_small, runners))
         stages[-1]["note"] = f"{n_small}; no fine-tuning; a side branch"
         if finetune_epochs > 0:
             finetune_(small, train_x, train_y, finetune_epochs, seed=seed)
             atomic_write_bytes(path, state_bytes(small))
             name = f"{name} + fine-tune"
-            stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), flops_small, repeats))
+            stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), flops_small, runners))
             stages[-1]["note"] = f"{n_small}; fine-tuned {finetune_epochs:g} epoch(s) on the training images; a side branch"
 
     fp32 = ox.export_onnx(model, out / "model.onnx")
     s32 = ox.session(fp32)
     parity = float(np.abs(ox.ort_logits(s32, xv[:256]) - _torch_logits(model, xv[:256])).max())
-    stages.append(_measure("ONNX fp32", fp32, lambda x: ox.ort_logits(s32, x), val, test, params, flops, repeats))
+    stages.append(_measure("ONNX fp32", fp32, lambda x: ox.ort_logits(s32, x), val, test, params, flops, runners))
 
     int8 = ox.quantize_int8(fp32, out / "model.int8.onnx", calib)
     s8 = ox.session(int8)
-    stages.append(_measure("ONNX int8", int8, lambda x: ox.ort_logits(s8, x), val, test, params, flops, repeats))
+    stages.append(_measure("ONNX int8", int8, lambda x: ox.ort_logits(s8, x), val, test, params, flops, runners))
 
     packed, stats = ox.pack_onnx(int8)
     packed_path = out / "model.int8.bhf"
     atomic_write_bytes(packed_path, packed)
     restored = ox.unpack_onnx(packed_path.read_bytes(), str(packed_path))
     sh = ox.session(restored)
-    stages.append(_measure("ONNX int8 + Huffman", packed_path, lambda x: ox.ort_logits(sh, x), val, test, params, flops, repeats))
+    stages.append(_measure("ONNX int8 + Huffman", packed_path, lambda x: ox.ort_logits(sh, x), val, test, params, flops, runners))
 
+    _latencies(runners, xv, repeats)
     base = stages[0]
     by_name = {st["stage"]: st for st in stages}
     record = {
