@@ -7,7 +7,7 @@ The inputs are run directories of `benchmarks/prunetrain.py` (full CIFAR-10, 10 
 dense run, and the resnet32 run pruned at LPR 0.5). Each run goes through `bonsai compress` (PyTorch fp32, ONNX
 fp32, ONNX int8 with per-channel weights calibrated on 512 training images, int8 + Huffman), which measures size
 on disk, batch-1 and batch-64 latency (median of --repeats calls, onnxruntime / PyTorch on this CPU's 2 cores,
-timed round-robin across the stages so that the host's noise falls on all of them alike),
+timed round-robin across the stages of one runtime so that the host's noise falls on all of them alike),
 and validation and test accuracy. The low-rank branch factorizes each conv whose SVD rank at 90% energy saves
 multiply-adds and runs faster at its own shape, measured before and after one epoch of fine-tuning. Summary:
 - size_reduction: dense fp32 `model.safetensors` size / pruned int8 + Huffman size (x);

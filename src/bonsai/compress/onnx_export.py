@@ -86,6 +86,8 @@ def session(path: str | Path | bytes, threads: int | None = None):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # idle threads sleep instead of spinning: several sessions (and PyTorch) share two cores in one process
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     model = path if isinstance(path, bytes) else str(path)

@@ -89,21 +89,26 @@ def _measure(name: str, file: Path, logits_fn, val, test, params: int, flops: in
 
 
 def _latencies(runners: list, x: torch.Tensor, repeats: int, warmup: int = 3) -> None:
-    """Median wall time of one call at batch 1 and 64 for every stage, taken round-robin: each round times every
-    stage once."""
-    for b in (1, 64):
-        sample = x[:b] if len(x) >= b else x[torch.arange(b) % len(x)]
-        for _, fn in runners:
-            for _ in range(warmup):
-                fn(sample)
-        times: list[list[float]] = [[] for _ in runners]
-        for _ in range(repeats):
-            for i, (_, fn) in enumerate(runners):
-                t0 = time.perf_counter()
-                fn(sample)
-                times[i].append(time.perf_counter() - t0)
-        for (row, _), t in zip(runners, times, strict=True):
-            row[f"latency_b{b}_ms"] = round(1000 * float(np.median(t)), 3)
+    """Median wall time of one call at batch 1 and 64 for every stage, taken round-robin within each runtime
+    (PyTorch stages, then onnxruntime stages): each round times every stage of the group once. The two runtimes
+    are not interleaved with each other, as one's idle worker threads slow the other."""
+    groups: dict[bool, list] = {}
+    for row, fn in runners:
+        groups.setdefault(row["stage"].startswith("ONNX"), []).append((row, fn))
+    for group in groups.values():
+        for b in (1, 64):
+            sample = x[:b] if len(x) >= b else x[torch.arange(b) % len(x)]
+            for _, fn in group:
+                for _ in range(warmup):
+                    fn(sample)
+            times: list[list[float]] = [[] for _ in group]
+            for _ in range(repeats):
+                for i, (_, fn) in enumerate(group):
+                    t0 = time.perf_counter()
+                    fn(sample)
+                    times[i].append(time.perf_counter() - t0)
+            for (row, _), t in zip(group, times, strict=True):
+                row[f"latency_b{b}_ms"] = round(1000 * float(np.median(t)), 3)
     for row, _ in runners:
         log.info("%-38s %8.1f KB  val %.2f%%  b1 %.2f ms  b64 %.1f ms", row["stage"], row["size_bytes"] / 1024, 100 * row["val_acc"], row["latency_b1_ms"], row["latency_b64_ms"])
 
