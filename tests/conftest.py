@@ -6,6 +6,11 @@ Each class has its own colour pattern, so a tiny network can learn it in a few s
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +76,31 @@ def npz_data(tmp_path: Path) -> Path:
     path = tmp_path / "data.npz"
     np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt, classes=np.array(CLASSES))
     return path
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def signal_after_epochs(args: list[str], run: Path, epochs: int, sig: int, ignore_sigint: bool = False, poll: float = 0.01) -> subprocess.Popen:
+    """Start ``bonsai fit ARGS --out RUN`` and send ``sig`` as soon as ``epochs`` lines are in its metrics.jsonl.
+
+    The child gets default signal handling, as a user's foreground command has it (a test run started in the
+    background would otherwise hand down an ignored SIGINT), or an ignored SIGINT with ``ignore_sigint``."""
+
+    def prepare() -> None:
+        _default_signals()
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    cmd = [sys.executable, "-m", "bonsai", "fit", *args, "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=prepare)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= epochs:
+            os.kill(proc.pid, sig)
+            break
+        time.sleep(poll)
+    return proc

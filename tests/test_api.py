@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,7 @@ from safetensors.torch import load_file
 
 import bonsai
 from bonsai.errors import BonsaiError
-from conftest import CLASSES, make_images
+from conftest import CLASSES, make_images, signal_after_epochs
 
 # tiny and fast: resnet8 at 16x16, fp32 so that results do not depend on the CPU's bf16 support
 TINY = dict(arch="resnet8", batch_size=16, eval_batch_size=64, quiet=True, precision="fp32")
@@ -120,16 +116,8 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path: Path):
     reference = bonsai.fit(data, epochs=4, out=str(tmp_path / "ref"), arch="resnet8", batch_size=8, precision="fp32", quiet=True)
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "bonsai", "fit", str(data), "--out", str(run), *opts]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 120
     # kill as soon as epoch 1 is logged: the process is then checkpointing or inside epoch 2
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
+    proc = signal_after_epochs([str(data), *opts], run, 1, signal.SIGKILL, poll=0.005)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     done = len((run / "metrics.jsonl").read_text().splitlines())

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import torch
 
 import bonsai
 from bonsai.errors import BonsaiError
-from conftest import make_images
+from conftest import make_images, signal_after_epochs
 
 TINY = dict(arch="resnet8", batch_size=16, eval_batch_size=64, quiet=True, precision="fp32")
 
@@ -108,28 +105,11 @@ def test_divergence_before_any_epoch_finished_is_a_clear_error(data: Path, tmp_p
         bonsai.fit(data, epochs=2, out=str(tmp_path / "r"), max_rollbacks=1, **TINY)
 
 
-def _default_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def test_a_signal_ignored_by_the_parent_stays_ignored(data: Path, tmp_path: Path):
     # nohup-style jobs: SIGINT set to be ignored before bonsai starts is not taken over by bonsai's handler
     run = tmp_path / "r"
-    cmd = [sys.executable, "-m", "bonsai", "fit", str(data), "--out", str(run), "--epochs", "3", "--arch", "resnet8",
-           "--quiet", "train.batch_size=16", "train.precision=fp32"]
-
-    def ignore_sigint() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ignore_sigint)
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            os.kill(proc.pid, signal.SIGINT)
-            break
-        time.sleep(0.01)
+    args = [str(data), "--epochs", "3", "--arch", "resnet8", "--quiet", "train.batch_size=16", "train.precision=fp32"]
+    proc = signal_after_epochs(args, run, 1, signal.SIGINT, ignore_sigint=True)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     assert json.loads((run / "summary.json").read_text())["stop_reason"] == "epochs"
@@ -138,19 +118,10 @@ def test_a_signal_ignored_by_the_parent_stays_ignored(data: Path, tmp_path: Path
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_after_the_step_keeps_the_checkpoint_and_resume_finishes(data: Path, tmp_path: Path, sig, code):
     run = tmp_path / "r"
-    cmd = [sys.executable, "-m", "bonsai", "fit", str(data), "--out", str(run), "--epochs", "40", "--arch", "resnet8",
-           "--quiet", "train.batch_size=16", "train.precision=fp32"]
-    # as a user's foreground command gets them: a test run started in the background inherits an ignored SIGINT,
-    # which bonsai rightly keeps ignoring
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_signals)
+    args = [str(data), "--epochs", "40", "--arch", "resnet8", "--quiet", "train.batch_size=16", "train.precision=fp32"]
+    proc = signal_after_epochs(args, run, 2, sig)
     metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 2:
-            os.kill(proc.pid, sig)
-            break
-        time.sleep(0.01)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err.decode()
     assert "--resume" in err.decode() and "Traceback" not in err.decode()
     summary = json.loads((run / "summary.json").read_text())

@@ -37,7 +37,7 @@ from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_o
 from bonsai.report.html import write_report, write_samples
 from bonsai.report.log import append_jsonl, truncate_jsonl
 from bonsai.train.resources import available_memory, check_disk, fit_batch, run_dir_bytes, train_memory_bytes
-from bonsai.utils import STOP_SIGNALS, atomic_write_text
+from bonsai.utils import STOP_SIGNALS, atomic_write_text, existing_ancestor
 
 log = logging.getLogger("bonsai")
 
@@ -193,9 +193,7 @@ def _default_out(data: DataLike) -> Path:
 
 def _check_writable(out: Path) -> None:
     """Fail early, before reading data or training, if the run directory could not be created or written."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = existing_ancestor(out)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise BonsaiError(f"{out}: cannot create or write the run directory ({existing} is not a writable folder)")
 

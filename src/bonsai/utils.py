@@ -26,6 +26,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def existing_ancestor(path: str | Path) -> Path:
+    """``path`` itself when it exists, else its nearest existing parent (where a new run directory would go)."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """UTF-8; file names that are not valid UTF-8 (held as surrogates) are written back as their original bytes."""
     atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))

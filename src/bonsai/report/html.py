@@ -351,13 +351,10 @@ def _compression(run: dict) -> str:
     stages = c if isinstance(c, list) else c.get("stages", []) if isinstance(c, dict) else []
     if not stages:
         return '<p class="note">compression.json has no stages</p>'
-    def pct(v):
-        return None if v is None else f"{v:.2%}"
-
     rows = [
         [st.get("stage"), st.get("file"), None if st.get("size_bytes") is None else f"{st['size_bytes'] / 1024:.1f} KB",
          st.get("params"), None if st.get("flops_per_image") is None else f"{st['flops_per_image'] / 1e6:.1f} M",
-         pct(st.get("val_acc")), pct(st.get("test_acc")), st.get("latency_b1_ms"), st.get("latency_b64_ms")]
+         _pct(st.get("val_acc")), _pct(st.get("test_acc")), st.get("latency_b1_ms"), st.get("latency_b64_ms")]
         for st in stages
     ]
     head = ["stage", "file", "size", "params", "FLOPs/image", "val acc", "test acc", "batch-1 ms", "batch-64 ms"]

@@ -19,6 +19,7 @@ import torch
 from bonsai.errors import BonsaiError
 from bonsai.models.arch import ArchSpec
 from bonsai.models.resnet import activation_elements
+from bonsai.utils import existing_ancestor
 
 log = logging.getLogger("bonsai")
 
@@ -91,11 +92,8 @@ def run_dir_bytes(params_and_buffers: int, n_test: int, num_classes: int) -> int
 
 def check_disk(out: Path, need: int) -> None:
     """A clear error before training when ``out``'s file system has less than ``need`` bytes free."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     try:
-        free = shutil.disk_usage(existing).free
+        free = shutil.disk_usage(existing_ancestor(out)).free
     except OSError as e:
         raise BonsaiError(f"{out}: cannot tell the free disk space ({e.strerror or e})") from None
     if free < need:
