@@ -21,7 +21,7 @@ TINY = dict(arch="resnet8", batch_size=16, eval_batch_size=64, quiet=True, preci
 
 
 def test_fit_writes_a_self_describing_run_directory(npz_data: Path, tmp_path: Path):
-    run = bonsai.fit(npz_data, epochs=3, out=str(tmp_path / "run"), **(TINY | {"batch_size": 8}))
+    run = bonsai.fit(npz_data, epochs=3, out=str(tmp_path / "run"), low_res=1.0, **(TINY | {"batch_size": 8}))
     d = run.dir
     for name in ("config.yaml", "dataset.json", "metrics.jsonl", "events.jsonl", "arch.json", "model.safetensors", "checkpoint.safetensors", "predictions.csv", "summary.json"):
         assert (d / name).is_file(), name

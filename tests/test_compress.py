@@ -149,7 +149,8 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
 
     assert main(["export", str(run.dir), "--out", str(tmp_path / "exp")]) == 0
     exported = bonsai.load(tmp_path / "exp").predict(npz_data)
-    assert exported.labels == run.predict(npz_data).labels
+    assert exported.labels == run.predict(npz_data, tta=False).labels  # an exported model predicts without TTA
+    assert bonsai.load(tmp_path / "exp").predict(npz_data, tta=True).labels == run.predict(npz_data).labels
 
 
 # ---- low-rank factorization ----------------------------------------------------------------------------------

@@ -246,11 +246,11 @@ def test_out_of_memory_while_evaluating_halves_the_evaluation_batch(data: Path, 
     real = engine.predict_probs
     seen = []
 
-    def predict(model, loader, dtype):
+    def predict(model, loader, dtype, tta=False):
         seen.append(loader.batch_size)
         if loader.batch_size > 16:
             raise torch.OutOfMemoryError("simulated")
-        return real(model, loader, dtype)
+        return real(model, loader, dtype, tta)
 
     monkeypatch.setattr(engine, "predict_probs", predict)
     run = bonsai.fit(data, epochs=1, out=str(tmp_path / "r"), **TINY)  # eval_batch_size 64

@@ -31,11 +31,12 @@ from bonsai.data.sources import (
     split_validation,
 )
 from bonsai.errors import BonsaiError, DatasetError, Interrupted
-from bonsai.models.arch import preset
+from bonsai.models.arch import DEFAULT_ARCH, preset
 from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model
 from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_optimizer, predict_probs, read_checkpoint, resolve_device, resolve_precision, restore
 from bonsai.report.html import write_report, write_samples
 from bonsai.report.log import append_jsonl, truncate_jsonl
+from bonsai.train.plan import plan_arch
 from bonsai.train.resources import available_memory, check_disk, fit_batch, run_dir_bytes, train_memory_bytes
 from bonsai.utils import STOP_SIGNALS, atomic_write_text, existing_ancestor
 
@@ -94,14 +95,21 @@ class Run:
         except json.JSONDecodeError:
             self.summary = {}  # a summary is informative only
         cfg_path = self.dir / "config.yaml"
-        # predict with the precision the run trained and validated with
-        self.precision = _config.load_yaml(cfg_path).train.precision if cfg_path.is_file() else "auto"
+        # predict with the precision and test-time augmentation the run trained and validated with
+        run_cfg = _config.load_yaml(cfg_path) if cfg_path.is_file() else None
+        self.precision = run_cfg.train.precision if run_cfg else "auto"
+        self.tta = bool(run_cfg and run_cfg.train.tta and run_cfg.augment.flip)
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r}, test_acc={self.summary.get('test_acc')})"
 
-    def predict(self, images: Any, batch_size: int = 256, device: str = "auto", precision: str | None = None) -> Predictions:
+    def predict(
+        self, images: Any, batch_size: int = 256, device: str = "auto", precision: str | None = None, tta: bool | None = None
+    ) -> Predictions:
         """Classify images: a uint8 array (N,H,W[,C]), an image file, a folder of images, or a list of files.
+
+        ``tta`` (average with the mirrored image) defaults to what the run validated with; an exported model
+        folder has no config and predicts without it unless asked.
 
         >>> run = load("runs/demo")  # doctest: +SKIP
         >>> run.predict("photo.jpg").labels  # doctest: +SKIP
@@ -110,7 +118,8 @@ class Run:
         dev = resolve_device(device)
         loader = Loader(split, batch_size, dev, size=self.image_size, channels=self.channels)
         model = self.model.to(dev, memory_format=torch.channels_last)
-        probs = predict_probs(model, loader, resolve_precision(precision or self.precision, dev)).numpy()
+        dtype = resolve_precision(precision or self.precision, dev)
+        probs = predict_probs(model, loader, dtype, self.tta if tta is None else tta).numpy()
         return Predictions(split.names, [self.classes[i] for i in probs.argmax(1)], probs, self.classes)
 
     def _as_split(self, images: Any) -> Split:
@@ -255,7 +264,18 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     if not (out / "samples.png").is_file():
         _best_effort("the sample images", write_samples, train_split, ds.classes, out / "samples.png", ds.image_size, ds.channels)
 
-    spec = preset(cfg.model.arch, len(ds.classes), ds.channels, ds.image_size)
+    plan = None
+    if cfg.model.arch == "auto" and cfg.budget_s is not None and resume is None and cfg.train.epochs is None:
+        t = cfg.train
+        plan = plan_arch(
+            preset(DEFAULT_ARCH, len(ds.classes), ds.channels, ds.image_size), len(train_split), cfg.budget_s,
+            t.batch_size, device, resolve_precision(t.precision, device), t.channels_last, t.low_res, t.low_res_share,
+            t.plan_epochs,
+        )
+        spec = plan.spec
+        log.info("planned %s (widths x%g): about %.0f epochs in the budget (probe %.1f s)", spec.name, plan.multiplier, plan.expected_epochs, plan.probe_s)
+    else:
+        spec = preset(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, len(ds.classes), ds.channels, ds.image_size)
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
     state = None
     ckpt_tensors = None
@@ -272,6 +292,8 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     else:
         for name in ("metrics.jsonl", "events.jsonl"):
             atomic_write_text(out / name, "")
+        if plan is not None:
+            append_jsonl(out / "events.jsonl", plan.event())
     model = model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     opt = make_optimizer(model, cfg)
     if ckpt_tensors is not None:
@@ -370,6 +392,7 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
     run = Run(out)
     model = run.model.to(device, memory_format=torch.channels_last)
     dtype = resolve_precision(cfg.train.precision, device)
+    tta = run.tta
     summary = {
         "stop_reason": state.stop_reason,
         "epochs": state.epoch,
@@ -379,6 +402,9 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
         "train_time_s": round(state.train_time_s, 2),
         "clock_s": round(state.clock_s, 2),
         "train_flops": state.train_flops,
+        # achieved training FLOP/s (3x forward FLOPs per image, as counted, over the time spent in training steps)
+        "train_gflops_per_s": round(state.train_flops / max(state.train_time_s, 1e-9) / 1e9, 2),
+        "tta": tta,
         "flops_per_image": count_flops(model.spec),
         "params": count_params(model),
         "arch": model.spec.name,
@@ -388,10 +414,10 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    confusion = {"classes": ds.classes, "val": _confusion(predict_probs(model, val_loader, dtype), val_loader.split.y, len(ds.classes))}
+    confusion = {"classes": ds.classes, "val": _confusion(predict_probs(model, val_loader, dtype, tta), val_loader.split.y, len(ds.classes))}
     if test_loader is not None:
         t0 = time.perf_counter()
-        probs_t = predict_probs(model, test_loader, dtype)
+        probs_t = predict_probs(model, test_loader, dtype, tta)
         probs = probs_t.numpy()
         summary["predict_s"] = round(time.perf_counter() - t0, 2)
         preds = Predictions(ds.test.names, [ds.classes[i] for i in probs.argmax(1)], probs, ds.classes)

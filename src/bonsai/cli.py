@@ -20,6 +20,11 @@ or a .npz (x_train, y_train[, x_test, y_test, classes]) or a folder of *_partKof
 Stopping: --epochs N, --budget 10m (training + validation must end inside it), or train.patience=P (stop when
 validation accuracy has not improved for P epochs); with none of them, 20 epochs.
 
+Speed: with --budget and no --arch, bonsai measures a few training steps of its default network at several
+widths and trains the widest one expected to fit train.plan_epochs (16) epochs into the budget. Training starts
+on images at half the working size, growing to full size over the first half (train.low_res=1 switches this
+off); predictions average each image with its mirror (train.tta=false switches this off).
+
 Any config key can be set as key=value (dotted, or a bare name that is unique): e.g. lr=0.2 augment.flip=false
 data.image_size=48. `bonsai config --show` prints every key with its default.
 """
@@ -51,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="run directory (default runs/<data>-<time>)")
     f.add_argument("--budget", help="wall-clock budget for training + validation, e.g. 90s, 10m, 1h")
     f.add_argument("--epochs", type=int, help="train for exactly N epochs")
-    f.add_argument("--arch", help="resnet8 | resnet20 | resnet32 | resnet56 | bonsai (default) | path/to/arch.json")
+    f.add_argument("--arch", help="auto (default: with --budget, the bonsai preset scaled to fit the budget; else bonsai) | bonsai | resnet8 | resnet20 | resnet32 | resnet56 | path/to/arch.json")
     f.add_argument("--config", help="a YAML config (e.g. a previous run's config.yaml); overrides apply on top")
     f.add_argument("--seed", type=int)
     f.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
@@ -93,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run directory (arch.json + model.safetensors + dataset.json)")
     p.add_argument("images", help="an image file, a folder of images (searched recursively), or a .npz with x_test")
     p.add_argument("--out", help="write a CSV here (file,label,<class probabilities>); default: print to stdout")
+    p.add_argument(
+        "--tta", choices=("auto", "on", "off"), default="auto",
+        help="average each image's prediction with its mirror; auto: as the run validated (an exported model: off)",
+    )
 
     i = sub.add_parser("info", help="show what bonsai finds in a dataset")
     i.add_argument("data")
@@ -201,7 +210,7 @@ def _cmd_compress(ns) -> int:
 def _cmd_predict(ns) -> int:
     from bonsai import api
 
-    preds = api.load(ns.run).predict(ns.images)
+    preds = api.load(ns.run).predict(ns.images, tta={"auto": None, "on": True, "off": False}[ns.tta])
     if ns.out:
         preds.to_csv(ns.out)
         print(f"wrote {len(preds.names)} predictions to {ns.out}")

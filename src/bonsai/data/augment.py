@@ -39,3 +39,17 @@ def augment_batch(x: torch.Tensor, translate: int, flip: bool, gen: torch.Genera
     """
     x = translate_batch(x, translate, gen)
     return flip_batch(x, gen) if flip else x
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Downscale a batch (uint8 or float, NCHW) to ``size`` x ``size`` pixels with an antialiased bilinear filter;
+    float output in the input's pixel range, in the input's memory format.
+
+    >>> resize_batch(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), 16).shape
+    torch.Size([2, 3, 16, 16])
+    """
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y

@@ -102,7 +102,7 @@ def count_flops(spec: ArchSpec, image_size: int | None = None) -> int:
 
     size = image_size or spec.image_size
     with torch.device("meta"):
-        model = ResNet(spec)
+        model = ResNet(spec).eval()  # eval: BN accepts a 1x1 map of one image (small inputs, deep nets)
         x = torch.zeros(1, spec.in_channels, size, size)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -123,7 +123,7 @@ def activation_elements(spec: ArchSpec, image_size: int | None = None) -> int:
         total += out.numel()
 
     with torch.device("meta"):
-        model = ResNet(spec)
+        model = ResNet(spec).eval()
         x = torch.zeros(1, spec.in_channels, size, size)
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:

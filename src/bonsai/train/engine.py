@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bonsai.config import FitConfig
+from bonsai.data.augment import resize_batch
 from bonsai.data.loader import Loader
 from bonsai.errors import BonsaiError
 from bonsai.models.arch import ArchSpec
@@ -28,7 +29,7 @@ from bonsai.surgery.channels import channel_groups, remove_channels_
 from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.distill import distillation_loss
 from bonsai.train.resources import available_memory, fit_batch
-from bonsai.train.schedule import Clock, lr_factor
+from bonsai.train.schedule import Clock, lr_factor, train_size
 from bonsai.utils import atomic_write_bytes
 
 log = logging.getLogger("bonsai")
@@ -186,14 +187,18 @@ def restore(model: ResNet, opt: torch.optim.Optimizer, model_t: dict, opt_t: dic
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, loader: Loader, dtype: torch.dtype | None) -> torch.Tensor:
-    """Softmax probabilities (N, classes), float32 on the CPU, in the loader's order."""
+def predict_probs(model: nn.Module, loader: Loader, dtype: torch.dtype | None, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities (N, classes), float32 on the CPU, in the loader's order. With ``tta``, each image's
+    probabilities are averaged with its left-right mirror's (test-time augmentation; twice the work)."""
     was_training = model.training
     model.eval()
     out = []
     for xb, _ in loader.batches():
         with autocast(loader.device, dtype):
-            out.append(F.softmax(model(xb).float(), dim=1).cpu())
+            p = F.softmax(model(xb).float(), dim=1)
+            if tta:
+                p = 0.5 * (p + F.softmax(model(xb.flip(3)).float(), dim=1))
+            out.append(p.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.spec.num_classes)
 
@@ -271,6 +276,10 @@ class Engine:
             # a resumed run drops the scalars of the epochs it is about to replay
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self.state.epoch + 1)
         self.budget = cfg.budget_s
+        self._flops_cache: dict[tuple[int, int], int] = {}
+        self._last_size = model.spec.image_size  # the input size of the last training step
+        # test-time augmentation mirrors images, so it is only right for data trained with random flips
+        self.tta = cfg.train.tta and cfg.augment.flip
 
     @property
     def peak_lr(self) -> float:
@@ -293,6 +302,15 @@ class Engine:
     def _out_of_time(self, clock: Clock) -> bool:
         return self.budget is not None and clock.now() >= self.budget - self.state.reserve_s
 
+    def _flops_at(self, size: int) -> int:
+        """Forward FLOPs per image at input ``size`` (cached; the cache is dropped when the network changes)."""
+        if size == self.model.spec.image_size:
+            return self.flops
+        key = (size, self.flops)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = count_flops(self.model.spec, size)
+        return self._flops_cache[key]
+
     # -- one epoch
 
     def _train_epoch(self, epoch: int, clock: Clock, bar) -> tuple[float, float, int, bool]:
@@ -309,7 +327,11 @@ class Engine:
             t0 = clock.now()
             try:
                 for i, (xb, yb) in enumerate(self.train_loader.batches(epoch)):
-                    lr = self.peak_lr * lr_factor(self._progress(clock), self.cfg.train.schedule, self.cfg.train.warmup)
+                    progress = self._progress(clock)
+                    lr = self.peak_lr * lr_factor(progress, self.cfg.train.schedule, self.cfg.train.warmup)
+                    size = train_size(progress, xb.shape[-1], self.cfg.train.low_res, self.cfg.train.low_res_share)
+                    if size != xb.shape[-1]:  # progressive resizing: the early steps see smaller images
+                        xb = resize_batch(xb, size)
                     for g in opt.param_groups:
                         g["lr"] = lr
                     with autocast(self.device, self.dtype):
@@ -348,7 +370,8 @@ class Engine:
                     seen += n
                     st.step += 1
                     st.images_seen += n
-                    st.train_flops += (3.0 * self.flops + self.teacher_flops) * n
+                    st.train_flops += (3.0 * self._flops_at(size) + self.teacher_flops * (size / self.model.spec.image_size) ** 2) * n
+                    self._last_size = size
                     if bar is not None:
                         bar.update(1)
                         if i % 10 == 0:
@@ -357,7 +380,7 @@ class Engine:
                             val = "" if self._last_val is None else f" val {self._last_val:.1%}"
                             bar.set_postfix_str(
                                 f"loss {float(loss.detach()):.3f} acc {acc:.1%}{val} lr {lr:.3f} {rate:.0f} img/s "
-                                f"{self.flops / 1e6:.1f}M FLOPs/img",
+                                f"{self._flops_at(size) / 1e6:.1f}M FLOPs/img at {size}px",
                                 refresh=False,
                             )
                     if self._out_of_time(clock):
@@ -477,7 +500,7 @@ class Engine:
         """Class probabilities for ``loader``'s images; an out-of-memory error halves its batch and retries."""
         while True:
             try:
-                return predict_probs(self.model, loader, self.dtype)
+                return predict_probs(self.model, loader, self.dtype, self.tta)
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
@@ -674,6 +697,7 @@ class Engine:
                     "batch_size": self.train_loader.batch_size,
                     "images_per_s": round(seen / max(clock.now() - epoch_t0 - val_s, 1e-9), 1),
                     "flops_per_image": self.flops,
+                    "train_image_size": self._last_size,  # the input size of the epoch's last step
                     "params": count_params(self.model),
                     "train_flops": st.train_flops,
                     "widths": self.model.spec.widths(),

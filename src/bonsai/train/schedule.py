@@ -27,6 +27,21 @@ def lr_factor(progress: float, schedule: str, warmup: float) -> float:
     return 1.0
 
 
+def train_size(progress: float, full: int, low_res: float, share: float) -> int:
+    """Input size for a training step at ``progress`` under progressive resizing.
+
+    The size grows linearly from ``low_res * full`` to ``full`` over the first ``share`` of training, rounded down
+    to a multiple of 4 pixels (never below 8, never above ``full``), and stays at ``full`` after that.
+
+    >>> [train_size(p, 32, 0.5, 0.5) for p in (0.0, 0.2, 0.4, 0.5, 0.9)]
+    [16, 20, 28, 32, 32]
+    """
+    if low_res >= 1 or share <= 0 or progress >= share:
+        return full
+    scale = low_res + (1.0 - low_res) * max(progress, 0.0) / share
+    return min(full, max(8, int(scale * full) // 4 * 4))
+
+
 class Clock:
     """Seconds spent in timed sections (training steps, validation), excluding everything else."""
 

@@ -1,0 +1,212 @@
+"""Time to accuracy on full CIFAR-10: the dense baseline, the --budget default, and each trick switched off.
+
+    python benchmarks/time_to_accuracy.py [--cifar ../shared/data/cifar10] [--fashion ../shared/data/fashion_mnist]
+                                          [--budget 15m] [--short 6m] [--fashion-budget 5m]   # about 90 minutes
+
+Runs, one after another on the same data and split (the host is shared: compare only within one run):
+
+- ``baseline``: the foundation's dense baseline, resnet20 for 15 epochs at full size without test-time
+  augmentation (``arch=resnet20 epochs=15 low_res=1 tta=false``);
+- ``default``: ``bonsai fit DATA --budget 15m`` with every default;
+- ``default_short``: the same with the short budget (6 minutes); the ablations below use it too:
+  ``no_low_res`` (train.low_res=1), ``no_label_smoothing`` (train.label_smoothing=0), ``fp32``
+  (train.precision=fp32, which also leaves AMX/AVX-512 bf16 unused), ``no_plan`` (arch=bonsai: the 1x network
+  whatever the budget), ``prune`` (--prune); ``no_tta`` re-evaluates ``default_short``'s best model without
+  test-time augmentation (no extra training);
+- ``fashion_mnist``: ``bonsai fit ../shared/data/fashion_mnist --budget 5m``, no dataset-specific settings.
+
+Test accuracy is measured after every epoch for the curves only (it never steers training). Times are the budget
+clock (training steps + validation + checkpoints; data loading, the planner's probe, per-epoch test evaluation and
+the final prediction excluded). A bf16 matmul peak is measured at the start and end of the benchmark; the
+default's achieved training FLOP/s is reported as a share of it. Writes benchmarks/results/time_to_accuracy.json
+(summary: seconds_to_90, speedup_vs_baseline, fashion_mnist_test_acc, fashion_mnist_train_s, ...) and
+time_to_accuracy.png; run directories go to benchmarks/runs/tta_*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, write_result  # noqa: E402
+
+import bonsai  # noqa: E402
+from bonsai.data.sources import load_dataset  # noqa: E402
+from bonsai.report.log import read_jsonl  # noqa: E402
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 20) -> float:
+    """The best of ``reps`` timed bf16 n x n matmuls on the CPU, in GFLOP/s (2 n^3 FLOPs each)."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def time_to(curve: list[dict], target: float, key: str = "clock_s") -> float | None:
+    """The first time on ``curve`` at which test accuracy reaches ``target``; None if it never does."""
+    for r in curve:
+        if r.get("test_acc") is not None and r["test_acc"] >= target - 1e-9:
+            return r[key]
+    return None
+
+
+def fit(ds, name: str, runs: Path, quiet: bool, **kw) -> dict:
+    out = runs / f"tta_{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    run = bonsai.fit(ds, out=str(out), quiet=quiet, **kw)
+    wall = time.perf_counter() - t0
+    curve = [
+        {k: r.get(k) for k in ("epoch", "train_time_s", "clock_s", "val_acc", "test_acc", "images_per_s", "train_image_size")}
+        for r in read_jsonl(out / "metrics.jsonl")
+    ]
+    plan = [e for e in read_jsonl(out / "events.jsonl") if e.get("event") == "plan"]
+    s = run.summary
+    print(f"{name}: test {s['test_acc']:.4f}, {s['epochs']} epochs, clock {s['clock_s']:.0f}s, arch {s['arch']}", flush=True)
+    return {"config": kw, "summary": s, "curve": curve, "plan": plan[0] if plan else None, "wall_s": round(wall, 1), "run": run}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cifar", default="../shared/data/cifar10")
+    ap.add_argument("--fashion", default="../shared/data/fashion_mnist")
+    ap.add_argument("--budget", default="15m", help="budget of the default run")
+    ap.add_argument("--short", default="6m", help="budget of the short default and of every ablation")
+    ap.add_argument("--fashion-budget", default="5m")
+    ap.add_argument("--baseline-epochs", type=int, default=15)
+    ap.add_argument("--only", default="", help="comma-separated run names (for a partial re-run; no result written)")
+    ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    for p in (args.cifar, args.fashion):
+        if not Path(p).exists():
+            raise SystemExit(f"{p}: not found; see ../shared/data/README.md")
+    runs = Path(args.runs)
+    peak0 = matmul_peak_gflops()
+    print(f"bf16 matmul peak: {peak0:.0f} GFLOP/s", flush=True)
+
+    cifar = load_dataset(args.cifar)
+    print(f"CIFAR-10: {len(cifar.train)} train, {len(cifar.test)} test images, size {cifar.image_size}", flush=True)
+    plan = {
+        "baseline": dict(arch="resnet20", epochs=args.baseline_epochs, low_res=1.0, tta=False),
+        "default": dict(budget=args.budget),
+        "default_short": dict(budget=args.short),
+        "no_low_res": dict(budget=args.short, low_res=1.0),
+        "no_label_smoothing": dict(budget=args.short, label_smoothing=0.0),
+        "fp32": dict(budget=args.short, precision="fp32"),
+        "no_plan": dict(budget=args.short, arch="bonsai"),
+        "prune": {"budget": args.short, "prune.enabled": True},
+    }
+    only = {x for x in args.only.split(",") if x}
+    details = {}
+    for name, kw in plan.items():
+        if not only or name in only:
+            details[name] = fit(cifar, name, runs, args.quiet, **kw)
+    if "default_short" in details:  # test-time augmentation off: the same model, evaluated without it
+        r = details["default_short"]["run"]
+        probs = r.predict(cifar.test.x.permute(0, 2, 3, 1).numpy(), tta=False).probs
+        acc = float((probs.argmax(1) == cifar.test.y.numpy()).mean())
+        details["no_tta"] = {"config": {"re-evaluated": "default_short", "tta": False}, "summary": {"test_acc": acc}}
+        print(f"no_tta: test {acc:.4f}", flush=True)
+    del cifar
+    if not only or "fashion_mnist" in only:
+        fashion = load_dataset(args.fashion)
+        details["fashion_mnist"] = fit(fashion, "fashion_mnist", runs, args.quiet, budget=args.fashion_budget)
+    peak1 = matmul_peak_gflops()
+    for d in details.values():
+        d.pop("run", None)
+    if only:
+        print({k: v["summary"].get("test_acc") for k, v in details.items()})
+        return
+
+    base = details["baseline"]
+    target = base["summary"]["test_acc"]
+    base_s = time_to(base["curve"], target)  # the baseline's own time to its final accuracy
+    reach = {k: time_to(d["curve"], target) for k, d in details.items() if k in ("default", "default_short")}
+    fastest = min((v for v in reach.values() if v is not None), default=None)
+    to90 = [t for k, d in details.items() if k != "fashion_mnist" and "curve" in d for t in [time_to(d["curve"], 0.90)] if t is not None]
+    peak = max(peak0, peak1)
+    dflt = details["default"]["summary"]
+    ablation = {
+        k: {"test_acc": details[k]["summary"]["test_acc"], "delta_points": round(100 * (details[k]["summary"]["test_acc"] - details["default_short"]["summary"]["test_acc"]), 2)}
+        for k in ("no_low_res", "no_label_smoothing", "fp32", "no_plan", "no_tta", "prune")
+    }
+    summary = {
+        "seconds_to_90": min(to90) if to90 else None,
+        "best_cifar10_test_acc": max(d["summary"]["test_acc"] for k, d in details.items() if k != "fashion_mnist"),
+        "default_test_acc": dflt["test_acc"],
+        "default_clock_s": dflt["clock_s"],
+        "default_arch": dflt["arch"],
+        "default_short_test_acc": details["default_short"]["summary"]["test_acc"],
+        "baseline_test_acc": target,
+        "baseline_clock_s": base_s,
+        "seconds_to_baseline_acc": reach,
+        "speedup_vs_baseline": None if fastest is None else round(base_s / fastest, 2),
+        "ablation_short_budget": ablation,
+        "fashion_mnist_test_acc": details["fashion_mnist"]["summary"]["test_acc"],
+        "fashion_mnist_train_s": details["fashion_mnist"]["summary"]["train_time_s"],
+        "fashion_mnist_clock_s": details["fashion_mnist"]["summary"]["clock_s"],
+        "matmul_peak_gflops": round(peak, 1),
+        "default_train_gflops": dflt["train_gflops_per_s"],
+        "default_flops_share_of_peak": round(dflt["train_gflops_per_s"] / peak, 3),
+        "budgets": {"default": args.budget, "short": args.short, "fashion_mnist": args.fashion_budget},
+    }
+    cmd = "python benchmarks/time_to_accuracy.py " + " ".join(sys.argv[1:])
+    path = write_result("time_to_accuracy", summary, details | {"matmul_peak_gflops": [round(peak0, 1), round(peak1, 1)]}, cmd.strip())
+    _plot(details, target)
+    print(f"wrote {path}\nsummary: {summary}")
+
+
+def _plot(details: dict, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    for name, d in details.items():
+        if "curve" not in d or name == "fashion_mnist":
+            continue
+        c = d["curve"]
+        main = name in ("baseline", "default", "default_short")
+        ax.plot(
+            [r["clock_s"] for r in c], [100 * r["test_acc"] for r in c], marker="o", ms=3 if main else 2,
+            lw=2 if main else 0.8, alpha=1 if main else 0.6, label=f"{name} ({d['summary']['arch']}): {d['summary']['test_acc']:.1%}",
+        )
+    ax.axhline(100 * target, color="grey", ls=":", lw=1)
+    ax.axhline(90, color="black", ls="--", lw=0.8)
+    ax.set_xlabel("budget clock (s): training + validation")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(40, 95)
+    ax.set_title("CIFAR-10 (JPEG q75 copy), 2-core CPU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    names = ["default_short", "no_low_res", "no_label_smoothing", "fp32", "no_plan", "no_tta", "prune"]
+    names = [n for n in names if n in details]
+    accs = [100 * details[n]["summary"]["test_acc"] for n in names]
+    bars = bx.barh(names[::-1], accs[::-1], color=["tab:blue" if n == "default_short" else "tab:grey" for n in names[::-1]])
+    for b, a in zip(bars, accs[::-1]):
+        bx.text(a + 0.2, b.get_y() + b.get_height() / 2, f"{a:.1f}", va="center", fontsize=8)
+    bx.set_xlim(min(accs) - 5, max(accs) + 3)
+    bx.set_xlabel("test accuracy (%)")
+    bx.set_title("one trick off at a time (short budget)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "time_to_accuracy.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

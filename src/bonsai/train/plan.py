@@ -1,0 +1,144 @@
+"""The budget planner: which network to train when the user gives only a wall-clock budget.
+
+Short schedules reward a network that gets enough passes over the data. So the planner keeps the default family
+(the ``bonsai`` preset: stem at full resolution, three one-block stages) and scales its widths by a multiplier,
+choosing the widest candidate that still fits ``min_epochs`` epochs into the budget (``train.plan_epochs``,
+default 32: on the packaged demo under its 90 s budget, the 0.5x network's 49 epochs reached 66.2% test accuracy,
+the 0.75x's 28 epochs 64.4%, the 1x's 20 epochs 56.1%). Each candidate's speed is measured on this
+machine (a few training steps on random data at the working size, batch and precision), smallest first, so the
+probe stops at the first candidate that is too slow. Progressive resizing is credited: its early, smaller steps
+run faster (see :func:`expected_epochs`). The probe's seconds are reported, not charged to the budget (like
+reading the data).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from bonsai.models.arch import ArchSpec, preset
+from bonsai.models.resnet import build, count_flops
+
+MULTIPLIERS = (0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def scaled(base: ArchSpec, mult: float) -> ArchSpec:
+    """``base`` with every width times ``mult``, rounded to a multiple of 16 (full AMX/AVX-512 tiles), at least 16.
+
+    >>> scaled(preset("bonsai"), 0.5).widths()
+    [16, 32, 32, 64, 64, 128, 128]
+    """
+    r = lambda w: max(16, int(round(w * mult / 16)) * 16)  # noqa: E731
+    spec = ArchSpec.from_dict(base.to_dict())
+    spec.stem = r(base.stem)
+    for s in spec.stages:
+        s.width = r(s.width)
+        s.inner = [r(w) for w in s.inner]
+    spec.name = base.name if mult == 1 else f"{base.name}x{mult:g}"
+    return spec.validate()
+
+
+def expected_epochs(budget_s: float, images_per_s: float, n_train: int, low_res: float, low_res_share: float) -> float:
+    """Epochs that fit in ``budget_s`` at a full-size pace of ``images_per_s``.
+
+    With progressive resizing the size grows linearly from ``low_res`` to 1 over the first ``low_res_share`` of
+    the time; if a step's cost scales with the pixel count, the pace there averages ``1/low_res`` times the full
+    pace (the mean of 1/s^2 for s uniform on [low_res, 1]). Real small steps carry fixed overheads, so this is
+    optimistic at small sizes.
+
+    >>> expected_epochs(100, 100, 1000, 1.0, 0.5), expected_epochs(100, 100, 1000, 0.5, 0.5)
+    (10.0, 15.0)
+    """
+    gain = 1.0 if low_res >= 1 or low_res_share <= 0 else low_res_share / low_res + (1 - low_res_share)
+    return budget_s * images_per_s * gain / max(n_train, 1)
+
+
+def measure_pace(spec: ArchSpec, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool, steps: int = 2) -> float:
+    """Training images per second of a fresh network for ``spec`` (SGD steps on random data; one warm-up step)."""
+    from bonsai.train.engine import autocast
+
+    model = build(spec).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randint(0, 256, (batch, spec.in_channels, spec.image_size, spec.image_size), dtype=torch.uint8, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, spec.num_classes, (batch,), device=device)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batch * steps / max(time.perf_counter() - t0, 1e-9)
+
+
+@dataclass
+class Plan:
+    spec: ArchSpec
+    multiplier: float
+    expected_epochs: float
+    probe_s: float
+    candidates: list[dict]  # every probed candidate: multiplier, FLOPs per image, images/s, expected epochs
+
+    def event(self) -> dict:
+        return {
+            "epoch": 0,
+            "event": "plan",
+            "arch": self.spec.name,
+            "widths": self.spec.widths(),
+            "multiplier": self.multiplier,
+            "expected_epochs": round(self.expected_epochs, 1),
+            "probe_s": round(self.probe_s, 2),
+            "candidates": self.candidates,
+        }
+
+
+def plan_arch(
+    base: ArchSpec,
+    n_train: int,
+    budget_s: float,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    channels_last: bool,
+    low_res: float,
+    low_res_share: float,
+    min_epochs: float,
+    pace=measure_pace,
+) -> Plan:
+    """The widest ``base`` x multiplier (from :data:`MULTIPLIERS`) expected to train ``min_epochs`` epochs of
+    ``n_train`` images within ``budget_s``; the narrowest candidate when none does."""
+    t0 = time.perf_counter()
+    chosen, candidates = None, []
+    for mult in MULTIPLIERS:
+        spec = scaled(base, mult)
+        try:
+            rate = pace(spec, min(batch, 128, max(n_train, 1)), device, dtype, channels_last)
+        except RuntimeError as e:
+            from bonsai.train.engine import is_out_of_memory
+
+            if not is_out_of_memory(e) or chosen is None:
+                raise
+            break  # wider ones will not fit either
+        epochs = expected_epochs(budget_s, rate, n_train, low_res, low_res_share)
+        candidates.append({"multiplier": mult, "flops_per_image": count_flops(spec), "images_per_s": round(rate, 1), "expected_epochs": round(epochs, 1)})
+        if chosen is not None and epochs < min_epochs:
+            break
+        chosen = (spec, mult, epochs)
+        if epochs < min_epochs:  # even the narrowest is short of min_epochs: take it
+            break
+    spec, mult, epochs = chosen
+    return Plan(spec, mult, epochs, time.perf_counter() - t0, candidates)

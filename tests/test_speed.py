@@ -1,0 +1,129 @@
+"""The time-to-accuracy pieces: progressive resizing, test-time augmentation, the budget planner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import bonsai
+from bonsai.data.augment import resize_batch
+from bonsai.data.loader import Loader
+from bonsai.data.sources import Split
+from bonsai.models.arch import ArchSpec, preset
+from bonsai.models.resnet import build
+from bonsai.report.log import read_jsonl
+from bonsai.train.engine import predict_probs
+from bonsai.train.plan import expected_epochs, plan_arch, scaled
+from bonsai.train.schedule import train_size
+
+
+def test_train_size_grows_in_steps_of_four_then_stays_full():
+    sizes = [train_size(p / 100, 32, 0.5, 0.5) for p in range(101)]
+    assert sizes[0] == 16 and sizes[49] < 32 and all(s == 32 for s in sizes[50:])
+    assert all(b >= a for a, b in zip(sizes, sizes[1:])), "the size never shrinks"
+    assert all(s % 4 == 0 for s in sizes)
+    assert {train_size(p / 10, 32, 1.0, 0.5) for p in range(11)} == {32}, "low_res=1 is off"
+    assert train_size(0.0, 12, 0.5, 0.5) == 8, "never below 8 pixels"
+    assert train_size(0.0, 28, 0.5, 0.5) == 12
+
+
+def test_resize_batch_keeps_mean_and_memory_format():
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    y = resize_batch(x, 16)
+    assert y.shape == (4, 3, 16, 16) and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.mean(dim=(2, 3)), x.float().mean(dim=(2, 3)), atol=1.0, rtol=0)
+    flat = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)
+    torch.testing.assert_close(resize_batch(flat, 20), torch.full((1, 3, 20, 20), 200.0))
+    assert resize_batch(x, 32) is x
+
+
+def test_tta_averages_an_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = build(ArchSpec.resnet((16,), 1, num_classes=3), zero_init_residual=False)
+    with torch.no_grad():  # BN statistics that are not the identity, so a mirror changes the outputs
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    loader = Loader(Split(names=[str(i) for i in range(6)], y=None, x=x), 4, torch.device("cpu"), size=16, channels=3)
+    mirrored = Loader(Split(names=[str(i) for i in range(6)], y=None, x=x.flip(3).contiguous()), 4, torch.device("cpu"), size=16, channels=3)
+    plain, flipped = predict_probs(model, loader, None), predict_probs(model, mirrored, None)
+    assert not torch.allclose(plain, flipped, atol=1e-4)
+    torch.testing.assert_close(predict_probs(model, loader, None, tta=True), (plain + flipped) / 2)
+
+
+def test_scaled_widths_are_multiples_of_16_and_never_below():
+    base = preset("bonsai")
+    for mult in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0):
+        w = scaled(base, mult).widths()
+        assert all(x % 16 == 0 and x >= 16 for x in w)
+    assert scaled(base, 1.0).widths() == base.widths()
+    assert scaled(base, 2.0).widths() == [2 * x for x in base.widths()]
+
+
+def test_expected_epochs_credits_progressive_resizing():
+    plain = expected_epochs(600, 1000, 50_000, 1.0, 0.5)
+    assert plain == pytest.approx(12.0)
+    assert expected_epochs(600, 1000, 50_000, 0.5, 0.5) == pytest.approx(18.0)  # half the time at 2x the pace
+    assert expected_epochs(600, 1000, 50_000, 0.5, 0.0) == pytest.approx(plain)
+
+
+def test_planner_takes_the_widest_candidate_that_fits_the_epochs():
+    base = preset("bonsai")
+    probed = []
+
+    def pace(spec, batch, device, dtype, channels_last):  # images/s falling with FLOPs, like a real machine
+        probed.append(spec.name)
+        return 1e11 / sum(w * w for w in spec.widths())
+
+    def plan(budget, min_epochs):
+        probed.clear()
+        return plan_arch(base, 1000, budget, 64, torch.device("cpu"), None, True, 1.0, 0.5, min_epochs, pace=pace)
+
+    rate = {m: pace(scaled(base, m), 0, 0, 0, 0) for m in (0.5, 0.75, 1.0, 1.5, 2.0)}
+    budget = 16 * 1000 / rate[1.0] * 1.01  # just enough for 16 epochs of the 1x network
+    p = plan(budget, 16)
+    assert p.multiplier == 1.0 and p.expected_epochs >= 16
+    assert probed == ["bonsaix0.5", "bonsaix0.75", "bonsai", "bonsaix1.5"], "probing stops at the first that is too slow"
+    assert [c["multiplier"] for c in p.candidates] == [0.5, 0.75, 1.0, 1.5]
+    assert plan(budget * 100, 16).multiplier == 2.0
+    tiny = plan(1e-3, 16)
+    assert tiny.multiplier == 0.5 and probed == ["bonsaix0.5"], "none fits: the narrowest, without probing more"
+
+
+def test_budget_fit_plans_the_network_and_trains_at_growing_sizes(npz_data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    run = bonsai.fit(npz_data, budget="20s", out=str(out), quiet=True, plan_epochs=4, low_res=0.5, low_res_share=0.5)
+    events = read_jsonl(out / "events.jsonl")
+    assert events[0]["event"] == "plan" and events[0]["widths"] == run.model.spec.widths()
+    assert events[0]["candidates"] and all(c["images_per_s"] > 0 for c in events[0]["candidates"])
+    sizes = [r["train_image_size"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert sizes[-1] == 16 and min(sizes) < 16, sizes
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tta"] is True and summary["train_gflops_per_s"] > 0
+
+
+def test_low_res_costs_fewer_flops_and_fixed_arch_is_not_planned(npz_data: Path, tmp_path: Path):
+    full = bonsai.fit(npz_data, epochs=4, arch="resnet8", low_res=1.0, out=str(tmp_path / "a"), quiet=True)
+    low = bonsai.fit(npz_data, epochs=4, arch="resnet8", low_res=0.5, low_res_share=0.5, out=str(tmp_path / "b"), quiet=True)
+    assert low.summary["train_flops"] < 0.9 * full.summary["train_flops"]
+    assert not [e for e in read_jsonl(tmp_path / "b" / "events.jsonl") if e.get("event") == "plan"]
+
+
+def test_run_predict_uses_the_runs_tta_setting(npz_data: Path, tmp_path: Path):
+    import numpy as np
+
+    run = bonsai.fit(npz_data, epochs=2, arch="resnet8", out=str(tmp_path / "r"), quiet=True)
+    assert run.tta
+    x = np.load(npz_data)["x_test"]
+    with_tta, without = run.predict(x), run.predict(x, tta=False)
+    assert not np.allclose(with_tta.probs, without.probs)
+    # predictions.csv holds what the run predicts by default
+    lines = (tmp_path / "r" / "predictions.csv").read_text().splitlines()[1:]
+    first = [float(v) for v in lines[0].split(",")[2:]]
+    np.testing.assert_allclose(first, with_tta.probs[0], atol=2e-6)
+    off = bonsai.fit(npz_data, epochs=1, arch="resnet8", out=str(tmp_path / "s"), quiet=True, flip=False)
+    assert not off.tta, "no mirrored predictions for data trained without flips"
