@@ -38,6 +38,18 @@ def machine() -> dict:
     }
 
 
+def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 4096, reps: int = 5) -> float:
+    """GFLOP/s of the fastest of ``reps`` timed n x n ``torch.mm`` calls (2 n^3 FLOPs each) on the CPU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times) / 1e9
+
+
 def portable(args: list[str]) -> str:
     """The command line with absolute paths made relative to the project folder, so results name no machine."""
     root = RESULTS.parent.parent

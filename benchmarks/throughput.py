@@ -21,21 +21,10 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, matmul_peak, write_result  # noqa: E402
 
 from bonsai.models.arch import DEFAULT_ARCH, preset  # noqa: E402
 from bonsai.models.resnet import build, count_flops  # noqa: E402
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times) / 1e9
 
 
 class Mode:

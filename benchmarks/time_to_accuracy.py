@@ -31,26 +31,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, matmul_peak, write_result  # noqa: E402
 
 import bonsai  # noqa: E402
 from bonsai.data.sources import load_dataset  # noqa: E402
 from bonsai.report.log import read_jsonl  # noqa: E402
-
-
-def matmul_peak_gflops(n: int = 2048, reps: int = 20) -> float:
-    """The best of ``reps`` timed bf16 n x n matmuls on the CPU, in GFLOP/s (2 n^3 FLOPs each)."""
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def time_to(curve: list[dict], target: float, key: str = "clock_s") -> float | None:
@@ -93,7 +80,7 @@ def main() -> None:
         if not Path(p).exists():
             raise SystemExit(f"{p}: not found; see ../shared/data/README.md")
     runs = Path(args.runs)
-    peak0 = matmul_peak_gflops()
+    peak0 = matmul_peak()
     print(f"bf16 matmul peak: {peak0:.0f} GFLOP/s", flush=True)
 
     cifar = load_dataset(args.cifar)
@@ -123,7 +110,7 @@ def main() -> None:
     if not only or "fashion_mnist" in only:
         fashion = load_dataset(args.fashion)
         details["fashion_mnist"] = fit(fashion, "fashion_mnist", runs, args.quiet, budget=args.fashion_budget)
-    peak1 = matmul_peak_gflops()
+    peak1 = matmul_peak()
     for d in details.values():
         d.pop("run", None)
     if only:
