@@ -133,7 +133,13 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
     record = compress(run.dir, calibration=32, repeats=2, lowrank=0.5)
     names = ["PyTorch fp32", "PyTorch fp32 low-rank 0.5", "PyTorch fp32 low-rank 0.5 + fine-tune", "ONNX fp32", "ONNX int8", "ONNX int8 + Huffman"]
+    names += ["PyTorch k-means 5-bit + Huffman", "PyTorch k-means 4-bit + Huffman"]
     assert [s["stage"] for s in record["stages"]] == names
+    shared5, shared4 = record["stages"][-2:]
+    assert shared4["size_bytes"] < shared5["size_bytes"] < record["stages"][5]["size_bytes"]
+    assert record["weight_sharing"][4]["index_bits_per_weight"] <= 4.01
+    assert json.loads((run.dir / "compression.json").read_text())["stages"][-1]["file"] == "model.shared4.bsw"
+    del record["stages"][-2:]
     assert len(record["lowrank_layers"]) == 9 and all(r["rank"] <= r["max_rank"] for r in record["lowrank_layers"])
     assert record["stages"][1]["flops_per_image"] <= record["stages"][0]["flops_per_image"]
     del record["stages"][1:3]
@@ -143,7 +149,6 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     assert record["stages"][1]["val_acc"] == record["stages"][0]["val_acc"]
     assert record["stages"][3]["val_acc"] == record["stages"][2]["val_acc"]  # packing is lossless
     assert all(s["latency_b1_ms"] > 0 and s["latency_b64_ms"] > 0 and s["test_acc"] is not None for s in record["stages"])
-    assert json.loads((run.dir / "compression.json").read_text())["stages"][-1]["file"] == "model.int8.bhf"
     page = bonsai.report.html.write_report(run.dir).read_text()
     assert "ONNX int8 + Huffman" in page
 
@@ -206,3 +211,56 @@ def test_rank_follows_the_energy_rule_and_a_low_rank_conv_is_recovered():
     assert isinstance(small[0], torch.nn.Sequential) and isinstance(model[0], torch.nn.Conv2d)  # a copy was changed
     with pytest.raises(ValueError):
         factorize_conv(torch.nn.Conv2d(4, 4, 3, groups=2), 2)
+
+
+# ---- weight sharing (k-means codebooks + Huffman) -------------------------------------------------------------
+
+
+def test_kmeans_1d_finds_separated_clusters_and_never_leaves_one_empty():
+    from bonsai.compress.sharing import kmeans_1d
+
+    rng = np.random.default_rng(0)
+    truth = np.array([-1.0, -0.2, 0.3, 2.0])
+    v = np.concatenate([c + 0.01 * rng.standard_normal(500) for c in truth]).astype(np.float32)
+    c, idx = kmeans_1d(v, 4)
+    np.testing.assert_allclose(c, truth, atol=0.01)
+    np.testing.assert_array_equal(idx, np.repeat(np.arange(4), 500))
+    c, idx = kmeans_1d(np.array([0.0, 0.0, 1.0], dtype=np.float32), 16)  # more clusters than distinct values
+    assert sorted(c.tolist()) == [0.0, 1.0] and idx.max() < len(c)
+    c, idx = kmeans_1d(np.full(7, 0.25, dtype=np.float32), 4)  # one repeated value
+    assert c.tolist() == [0.25] and idx.tolist() == [0] * 7
+    c, idx = kmeans_1d(np.zeros(0, dtype=np.float32), 4)
+    assert len(c) == 0 and len(idx) == 0
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5])
+def test_weight_sharing_round_trip_uses_only_codebook_values_and_stays_close(bits: int):
+    from bonsai.compress.sharing import pack_shared, unpack_shared
+
+    torch.manual_seed(0)
+    model = build(preset("resnet8", num_classes=3, image_size=16), zero_init_residual=False).eval()
+    packed, stats = pack_shared(model, bits)
+    back = unpack_shared(packed)
+    assert back.spec.widths() == model.spec.widths()
+    for (name, w), (_, w2) in zip(model.state_dict().items(), back.state_dict().items()):
+        if name.endswith("weight") and w.ndim >= 2:
+            assert len(torch.unique(w2)) <= 2**bits, name
+            rms = float((w - w2).pow(2).mean().sqrt())
+            step = float(w.max() - w.min()) / (2**bits - 1)
+            assert rms <= step / 2, (name, rms, step)  # never worse than rounding to the linear grid
+    assert stats["index_bits_per_weight"] <= bits + 0.01
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        ref, out = model(x), back(x)
+        errs = {b: float((ref - unpack_shared(pack_shared(model, b)[0])(x)).abs().max()) for b in (1, bits - 1, bits)}
+    assert errs[bits] == pytest.approx(float((ref - out).abs().max()))
+    assert errs[bits] < errs[bits - 1] < errs[1] or bits == 2 and errs[2] < errs[1], "more bits, closer outputs"
+
+
+def test_damaged_weight_shared_file_is_a_clear_error():
+    from bonsai.compress.sharing import pack_shared, unpack_shared
+
+    packed, _ = pack_shared(build(preset("resnet8", num_classes=3, image_size=16)), 4)
+    for bad in (b"XXXX" + packed[4:], packed[: len(packed) // 2], packed[:20]):
+        with pytest.raises(BonsaiError, match="weight-shared|damaged"):
+            unpack_shared(bad, "m.bsw")

@@ -264,6 +264,9 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     if not (out / "samples.png").is_file():
         _best_effort("the sample images", write_samples, train_split, ds.classes, out / "samples.png", ds.image_size, ds.channels)
 
+    if resume is not None and not (out / CHECKPOINT).exists():
+        log.info("%s: killed before its first checkpoint; starting it again from the beginning", out)
+        resume = None
     plan = None
     if cfg.model.arch == "auto" and cfg.budget_s is not None and resume is None and cfg.train.epochs is None:
         t = cfg.train
@@ -279,9 +282,6 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
     state = None
     ckpt_tensors = None
-    if resume is not None and not (out / CHECKPOINT).exists():
-        log.info("%s: killed before its first checkpoint; starting it again from the beginning", out)
-        resume = None
     if resume is not None:
         spec, state, model_t, opt_t = read_checkpoint(out / CHECKPOINT)
         model = ResNet(spec)

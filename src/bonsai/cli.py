@@ -83,9 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser(
         "compress",
         help="int8-quantize and Huffman-code a run's model, measuring size, latency and accuracy",
-        description="The run's best model through PyTorch fp32 -> ONNX fp32 -> ONNX int8 -> int8 + Huffman, each "
-        "measured on this CPU (size on disk, batch-1/64 latency, validation and test accuracy on the run's own "
-        "split). Writes RUN/compressed/ and RUN/compression.json.",
+        description="The run's best model through PyTorch fp32 -> ONNX fp32 -> ONNX int8 -> int8 + Huffman, and "
+        "weight sharing (k-means codebooks per layer + Huffman-coded indices), each measured on this CPU (size on "
+        "disk, batch-1/64 latency, validation and test accuracy on the run's own split). Writes RUN/compressed/ "
+        "and RUN/compression.json.",
     )
     k.add_argument("run", help="a run directory")
     k.add_argument("--data", help="the dataset (default: data.path from the run's config.yaml)")
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--out", help="folder for the artifacts (default RUN/compressed)")
     k.add_argument("--lowrank", type=float, metavar="ENERGY", help="also measure SVD low-rank convs keeping this share of energy, e.g. 0.9")
     k.add_argument("--finetune-epochs", type=float, default=1.0, help="fine-tuning of the low-rank model on the training images (default 1)")
+    k.add_argument("--share-bits", default="5,4", help="weight sharing: codebook sizes in bits, comma-separated (default 5,4; 0: none)")
 
     p = sub.add_parser("predict", help="classify images with a trained run")
     p.add_argument("run", help="a run directory (arch.json + model.safetensors + dataset.json)")
@@ -198,7 +200,13 @@ def _cmd_export(ns) -> int:
 def _cmd_compress(ns) -> int:
     from bonsai.compress.pipeline import compress
 
-    r = compress(ns.run, ns.data, ns.calibration, ns.out, lowrank=ns.lowrank, finetune_epochs=ns.finetune_epochs)
+    try:
+        bits = tuple(int(b) for b in ns.share_bits.split(",") if b.strip() and int(b) != 0)
+    except ValueError:
+        raise BonsaiError(f"--share-bits {ns.share_bits!r}: expected comma-separated integers from 1 to 8") from None
+    if any(not 1 <= b <= 8 for b in bits):
+        raise BonsaiError(f"--share-bits {ns.share_bits!r}: each must be from 1 to 8")
+    r = compress(ns.run, ns.data, ns.calibration, ns.out, lowrank=ns.lowrank, finetune_epochs=ns.finetune_epochs, share_bits=bits)
     print(f"{'stage':22s} {'size':>10s} {'val acc':>8s} {'test acc':>8s} {'b1 ms':>7s} {'b64 ms':>7s}")
     for st in r["stages"]:
         test = "-" if st["test_acc"] is None else f"{st['test_acc']:.2%}"

@@ -2,8 +2,9 @@
 measured on this CPU (size on disk, parameters, FLOPs, batch-1 and batch-64 latency, validation and test accuracy),
 recorded in ``RUN/compression.json``.
 
-Stages: the PyTorch fp32 model (``model.safetensors``), its ONNX export, the int8-quantized ONNX model, and the
-Huffman-packed int8 model (restored bit for bit before it is scored). The validation images are the ones the run
+Stages: the PyTorch fp32 model (``model.safetensors``), its ONNX export, the int8-quantized ONNX model, the
+Huffman-packed int8 model (restored bit for bit before it is scored), and weight sharing (k-means codebooks of
+2**bits values per layer, indices Huffman-coded; Deep Compression's quantization) at 5 and 4 bits. The validation images are the ones the run
 held out (same split, same seed); calibration uses training images only.
 """
 
@@ -124,12 +125,13 @@ def _module_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def compress(
     run_dir: str | Path, data: str | Path | None = None, calibration: int = 512, out: str | Path | None = None, repeats: int = 20,
-    lowrank: float | None = None, finetune_epochs: float = 1.0,
+    lowrank: float | None = None, finetune_epochs: float = 1.0, share_bits: tuple[int, ...] = (5, 4),
 ) -> dict:
     """Run every stage on ``run_dir``'s best model; write the artifacts to ``out`` (default RUN/compressed) and
     ``RUN/compression.json``; return the record. ``lowrank``: also measure the SVD-factorized fp32 model keeping
     this share of each kernel's energy, before and after ``finetune_epochs`` of fine-tuning (a side branch: the
-    int8 stages start from the unfactorized model)."""
+    int8 stages start from the unfactorized model). ``share_bits``: weight sharing at each of these codebook sizes
+    (k-means, then Huffman; decoded to a PyTorch fp32 model to be scored and timed)."""
     from bonsai.api import load
 
     run = load(run_dir)
@@ -179,6 +181,17 @@ def compress(
     sh = ox.session(restored)
     stages.append(_measure("ONNX int8 + Huffman", packed_path, lambda x: ox.ort_logits(sh, x), val, test, params, flops, runners))
 
+    sharing = {}
+    for bits in share_bits:
+        from bonsai.compress.sharing import pack_shared, unpack_shared
+
+        blob, sharing[bits] = pack_shared(model, bits)
+        path = out / f"model.shared{bits}.bsw"
+        atomic_write_bytes(path, blob)
+        shared = unpack_shared(path.read_bytes(), str(path))
+        stages.append(_measure(f"PyTorch k-means {bits}-bit + Huffman", path, lambda x, m=shared: _torch_logits(m, x), val, test, params, flops, runners))
+        stages[-1]["note"] = f"{2**bits} shared values per layer, indices at {sharing[bits]['index_bits_per_weight']:.2f} bits per weight; decoded to fp32 to run"
+
     _latencies(runners, xv, repeats)
     base = stages[0]
     by_name = {st["stage"]: st for st in stages}
@@ -187,6 +200,7 @@ def compress(
         "calibration_images": len(calib),
         "onnx_parity_max_abs_logit_diff": parity,
         "huffman": stats,
+        "weight_sharing": sharing,
         "stages": stages,
         "size_reduction_vs_fp32": round(base["size_bytes"] / stages[-1]["size_bytes"], 2),
         "val_acc_drop_points": round(100 * (base["val_acc"] - stages[-1]["val_acc"]), 2),

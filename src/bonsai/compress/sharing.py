@@ -1,0 +1,161 @@
+"""Weight sharing (Deep Compression's second stage): every conv/linear weight tensor is replaced by indices into
+its own codebook of 2**bits values, found by k-means; the indices of all tensors are then Huffman-coded together.
+
+k-means is one-dimensional (Lloyd's algorithm on the sorted values), initialised linearly between the tensor's
+minimum and maximum, which Han et al. found best: it keeps centroids on the rare large weights that matter most.
+The codebooks are not fine-tuned. BN parameters and statistics and biases are stored as float16 (a few thousand
+values), the input normalization as float32. A file is::
+
+    magic "BSW1" | header length (uint64) | header JSON | codebooks (float32) | other tensors | indices
+
+where the indices are one Huffman blob (:mod:`bonsai.compress.huffman`) over every shared tensor in header
+order. Decoding gives a ResNet whose conv/linear weights take only codebook values.
+
+>>> import numpy as np
+>>> c, i = kmeans_1d(np.array([0.0, 0.1, 0.9, 1.0], dtype=np.float32), 2)
+>>> [round(float(x), 2) for x in c], i.tolist()
+([0.05, 0.95], [0, 0, 1, 1])
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import torch
+
+from bonsai.compress.huffman import decode, encode
+from bonsai.errors import BonsaiError
+from bonsai.models.arch import ArchSpec
+from bonsai.models.resnet import ResNet, load_state
+
+_MAGIC = b"BSW1"
+
+
+def kmeans_1d(values: np.ndarray, k: int, iters: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (float32, ascending, at most ``k``) and each value's centroid index (uint8).
+
+    Lloyd's algorithm from a linear initialisation over [min, max]. A cluster left empty is dropped, and a new
+    centroid is seeded at the value farthest from its own centroid, then Lloyd runs again, until there are ``k``
+    centroids or as many as distinct values. Every step lowers the squared error, so it never exceeds that of
+    rounding to the linear grid (at most half a grid step per value)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not 1 <= k <= 256:
+        raise ValueError("k must be in [1, 256]")
+    if v.size == 0:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.uint8)
+    order = np.argsort(v, kind="stable")
+    s = v[order]
+    csum = np.concatenate([[0.0], np.cumsum(s)])
+    distinct = int(np.count_nonzero(np.diff(s))) + 1
+
+    def assign(c: np.ndarray) -> np.ndarray:  # cluster boundaries in s: values up to each midpoint go below it
+        return np.concatenate([[0], np.searchsorted(s, (c[:-1] + c[1:]) / 2), [len(s)]])
+
+    def lloyd(c: np.ndarray) -> np.ndarray:
+        for _ in range(iters):
+            bounds = assign(c)
+            counts = np.diff(bounds)
+            keep = counts > 0
+            new = (csum[bounds[1:]] - csum[bounds[:-1]])[keep] / counts[keep]
+            if len(new) == len(c) and np.allclose(new, c, rtol=0, atol=1e-12):
+                break
+            c = new
+        bounds = assign(c)
+        return c[np.diff(bounds) > 0]
+
+    c = lloyd(np.linspace(s[0], s[-1], k))
+    while len(c) < min(k, distinct):
+        bounds = assign(c)
+        err = np.abs(s - np.repeat(c, np.diff(bounds)))
+        c = lloyd(np.sort(np.append(c, s[int(np.argmax(err))])))
+    bounds = assign(c)
+    idx = np.empty(len(s), dtype=np.uint8)
+    idx[order] = np.repeat(np.arange(len(c), dtype=np.uint8), np.diff(bounds))
+    return c.astype(np.float32), idx
+
+
+def _shared(name: str, t: torch.Tensor) -> bool:
+    """Conv and linear weights are shared; everything else (BN, biases, normalization buffers) is kept."""
+    return name.endswith("weight") and t.ndim >= 2
+
+
+def pack_shared(model: ResNet, bits: int = 4) -> tuple[bytes, dict]:
+    """The model as a weight-shared, Huffman-coded file; returns (bytes, statistics)."""
+    if not 1 <= bits <= 8:
+        raise BonsaiError(f"weight sharing: bits must be in [1, 8], got {bits}")
+    entries, codebooks, raws, indices = [], [], [], []
+    n_shared = 0
+    for name, t in model.state_dict().items():
+        a = t.detach().cpu()
+        if _shared(name, a):
+            c, idx = kmeans_1d(a.float().numpy(), 2**bits)
+            entries.append({"name": name, "shape": list(a.shape), "kind": "shared", "centroids": len(c)})
+            codebooks.append(c)
+            indices.append(idx)
+            n_shared += idx.size
+        elif a.is_floating_point():
+            kind = "float32" if name in ("mean", "std") else "float16"  # the input normalization stays exact
+            entries.append({"name": name, "shape": list(a.shape), "kind": kind})
+            raws.append(a.to(getattr(torch, kind)).numpy().astype("<" + ("f4" if kind == "float32" else "f2")).tobytes())
+        else:  # BN's num_batches_tracked: not needed to predict
+            entries.append({"name": name, "shape": list(a.shape), "kind": "zero", "dtype": str(a.dtype).replace("torch.", "")})
+    blob = encode(np.concatenate(indices) if indices else np.zeros(0, dtype=np.uint8))
+    books = np.concatenate(codebooks).astype("<f4").tobytes() if codebooks else b""
+    raw = b"".join(raws)
+    header = json.dumps(
+        {"arch": model.spec.to_dict(), "bits": bits, "tensors": entries, "codebook_bytes": len(books), "raw_bytes": len(raw)}
+    ).encode()
+    packed = _MAGIC + struct.pack("<Q", len(header)) + header + books + raw + blob
+    stats = {
+        "bits": bits,
+        "shared_weights": n_shared,
+        "index_bits_per_weight": 8 * (len(blob) - 268) / max(n_shared, 1),
+        "codebook_bytes": len(books),
+        "other_bytes": len(raw),
+        "header_bytes": len(header),
+        "total_bytes": len(packed),
+    }
+    return packed, stats
+
+
+def unpack_shared(packed: bytes, source: str = "weight-shared model") -> ResNet:
+    """The network :func:`pack_shared` stored (conv/linear weights as codebook values, the rest from float16)."""
+    if not packed.startswith(_MAGIC):
+        raise BonsaiError(f"{source}: not a weight-shared bonsai model")
+    try:
+        (n,) = struct.unpack_from("<Q", packed, len(_MAGIC))
+        start = len(_MAGIC) + 8
+        header = json.loads(packed[start : start + n])
+        pos = start + n
+        books = np.frombuffer(packed, dtype="<f4", count=header["codebook_bytes"] // 4, offset=pos)
+        pos += header["codebook_bytes"]
+        raw = packed[pos : pos + header["raw_bytes"]]
+        pos += header["raw_bytes"]
+        idx = decode(packed[pos:])
+        spec = ArchSpec.from_dict(header["arch"], source)
+        tensors, b, r, i = {}, 0, 0, 0
+        for e in header["tensors"]:
+            shape, count = tuple(e["shape"]), int(np.prod(e["shape"], dtype=np.int64))
+            if e["kind"] == "shared":
+                k = int(e["centroids"])
+                part = idx[i : i + count]
+                if len(part) != count or (count and int(part.max()) >= k):
+                    raise BonsaiError(f"indices of {e['name']} do not match its codebook")
+                tensors[e["name"]] = torch.from_numpy(books[b : b + k][part].reshape(shape).copy())
+                b, i = b + k, i + count
+            elif e["kind"] in ("float16", "float32"):
+                dt = np.dtype("<f2" if e["kind"] == "float16" else "<f4")
+                data = np.frombuffer(raw, dtype=dt, count=count, offset=r)
+                tensors[e["name"]] = torch.from_numpy(data.astype(np.float32).reshape(shape))
+                r += dt.itemsize * count
+            else:
+                tensors[e["name"]] = torch.zeros(shape, dtype=getattr(torch, e["dtype"]))
+    except BonsaiError as e:
+        raise BonsaiError(f"{source}: damaged ({e})") from None
+    except Exception as e:  # noqa: BLE001 - JSON, struct, numpy, a bad dtype name: any means a damaged file
+        raise BonsaiError(f"{source}: damaged ({type(e).__name__}: {e})") from None
+    model = ResNet(spec)
+    load_state(model, tensors, source)
+    return model.eval()
