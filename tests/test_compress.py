@@ -139,6 +139,10 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     assert shared4["size_bytes"] < shared5["size_bytes"] < record["stages"][5]["size_bytes"]
     assert record["weight_sharing"][4]["index_bits_per_weight"] <= 4.01
     assert json.loads((run.dir / "compression.json").read_text())["stages"][-1]["file"] == "model.shared4.bsw"
+    chosen = next(s for s in record["stages"] if s["stage"] == record["final_stage"])
+    assert chosen["val_acc"] >= record["stages"][0]["val_acc"] - 0.005 and "low-rank" not in chosen["stage"]
+    assert all(s["size_bytes"] >= chosen["size_bytes"] for s in record["stages"] if "low-rank" not in s["stage"] and s["val_acc"] >= record["stages"][0]["val_acc"] - 0.005)
+    assert record["size_reduction_vs_fp32"] == round(record["stages"][0]["size_bytes"] / chosen["size_bytes"], 2)
     del record["stages"][-2:]
     assert len(record["lowrank_layers"]) == 9 and all(r["rank"] <= r["max_rank"] for r in record["lowrank_layers"])
     assert record["stages"][1]["flops_per_image"] <= record["stages"][0]["flops_per_image"]

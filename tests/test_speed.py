@@ -127,3 +127,51 @@ def test_run_predict_uses_the_runs_tta_setting(npz_data: Path, tmp_path: Path):
     np.testing.assert_allclose(first, with_tta.probs[0], atol=2e-6)
     off = bonsai.fit(npz_data, epochs=1, arch="resnet8", out=str(tmp_path / "s"), quiet=True, flip=False)
     assert not off.tta, "no mirrored predictions for data trained without flips"
+
+
+def test_the_planners_probes_do_not_change_the_seeded_start(npz_data: Path, tmp_path: Path, monkeypatch):
+    import bonsai.api as api_mod
+    import bonsai.train.plan as plan_mod
+
+    starts = []
+
+    class Stop(Exception):
+        pass
+
+    class Capture:
+        def __init__(self, model, *a, **k):
+            starts.append({k: v.clone() for k, v in model.state_dict().items()})
+            raise Stop
+
+    monkeypatch.setattr(api_mod, "Engine", Capture)
+    for draws in (1, 5):  # probes that consume different amounts of randomness
+        def pace(spec, *a, draws=draws):
+            torch.rand(draws)
+            return 1e6
+        monkeypatch.setattr(plan_mod, "measure_pace", pace)
+        monkeypatch.setattr(api_mod, "plan_arch", lambda *a, **k: plan_mod.plan_arch(*a, **k, pace=pace))
+        with pytest.raises(Stop):
+            bonsai.fit(npz_data, budget="1m", out=str(tmp_path / f"r{draws}"), quiet=True)
+    assert starts[0].keys() == starts[1].keys()
+    assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
+
+
+def test_patience_alone_trains_at_full_size(npz_data: Path, tmp_path: Path):
+    bonsai.fit(npz_data, patience=1, max_epochs=3, arch="resnet8", low_res=0.5, out=str(tmp_path / "p"), quiet=True)
+    assert {r["train_image_size"] for r in read_jsonl(tmp_path / "p" / "metrics.jsonl")} == {16}
+
+
+def test_a_run_written_before_low_res_and_tta_keeps_training_and_predicting_without_them(tmp_path: Path):
+    import yaml
+
+    from bonsai.config import FitConfig, load_yaml, save_yaml
+
+    path = tmp_path / "config.yaml"
+    save_yaml(FitConfig(), path)
+    d = yaml.safe_load(path.read_text())
+    del d["train"]["low_res"], d["train"]["tta"]
+    path.write_text(yaml.safe_dump(d))
+    old = load_yaml(path, run=True)
+    assert old.train.low_res == 1.0 and old.train.tta is False
+    fresh = load_yaml(path)  # a user's config file: missing keys take today's defaults
+    assert fresh.train.low_res == 0.5 and fresh.train.tta is True

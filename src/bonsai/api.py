@@ -96,7 +96,7 @@ class Run:
             self.summary = {}  # a summary is informative only
         cfg_path = self.dir / "config.yaml"
         # predict with the precision and test-time augmentation the run trained and validated with
-        run_cfg = _config.load_yaml(cfg_path) if cfg_path.is_file() else None
+        run_cfg = _config.load_yaml(cfg_path, run=True) if cfg_path.is_file() else None
         self.precision = run_cfg.train.precision if run_cfg else "auto"
         self.tta = bool(run_cfg and run_cfg.train.tta and run_cfg.augment.flip)
 
@@ -230,7 +230,7 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
         out = Path(resume)
         if not (out / "config.yaml").is_file():
             raise BonsaiError(f"{out}: not a run directory (no config.yaml) to resume")
-        cfg = _make_config(out / "config.yaml", overrides)
+        cfg = _make_config(_config.load_yaml(out / "config.yaml", run=True), overrides)
         cfg.out = str(out)
     else:
         cfg = _make_config(cfg, overrides)
@@ -276,6 +276,7 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
             t.plan_epochs,
         )
         spec = plan.spec
+        torch.manual_seed(cfg.seed)  # the probes drew random numbers; the run starts from the seed's weights
         log.info("planned %s (widths x%g): about %.0f epochs in the budget (probe %.1f s)", spec.name, plan.multiplier, plan.expected_epochs, plan.probe_s)
     else:
         spec = preset(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, len(ds.classes), ds.channels, ds.image_size)
@@ -402,7 +403,8 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
         "train_time_s": round(state.train_time_s, 2),
         "clock_s": round(state.clock_s, 2),
         "train_flops": state.train_flops,
-        # achieved training FLOP/s (3x forward FLOPs per image, as counted, over the time spent in training steps)
+        # achieved training FLOP/s: 3x the network's forward FLOPs per image (plus a teacher's forward pass when
+        # distilling), at the size each step used, over the time spent in training steps
         "train_gflops_per_s": round(state.train_flops / max(state.train_time_s, 1e-9) / 1e9, 2),
         "tta": tta,
         "flops_per_image": count_flops(model.spec),

@@ -67,7 +67,8 @@ class TrainConfig:
     schedule: str = "onecycle"  # onecycle (linear warm-up, cosine to 0) | step (x0.1 at 50% and 75%) | constant
     warmup: float = 0.1  # share of training spent warming the LR up from 0 (every schedule)
     # progressive resizing: training starts at low_res x the working size and grows linearly (in 4-pixel steps)
-    # to the full size over the first low_res_share of training; the rest runs at full size (low_res=1: off)
+    # to the full size over the first low_res_share of training; the rest runs at full size (low_res=1: off).
+    # Only with --epochs or --budget: a run stopped by patience alone has no planned length to share out
     low_res: float = 0.5
     low_res_share: float = 0.5
     tta: bool = True  # test-time augmentation: average each image's prediction with its mirror (needs augment.flip)
@@ -245,7 +246,14 @@ def from_dict(d: dict) -> FitConfig:
     return _build(FitConfig, d).validate()
 
 
-def load_yaml(path: str | Path) -> FitConfig:
+# Keys added after runs were first written, with the value that reproduces how those runs trained and predicted.
+# A run directory's config.yaml lacking them gets these (not the newer defaults) on resume and prediction.
+RUN_DEFAULTS_BEFORE = {("train", "low_res"): 1.0, ("train", "tta"): False}
+
+
+def load_yaml(path: str | Path, run: bool = False) -> FitConfig:
+    """A config from YAML. ``run``: the file is a run directory's config.yaml, so keys it lacks because it was
+    written by an older bonsai take the values that older bonsai used (:data:`RUN_DEFAULTS_BEFORE`)."""
     path = Path(path)
     try:
         d = yaml.safe_load(path.read_text())
@@ -253,6 +261,10 @@ def load_yaml(path: str | Path) -> FitConfig:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if run and isinstance(d, dict):
+        for (section, key), value in RUN_DEFAULTS_BEFORE.items():
+            if isinstance(d.get(section), dict):
+                d[section].setdefault(key, value)
     try:
         return from_dict(d or {})
     except ConfigError as e:

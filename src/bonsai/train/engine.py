@@ -276,7 +276,10 @@ class Engine:
             # a resumed run drops the scalars of the epochs it is about to replay
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self.state.epoch + 1)
         self.budget = cfg.budget_s
-        self._flops_cache: dict[tuple[int, int], int] = {}
+        self._flops_cache: dict[tuple[bool, int, int], int] = {}
+        # progressive resizing needs a planned length (epochs or a budget): with only patience to stop the run,
+        # the plan spans max_epochs, and most of a run cut short would never see full-size images
+        self.low_res = cfg.train.low_res if cfg.train.epochs is not None or self.budget is not None else 1.0
         self._last_size = model.spec.image_size  # the input size of the last training step
         # test-time augmentation mirrors images, so it is only right for data trained with random flips
         self.tta = cfg.train.tta and cfg.augment.flip
@@ -302,13 +305,17 @@ class Engine:
     def _out_of_time(self, clock: Clock) -> bool:
         return self.budget is not None and clock.now() >= self.budget - self.state.reserve_s
 
-    def _flops_at(self, size: int) -> int:
-        """Forward FLOPs per image at input ``size`` (cached; the cache is dropped when the network changes)."""
+    def _flops_at(self, size: int, teacher: bool = False) -> int:
+        """Forward FLOPs per image at input ``size`` of the network (or of the teacher; 0 without one). Cached by
+        size and current FLOPs, so a pruned network is counted afresh."""
+        if teacher and self.teacher is None:
+            return 0
+        full = self.teacher_flops if teacher else self.flops
         if size == self.model.spec.image_size:
-            return self.flops
-        key = (size, self.flops)
+            return full
+        key = (teacher, size, full)
         if key not in self._flops_cache:
-            self._flops_cache[key] = count_flops(self.model.spec, size)
+            self._flops_cache[key] = count_flops((self.teacher if teacher else self.model).spec, size)
         return self._flops_cache[key]
 
     # -- one epoch
@@ -329,7 +336,7 @@ class Engine:
                 for i, (xb, yb) in enumerate(self.train_loader.batches(epoch)):
                     progress = self._progress(clock)
                     lr = self.peak_lr * lr_factor(progress, self.cfg.train.schedule, self.cfg.train.warmup)
-                    size = train_size(progress, xb.shape[-1], self.cfg.train.low_res, self.cfg.train.low_res_share)
+                    size = train_size(progress, xb.shape[-1], self.low_res, self.cfg.train.low_res_share)
                     if size != xb.shape[-1]:  # progressive resizing: the early steps see smaller images
                         xb = resize_batch(xb, size)
                     for g in opt.param_groups:
@@ -370,7 +377,7 @@ class Engine:
                     seen += n
                     st.step += 1
                     st.images_seen += n
-                    st.train_flops += (3.0 * self._flops_at(size) + self.teacher_flops * (size / self.model.spec.image_size) ** 2) * n
+                    st.train_flops += (3.0 * self._flops_at(size) + self._flops_at(size, teacher=True)) * n
                     self._last_size = size
                     if bar is not None:
                         bar.update(1)
