@@ -254,6 +254,7 @@ DATASET_CASES: list[tuple[str, Callable[[Path], Path], str]] = [
     ("npz with float pixels", lambda t: _npz(t, x_train=X.astype(np.float64), y_train=Y), "must be uint8"),
     ("npz with 1-D pixels", lambda t: _npz(t, x_train=X.reshape(-1), y_train=Y), "must have shape"),
     ("npz with 5 channels", lambda t: _npz(t, x_train=np.zeros((12, 8, 8, 5), np.uint8), y_train=Y), "must have shape"),
+    ("npz with images of no pixels", lambda t: _npz(t, x_train=np.zeros((12, 0, 0), np.uint8), y_train=Y), "without pixels"),
     ("npz with fewer labels than images", lambda t: _npz(t, x_train=X, y_train=Y[:-1]), "integer labels"),
     ("npz with float labels", lambda t: _npz(t, x_train=X, y_train=Y.astype(np.float32)), "integer labels"),
     ("npz without y_train", lambda t: _npz(t, x_train=X), "must contain x_train and y_train"),

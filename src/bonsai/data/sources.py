@@ -386,6 +386,8 @@ def _npz_images(a: np.ndarray, key: str, src: Path) -> torch.Tensor:
         a = a[..., None]
     if a.ndim != 4 or a.shape[-1] not in (1, 3):
         raise DatasetError(f"{src}: {key} must have shape (N,H,W) or (N,H,W,C) with C 1 or 3, got {a.shape}")
+    if a.shape[1] == 0 or a.shape[2] == 0:
+        raise DatasetError(f"{src}: {key} holds images without pixels (shape {a.shape})")
     return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
 
 
@@ -400,6 +402,8 @@ def resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-2:] == (size, size) or len(x) == 0:
         return x
     h, w = x.shape[-2:]
+    if min(h, w) == 0:
+        raise DatasetError(f"images without pixels (shape {tuple(x.shape)})")
     s = size / min(h, w)
     nh, nw = max(size, round(h * s)), max(size, round(w * s))
     out = []
