@@ -20,7 +20,7 @@ or a .npz (x_train, y_train[, x_test, y_test, classes]) or a folder of *_partKof
 Stopping: --epochs N, --budget 10m (training + validation must end inside it), or train.patience=P (stop when
 validation accuracy has not improved for P epochs); with none of them, 20 epochs.
 
-Speed: with --budget and no --arch, bonsai measures a few training steps of its default network at several
+Speed: with --budget and neither --arch nor --epochs, bonsai measures a few training steps of its default network at several
 widths and trains the widest one expected to fit train.plan_epochs (32) epochs into the budget. Training starts
 on images at half the working size, growing to full size over the first half (train.low_res=1 switches this
 off); predictions average each image with its mirror (train.tta=false switches this off).
