@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
-import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bonsai.compress.container import frame, unframe
 from bonsai.compress.huffman import decode, encode
 from bonsai.errors import BonsaiError
 from bonsai.models.resnet import ResNet
@@ -163,8 +162,7 @@ def pack_onnx(model_path: str | Path) -> tuple[bytes, dict]:
             init.ClearField("raw_data")
             init.ClearField("int32_data")
     graph = model.SerializeToString()
-    header = json.dumps({"tensors": entries, "graph_bytes": len(graph)}).encode()
-    packed = _PACK_MAGIC + struct.pack("<Q", len(header)) + header + b"".join(blobs) + graph
+    packed = frame(_PACK_MAGIC, {"tensors": entries, "graph_bytes": len(graph)}, *blobs, graph)
     stats = {"huffman_values": n_values, "huffman_bytes": coded_bytes, "bits_per_weight": 8 * (coded_bytes - 268 * len(blobs)) / max(n_values, 1)}
     return packed, stats
 
@@ -175,13 +173,8 @@ def unpack_onnx(packed: bytes, source: str = "packed model") -> bytes:
     import onnx
     from onnx import numpy_helper
 
-    if not packed.startswith(_PACK_MAGIC):
-        raise BonsaiError(f"{source}: not a Huffman-packed bonsai ONNX model")
+    header, pos = unframe(packed, _PACK_MAGIC, "Huffman-packed bonsai ONNX model", source)
     try:
-        (n,) = struct.unpack_from("<Q", packed, len(_PACK_MAGIC))
-        start = len(_PACK_MAGIC) + 8
-        header = json.loads(packed[start : start + n])
-        pos = start + n
         arrays = {}
         for e in header["tensors"]:
             values = decode(packed[pos : pos + e["bytes"]])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from bonsai.compress import onnx_export as ox
+from bonsai.compress.sharing import pack_shared, unpack_shared
 from bonsai.errors import BonsaiError
 from bonsai.models.resnet import count_flops, count_params, save_model, state_bytes
 from bonsai.utils import atomic_write_bytes, atomic_write_text
@@ -185,8 +186,6 @@ def compress(
 
     sharing = {}
     for bits in share_bits:
-        from bonsai.compress.sharing import pack_shared, unpack_shared
-
         blob, sharing[bits] = pack_shared(model, bits)
         path = out / f"model.shared{bits}.bsw"
         atomic_write_bytes(path, blob)

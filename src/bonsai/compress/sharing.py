@@ -19,13 +19,11 @@ order. Decoding gives a ResNet whose conv/linear weights take only codebook valu
 
 from __future__ import annotations
 
-import json
-import struct
-
 import numpy as np
 import torch
 
-from bonsai.compress.huffman import decode, encode
+from bonsai.compress.container import frame, unframe
+from bonsai.compress.huffman import bits_per_value, decode, encode
 from bonsai.errors import BonsaiError
 from bonsai.models.arch import ArchSpec
 from bonsai.models.resnet import ResNet, load_state
@@ -104,17 +102,15 @@ def pack_shared(model: ResNet, bits: int = 4) -> tuple[bytes, dict]:
     blob = encode(np.concatenate(indices) if indices else np.zeros(0, dtype=np.uint8))
     books = np.concatenate(codebooks).astype("<f4").tobytes() if codebooks else b""
     raw = b"".join(raws)
-    header = json.dumps(
-        {"arch": model.spec.to_dict(), "bits": bits, "tensors": entries, "codebook_bytes": len(books), "raw_bytes": len(raw)}
-    ).encode()
-    packed = _MAGIC + struct.pack("<Q", len(header)) + header + books + raw + blob
+    header = {"arch": model.spec.to_dict(), "bits": bits, "tensors": entries, "codebook_bytes": len(books), "raw_bytes": len(raw)}
+    packed = frame(_MAGIC, header, books, raw, blob)
     stats = {
         "bits": bits,
         "shared_weights": n_shared,
-        "index_bits_per_weight": 8 * (len(blob) - 268) / max(n_shared, 1),
+        "index_bits_per_weight": bits_per_value(blob),
         "codebook_bytes": len(books),
         "other_bytes": len(raw),
-        "header_bytes": len(header),
+        "header_bytes": len(packed) - len(books) - len(raw) - len(blob),
         "total_bytes": len(packed),
     }
     return packed, stats
@@ -122,13 +118,8 @@ def pack_shared(model: ResNet, bits: int = 4) -> tuple[bytes, dict]:
 
 def unpack_shared(packed: bytes, source: str = "weight-shared model") -> ResNet:
     """The network :func:`pack_shared` stored (conv/linear weights as codebook values, the rest from float16)."""
-    if not packed.startswith(_MAGIC):
-        raise BonsaiError(f"{source}: not a weight-shared bonsai model")
+    header, pos = unframe(packed, _MAGIC, "weight-shared bonsai model", source)
     try:
-        (n,) = struct.unpack_from("<Q", packed, len(_MAGIC))
-        start = len(_MAGIC) + 8
-        header = json.loads(packed[start : start + n])
-        pos = start + n
         books = np.frombuffer(packed, dtype="<f4", count=header["codebook_bytes"] // 4, offset=pos)
         pos += header["codebook_bytes"]
         raw = packed[pos : pos + header["raw_bytes"]]
@@ -154,7 +145,7 @@ def unpack_shared(packed: bytes, source: str = "weight-shared model") -> ResNet:
                 tensors[e["name"]] = torch.zeros(shape, dtype=getattr(torch, e["dtype"]))
     except BonsaiError as e:
         raise BonsaiError(f"{source}: damaged ({e})") from None
-    except Exception as e:  # noqa: BLE001 - JSON, struct, numpy, a bad dtype name: any means a damaged file
+    except Exception as e:  # noqa: BLE001 - a missing key, numpy, a bad dtype name: any means a damaged file
         raise BonsaiError(f"{source}: damaged ({type(e).__name__}: {e})") from None
     model = ResNet(spec)
     load_state(model, tensors, source)
