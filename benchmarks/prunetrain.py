@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, portable, write_result  # noqa: E402
 
+from bonsai.report.html import aligned_widths  # noqa: E402
 from bonsai.report.log import read_jsonl  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def _fit(data: str, out: Path, args: list[str]) -> dict:
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
         "epochs": summary["epochs"],
         "events": events,
-        "curve": [{k: m[k] for k in ("epoch", "train_time_s", "test_acc", "flops_per_image", "batch_size", "widths")} for m in metrics],
+        "curve": [{k: m[k] for k in ("epoch", "train_time_s", "test_acc", "flops_per_image", "batch_size", "widths", "block_ids") if k in m} for m in metrics],
     }
 
 
@@ -136,12 +137,12 @@ def _plot(details: dict, name: str) -> None:
     fig, axes = plt.subplots(1, len(archs) + 1, figsize=(5 * (len(archs) + 1), 4))
     for ax, arch in zip(axes, archs):
         curve = details[arch]["pruned"]["curve"]
-        widths = np.array([c["widths"] for c in curve], dtype=float).T  # layers x epochs
+        widths = np.array(aligned_widths(curve)[0], dtype=float).T  # layers (of the starting network) x epochs
         im = ax.imshow(widths, aspect="auto", cmap="viridis", origin="lower", extent=(0.5, len(curve) + 0.5, -0.5, len(widths) - 0.5))
         fig.colorbar(im, ax=ax, label="channels")
         ax.set_xlabel("epoch")
         ax.set_ylabel("conv layer (forward order)")
-        ax.set_title(f"{arch} widths while pruning")
+        ax.set_title(f"{arch} widths while pruning (blank: block removed)")
     ax = axes[-1]
     for arch in archs:
         for kind, c in ((k, r["curve"]) for k, r in details[arch].items()):

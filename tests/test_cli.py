@@ -95,3 +95,12 @@ def test_unwritable_out_is_refused_before_training(folder_data: Path, tmp_path: 
     blocker.write_text("")
     assert main(["fit", str(folder_data), "--out", str(blocker / "run"), "--quiet"]) == 2
     assert "cannot create or write the run directory" in capsys.readouterr().err
+
+
+def test_compress_with_bad_share_bits_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    for bad in ("5,x", "9"):
+        r = subprocess.run([sys.executable, "-m", "bonsai", "compress", str(tmp_path), "--share-bits", bad], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--share-bits" in r.stderr, r.stderr

@@ -13,7 +13,7 @@ from bonsai.surgery.prune import GroupLasso, dead_channels, plan_keep
 
 def _penalty_autograd(model) -> torch.Tensor:
     """The group-lasso penalty written out directly, differentiable, as the reference: each group's L2 norm
-    weighted by the square root of its size."""
+    weighted by the square root of its size (channels, and the residual branches of identity-shortcut blocks)."""
     groups = {conv: bn for g in channel_groups(model) for conv, bn in g.writers}
     total = 0
     for conv, bn in groups.items():
@@ -24,14 +24,20 @@ def _penalty_autograd(model) -> torch.Tensor:
         if conv is not model.stem[0]:
             total = total + (o * kh * kw) ** 0.5 * w.pow(2).sum(dim=(0, 2, 3)).sqrt().sum()
     h = model.head.weight
-    return total + h.shape[0] ** 0.5 * h.pow(2).sum(dim=0).sqrt().sum()
+    total = total + h.shape[0] ** 0.5 * h.pow(2).sum(dim=0).sqrt().sum()
+    for stage in model.stages:  # each identity-shortcut block's whole residual branch
+        for block in stage:
+            if block.shortcut is None:
+                ps = [block.conv1.weight, block.bn1.weight, block.bn1.bias, block.conv2.weight, block.bn2.weight, block.bn2.bias]
+                total = total + sum(p.numel() for p in ps) ** 0.5 * sum(p.pow(2).sum() for p in ps).sqrt()
+    return total
 
 
 def test_add_grad_is_the_gradient_of_lambda_times_the_penalty():
     torch.manual_seed(0)
-    model = build(preset("resnet8"), zero_init_residual=False)
+    model = build(preset("resnet20"), zero_init_residual=False)
     lasso = GroupLasso(lpr=0.2, lam=0.37, weighting="size")
-    ref = build(preset("resnet8"))
+    ref = build(preset("resnet20"))
     ref.load_state_dict(model.state_dict())
     (0.37 * _penalty_autograd(ref)).backward()
     lasso.add_grad_(model)
@@ -107,7 +113,8 @@ def test_end_to_end_prune_run_removes_channels_and_keeps_training(tmp_path):
     np.savez(data, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
     run = bonsai.fit(
         data, epochs=4, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32",
-        **{"prune.enabled": True, "prune.lpr": 0.5, "prune.interval": 1, "prune.threshold": 0.5, "prune.min_width": 2, "prune.round_to": 1},
+        **{"prune.enabled": True, "prune.lpr": 0.5, "prune.interval": 1, "prune.threshold": 0.5, "prune.min_width": 2, "prune.round_to": 1,
+           "prune.grow_batch": True, "prune.until": 1.0},
     )
     events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines()]
     assert events and events[0]["event"] == "prune"
@@ -194,3 +201,33 @@ def test_channels_the_prox_zeroes_are_removed_at_the_default_threshold_without_c
     remove_channels_(model, keep, opt)
     assert conv.out_channels == len(keep["s0b0.inner"])
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_run_written_before_block_pruning_resumes_as_it_trained(tmp_path):
+    import yaml
+
+    from bonsai.config import FitConfig, load_yaml, save_yaml
+
+    path = tmp_path / "config.yaml"
+    save_yaml(FitConfig(), path)
+    d = yaml.safe_load(path.read_text())
+    for key in ("depth", "prox_every", "until", "grow_batch"):
+        del d["prune"][key]
+    path.write_text(yaml.safe_dump(d))
+    old = load_yaml(path, run=True)
+    assert (old.prune.depth, old.prune.prox_every, old.prune.until, old.prune.grow_batch) == (False, 1, 1.0, True)
+    fresh = load_yaml(path)
+    assert (fresh.prune.depth, fresh.prune.prox_every) == (True, FitConfig().prune.prox_every)
+
+
+def test_prox_over_several_steps_is_one_prox_with_their_threshold():
+    torch.manual_seed(0)
+    a = build(preset("resnet8"), zero_init_residual=False)
+    b = build(preset("resnet8"), zero_init_residual=False)
+    b.load_state_dict(a.state_dict())
+    lasso_a, lasso_b = GroupLasso(lam=0.003, weighting="size"), GroupLasso(lam=0.012, weighting="size")
+    lasso_a.prox_(a, torch.optim.SGD(a.parameters(), lr=0.1), steps=4)
+    lasso_b.prox_(b, torch.optim.SGD(b.parameters(), lr=0.1))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+    assert any(bool((p == 0).any()) for p in a.parameters())  # the threshold was large enough to zero groups

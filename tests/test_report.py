@@ -187,3 +187,17 @@ def test_report_renders_in_headless_chromium(tmp_path: Path):
     im = np.asarray(Image.open(png).convert("L"))
     assert im.shape == (3000, 1000)
     assert im.std() > 20 and (im < 100).mean() > 0.01  # text and figures were drawn, not a blank page
+
+
+def test_widths_stay_aligned_to_the_starting_layers_when_blocks_are_removed():
+    from bonsai.report.html import aligned_widths
+
+    metrics = [
+        {"widths": [16, 16, 16, 16, 16, 32, 32], "block_ids": [[0, 1], [0]]},
+        {"widths": [16, 8, 16, 32, 32], "block_ids": [[1], [0]]},  # stage 1's first block removed
+    ]
+    rows, names = aligned_widths(metrics)
+    assert names == ["stem", "s1.b1.conv1", "s1.b1.conv2", "s1.b2.conv1", "s1.b2.conv2", "s2.b1.conv1", "s2.b1.conv2"]
+    assert rows[0] == [16, 16, 16, 16, 16, 32, 32]
+    assert rows[1][:1] == [16] and all(v != v for v in rows[1][1:3]) and rows[1][3:] == [8, 16, 32, 32]
+    assert aligned_widths([{"widths": [1, 2, 3]}]) == ([[1, 2, 3]], None)

@@ -199,6 +199,7 @@ def _cmd_export(ns) -> int:
 
 def _cmd_compress(ns) -> int:
     from bonsai.compress.pipeline import compress
+    from bonsai.errors import BonsaiError
 
     try:
         bits = tuple(int(b) for b in ns.share_bits.split(",") if b.strip() and int(b) != 0)

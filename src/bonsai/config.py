@@ -90,10 +90,17 @@ class PruneConfig:
     interval: int | None = None  # epochs between reconfigurations; None: 5% of the planned epochs (at least 1)
     weighting: str = "flops"  # each group's penalty weight: flops (what the channel costs), size (sqrt), none
     proximal: bool = True  # apply the penalty as a proximal group soft-threshold after each step (else a gradient)
+    prox_every: int = 4  # the proximal step runs every this many steps, with that many steps' threshold at once
     threshold: float = 1e-4  # a channel is dead when max |w| of its group is at most this
+    depth: bool = True  # each block's residual branch is a group too; a block driven to zero is removed whole
+    # the penalty applies in epochs that start before this share of the planned training; the rest trains the pruned
+    # network without it, which recovers accuracy on short schedules
+    until: float = 0.5
     min_width: int = 8  # no layer drops below this many channels (never zero)
     round_to: int = 8  # kept widths are rounded up to a multiple of this (full SIMD/AMX tiles)
-    grow_batch: bool = True  # after a reconfiguration, grow the batch to keep FLOPs per step constant
+    # after a reconfiguration, grow the batch to keep FLOPs per step constant (LR scaled with it). Off by default: on
+    # a CPU a larger batch is not faster per image, and on short schedules the fewer steps cost accuracy
+    grow_batch: bool = False
     max_batch_scale: float = 4.0  # cap: the batch never exceeds this multiple of train.batch_size
 
 
@@ -152,6 +159,8 @@ class FitConfig:
         _check(0 < p.lpr < 1, "prune.lpr must be in (0, 1)")
         _check(p.weighting in ("flops", "size", "none"), "prune.weighting must be flops, size or none")
         _check(p.interval is None or p.interval >= 1, "prune.interval must be >= 1")
+        _check(0 < p.until <= 1, "prune.until must be in (0, 1]")
+        _check(p.prox_every >= 1, "prune.prox_every must be >= 1")
         _check(p.threshold >= 0, "prune.threshold must be >= 0")
         _check(p.min_width >= 1, "prune.min_width must be >= 1")
         _check(p.round_to >= 1, "prune.round_to must be >= 1")
@@ -248,7 +257,14 @@ def from_dict(d: dict) -> FitConfig:
 
 # Keys added after runs were first written, with the value that reproduces how those runs trained and predicted.
 # A run directory's config.yaml lacking them gets these (not the newer defaults) on resume and prediction.
-RUN_DEFAULTS_BEFORE = {("train", "low_res"): 1.0, ("train", "tta"): False}
+RUN_DEFAULTS_BEFORE = {
+    ("train", "low_res"): 1.0,
+    ("train", "tta"): False,
+    ("prune", "depth"): False,
+    ("prune", "prox_every"): 1,
+    ("prune", "until"): 1.0,
+    ("prune", "grow_batch"): True,
+}
 
 
 def load_yaml(path: str | Path, run: bool = False) -> FitConfig:

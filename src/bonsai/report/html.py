@@ -75,6 +75,30 @@ def layer_names(arch: dict) -> list[str]:
     return names
 
 
+def aligned_widths(metrics: list[dict]) -> tuple[list[list[float]], list[str] | None]:
+    """Every metrics line's ``widths`` laid out as the starting network's layers, so rows stay the same layers when
+    pruning removes blocks (``block_ids``: per stage, the starting indices of the blocks left); a removed block's
+    two convs are NaN. Also the layers' names, or None when the lines carry no ``block_ids``."""
+    if not metrics or "block_ids" not in metrics[0]:
+        return [list(m["widths"]) for m in metrics], None
+    full = [len(ids) for ids in metrics[0]["block_ids"]]  # the first line precedes any surgery
+    names = ["stem"] + [f"s{s + 1}.b{b + 1}.conv{k}" for s, d in enumerate(full) for b in range(d) for k in (1, 2)]
+    rows = []
+    for m in metrics:
+        ids, w = m.get("block_ids") or [list(range(d)) for d in full], m["widths"]
+        row, i = [w[0]], 1
+        for s, d in enumerate(full):
+            alive = set(ids[s]) if s < len(ids) else set()
+            for b in range(d):
+                if b in alive:
+                    row += w[i : i + 2]
+                    i += 2
+                else:
+                    row += [float("nan")] * 2
+        rows.append(row)
+    return rows, names
+
+
 def write_samples(split, classes: list[str], path: str | Path, size: int, channels: int, per_class: int = 8, max_classes: int = 20) -> None:
     """A PNG grid of ``per_class`` training images per class (one row per class, first ``max_classes`` classes),
     taken at evenly spaced positions of each class, so the report can show the data without reading it again."""
@@ -190,18 +214,20 @@ def _shape(run: dict) -> str:
     m = [x for x in run["metrics"] if x.get("widths")]
     if not m:
         return '<p class="note">no widths recorded</p>'
-    depth = max(len(x["widths"]) for x in m)
+    rows, names = aligned_widths(m)
+    depth = max(len(r) for r in rows)
     grid = np.full((depth, len(m)), np.nan)
-    for j, x in enumerate(m):
-        grid[: len(x["widths"]), j] = x["widths"]
-    names = layer_names(run["arch"]) if run["arch"] and len(layer_names(run["arch"])) == depth else [str(i) for i in range(depth)]
+    for j, r in enumerate(rows):
+        grid[: len(r), j] = r
+    if names is None:
+        names = layer_names(run["arch"]) if run["arch"] and len(layer_names(run["arch"])) == depth else [str(i) for i in range(depth)]
     fig, ax = _subplots(figsize=(min(14, 3 + 0.35 * len(m)), 1.5 + 0.2 * depth))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(depth), names, fontsize=7)
     epochs = [x["epoch"] for x in m]
     step = max(1, len(epochs) // 20)
     ax.set_xticks(range(0, len(epochs), step), epochs[::step])
-    ax.set(xlabel="epoch (widths at its end)", title="every conv's output width per epoch")
+    ax.set(xlabel="epoch (widths at its end)", title="every conv's output width per epoch (blank: block removed)")
     fig.colorbar(im, ax=ax, label="channels")
     for e in run["events"]:
         if e.get("event") in ("prune", "widen", "deepen") and e.get("epoch") in epochs:

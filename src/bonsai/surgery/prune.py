@@ -8,13 +8,21 @@ Lym et al., "PruneTrain: Fast Neural Network Training by Dynamic Sparse Model Re
 * **Penalty.** ``lambda * sum of group L2 norms``, applied in one of two visible ways, never folded into the loss
   (the training loss that is logged stays the plain cross-entropy):
 
-  - ``lasso.prox_(model, opt)`` after ``opt.step()`` (the default, ``prune.proximal``): the proximal operator of the
+  - ``lasso.prox_(model, opt)`` after ``opt.step()`` (the default, ``prune.proximal``; every ``prune.prox_every``
+    steps, with that many steps' threshold at once): the proximal operator of the
     penalty, a group soft-threshold ``w <- w * max(0, 1 - tau / ||w||)`` with ``tau = lr * lambda / (1 - momentum)``
     (momentum SGD moves a weight by ``lr / (1 - momentum)`` times a steady gradient, so LPR means the same in both
     ways). A group below ``tau`` becomes exactly zero and its momentum is cleared, so it stays zero unless the loss's
     own gradient is strong enough to revive it. Short schedules need this: a plain gradient makes the norms hover
     around zero instead of reaching it.
   - ``lasso.add_grad_(model)`` after ``backward()``: the penalty's subgradient, as in the PruneTrain paper.
+* **Blocks** (``depth``, on by default): the whole residual branch of every block with an identity shortcut (both
+  convs, both BNs' scales and shifts) is one more group. When the proximal step drives it to zero the block is the
+  identity, and :func:`bonsai.surgery.depth.remove_blocks_` removes it; on this CPU a removed block saves far more
+  time than thinning it (memory-bound BN, ReLU and add do not shrink with the inner width).
+* **Group weights** (``weighting``): ``flops`` (the default) weighs each group by the multiply-adds per image that
+  removing it saves (a channel: its share of its conv; a block: both its convs), so the penalty is a convex
+  stand-in for the network's FLOPs; ``size`` by the square root of the group's size; ``none`` by 1.
 * **lambda** comes from the lasso penalty ratio (LPR), the single knob: at the first step
   ``lambda = LPR * CE / (GL * (1 - LPR))``, so the penalty is the share LPR of the total loss; then it stays fixed.
 * **Dead channels.** A channel of a channel group (see :mod:`bonsai.surgery.channels`) is dead when every writer's
@@ -29,8 +37,9 @@ import math
 import torch
 from torch import nn
 
-from bonsai.models.resnet import ResNet
+from bonsai.models.resnet import BasicBlock, ResNet
 from bonsai.surgery.channels import channel_groups
+from bonsai.surgery.depth import branch_params, layout
 
 _EPS = 1e-12  # keeps w / ||w|| finite for a group that is exactly zero
 WEIGHTINGS = ("flops", "size", "none")
@@ -74,7 +83,7 @@ class GroupLasso:
     True
     """
 
-    def __init__(self, lpr: float = 0.2, lam: float | None = None, weighting: str = "flops"):
+    def __init__(self, lpr: float = 0.2, lam: float | None = None, weighting: str = "flops", depth: bool = True):
         if not 0 < lpr < 1:
             raise ValueError("lpr must be in (0, 1)")
         if weighting not in WEIGHTINGS:
@@ -82,8 +91,8 @@ class GroupLasso:
         self.lpr = lpr
         self.lam = lam
         self.weighting = weighting
-        self._pairs: tuple | None = None  # (model, its conv/BN pairs, conv output pixels), built once per model
-        self._rows: tuple | None = None  # (model, its widths, _groups' rows): rebuilt only after surgery
+        self.depth = depth
+        self._rows: tuple | None = None  # (model, its layout, channel rows, block rows): rebuilt only after surgery
 
     @torch.no_grad()
     def penalty(self, model: ResNet) -> torch.Tensor:
@@ -104,14 +113,16 @@ class GroupLasso:
         self._walk(model, add_grad=True)
 
     @torch.no_grad()
-    def prox_(self, model: ResNet, opt: torch.optim.Optimizer) -> None:
+    def prox_(self, model: ResNet, opt: torch.optim.Optimizer, steps: int = 1) -> None:
         """Group soft-threshold of every group (see the module docstring), after ``opt.step()``.
 
-        Output groups are thresholded first, then input groups."""
+        Output groups are thresholded first, then input groups, then blocks. ``steps``: the penalty of that many
+        steps at once (``tau`` times ``steps``), for applying it every few steps only: it costs a few dozen small
+        tensor operations per conv, several percent of a small network's step on a CPU."""
         if self.lam is None:
             raise RuntimeError("GroupLasso.prox_ before set_lambda")
         g0 = opt.param_groups[0]
-        tau = g0["lr"] * self.lam / (1.0 - g0.get("momentum", 0.0))
+        tau = steps * g0["lr"] * self.lam / (1.0 - g0.get("momentum", 0.0))
 
         def shrink(params: list[torch.Tensor], norm: torch.Tensor, weight: float, shape) -> None:
             factor = (1.0 - tau * weight / norm.clamp_min(_EPS)).clamp_min(0.0)
@@ -132,29 +143,51 @@ class GroupLasso:
                 shrink([w], w.float().pow(2).sum(dim=(0, 2, 3)).sqrt(), w_in, (1, -1, 1, 1))
         h = model.head.weight
         shrink([h], h.float().pow(2).sum(dim=0).sqrt(), self._head_weight(model), (1, -1))
+        for block, w_block in self._blocks(model):
+            params = branch_params(block)
+            norm = sum(p.float().pow(2).sum() for p in params).sqrt().view(1)
+            for p in params:
+                shrink([p], norm, w_block, (1,) * p.dim())
 
     def _groups(self, model: ResNet) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, float, float]]:
         """(conv, bn, output-group weight, input-group weight or 0 for the image's channels) per conv; see
-        ``weighting``. Cached until surgery changes the widths."""
-        widths = tuple(model.spec.widths())
-        if self._rows is not None and self._rows[0] is model and self._rows[1] == widths:
-            return self._rows[2]
-        if self._pairs is None or self._pairs[0] is not model:
-            self._pairs = (model, _conv_bn_pairs(model), _output_pixels(model))
-        _, pairs, pixels = self._pairs
+        ``weighting``. Cached until surgery changes the network's shape."""
+        return self._cache(model)[0]
+
+    def _blocks(self, model: ResNet) -> list[tuple[BasicBlock, float]]:
+        """(block, weight) of every block whose residual branch is a group (identity shortcut), if ``depth``."""
+        return self._cache(model)[1]
+
+    def _cache(self, model: ResNet) -> tuple[list, list]:
+        shape = layout(model)
+        if self._rows is not None and self._rows[0] is model and self._rows[1] == shape:
+            return self._rows[2], self._rows[3]
+        pixels = _output_pixels(model)
         first = model.stem[0]
         rows = []
-        for conv, bn in pairs:
+        for conv, bn in _conv_bn_pairs(model):
             o, i, kh, kw = conv.weight.shape
             if self.weighting == "flops":  # multiply-adds per image that one output / input channel costs
                 w_out, w_in = pixels[conv] * i * kh * kw, pixels[conv] * o * kh * kw
             elif self.weighting == "size":
                 w_out, w_in = math.sqrt(i * kh * kw + 2), math.sqrt(o * kh * kw)
             else:
-                w_out = w_in = 1.0
+                w_out, w_in = 1.0, 1.0
             rows.append((conv, bn, float(w_out), 0.0 if conv is first else float(w_in)))
-        self._rows = (model, widths, rows)
-        return rows
+        blocks = []
+        for stage in model.stages if self.depth else ():
+            for block in stage:
+                if block.shortcut is not None:
+                    continue
+                if self.weighting == "flops":  # both convs' multiply-adds per image
+                    w = sum(pixels[c] * c.weight[0].numel() * c.out_channels for c in (block.conv1, block.conv2))
+                elif self.weighting == "size":
+                    w = math.sqrt(sum(p.numel() for p in branch_params(block)))
+                else:
+                    w = 1.0
+                blocks.append((block, float(w)))
+        self._rows = (model, shape, rows, blocks)
+        return rows, blocks
 
     def _head_weight(self, model: ResNet) -> float:
         n = model.head.weight.shape[0]
@@ -191,6 +224,14 @@ class GroupLasso:
             add(h, w_h * h / (in_norm + _EPS).view(1, -1))
         else:
             total += w_h * in_norm.sum()
+        for block, w_block in self._blocks(model):  # whole residual branches
+            params = branch_params(block)
+            norm = sum(p.float().pow(2).sum() for p in params).sqrt()
+            if add_grad:
+                for p in params:
+                    add(p, w_block * p / (norm + _EPS))
+            else:
+                total += w_block * norm
         return total
 
 

@@ -26,6 +26,7 @@ from bonsai.models.arch import ArchSpec
 from bonsai.models.resnet import ResNet, count_flops, count_params, load_state, save_model
 from bonsai.report.log import append_jsonl
 from bonsai.surgery.channels import channel_groups, remove_channels_
+from bonsai.surgery.depth import dead_blocks, remove_blocks_
 from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.distill import distillation_loss
 from bonsai.train.resources import available_memory, fit_batch
@@ -111,6 +112,7 @@ class TrainState:
     rollbacks: int = 0  # divergences recovered from by rolling back to the last checkpoint
     lr_scale: float = 1.0  # product of the LR cuts made by rollbacks
     reserve_s: float = 0.0  # seconds kept back from the budget for predicting the test set at the end
+    block_ids: list[list[int]] | None = None  # per stage, the starting network's indices of the blocks still there
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -259,7 +261,8 @@ class Engine:
         self.flops = count_flops(model.spec)
         self.teacher = teacher  # distillation: its soft targets join the loss; its forward passes count as FLOPs
         self.teacher_flops = 0 if teacher is None else count_flops(teacher.spec, model.spec.image_size)
-        self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda, cfg.prune.weighting) if cfg.prune.enabled else None
+        self._penalized = False  # whether the last epoch's steps applied the group-lasso penalty
+        self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda, cfg.prune.weighting, cfg.prune.depth) if cfg.prune.enabled else None
         if self.state.start_flops is None:
             self.state.start_flops = self.flops
         self._signal: str | None = None  # "sigint" / "sigterm" once one arrives during run()
@@ -330,6 +333,9 @@ class Engine:
         seen, stopped = 0, False
         smoothing = self.cfg.train.label_smoothing
         check_grads = not self.scaler.is_enabled()  # fp16's scaler skips non-finite steps by itself
+        # the penalty applies to whole epochs that start before prune.until of the planned training
+        lasso = self.lasso if self.lasso is not None and self._progress(clock) < self.cfg.prune.until else None
+        self._penalized = lasso is not None
         with clock:
             t0 = clock.now()
             try:
@@ -358,7 +364,6 @@ class Engine:
                         norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
                         if not bool(torch.isfinite(norm)):
                             raise Diverged(f"gradient norm {float(norm)} at step {st.step + 1}")
-                    lasso = self.lasso
                     if lasso is not None:
                         if lasso.lam is None:
                             st.lasso_lambda = lasso.set_lambda(float(loss.detach()), model)
@@ -369,8 +374,9 @@ class Engine:
                     self.scaler.step(opt)
                     self.scaler.update()
                     skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale  # fp16 overflow: no step
-                    if lasso is not None and self.cfg.prune.proximal and not skipped:
-                        lasso.prox_(model, opt)
+                    every = self.cfg.prune.prox_every
+                    if lasso is not None and self.cfg.prune.proximal and not skipped and (st.step + 1) % every == 0:
+                        lasso.prox_(model, opt, steps=every)
                     n = len(yb)
                     loss_sum += loss.detach() * n
                     correct += (logits.argmax(1) == yb).sum()
@@ -411,22 +417,27 @@ class Engine:
             planned = max(1, int(self.budget / max(clock_s / self.state.epoch, 1e-9)))
         return max(1, round(0.05 * planned))
 
-    def _reconfigure_due(self, epoch: int, planned: int | None, clock_s: float) -> bool:
-        if self.lasso is None or self.state.stop_reason or (planned is not None and epoch >= planned):
+    def _reconfigure_due(self, epoch: int, planned: int | None, clock: Clock) -> bool:
+        """After every ``interval``-th epoch that had the penalty, and after the last such epoch (the one that ends
+        past ``prune.until``); never after the final epoch, whose network is the result either way."""
+        if not self._penalized or self.state.stop_reason or (planned is not None and epoch >= planned):
             return False
-        return epoch % self._prune_interval(planned, clock_s) == 0
+        return epoch % self._prune_interval(planned, clock.now()) == 0 or self._progress(clock) >= self.cfg.prune.until
 
     def _reconfigure(self, epoch: int, progress: bool) -> None:
-        """Remove dead channels, grow the batch so FLOPs per step stay constant, log the event."""
+        """Remove dead blocks and dead channels, grow the batch so FLOPs per step stay constant, log the event."""
         p, st, loader = self.cfg.prune, self.state, self.train_loader
-        group_widths = {g.name: g.width for g in channel_groups(self.model)}
-        keep = plan_keep(self.model, p.threshold, p.min_width, p.round_to)
-        if not keep:
-            return
-        widths_before, flops_before, batch_before = self.model.spec.widths(), self.flops, loader.batch_size
+        blocks = dead_blocks(self.model, p.threshold) if p.depth else []
         # the surgery is tried on a copy first: a result with non-finite weights or outputs is rejected
         self.opt.zero_grad(set_to_none=True)  # stale after the epoch; not worth copying
         trial = copy.deepcopy(self.model)
+        remove_blocks_(trial, blocks)
+        group_widths = {g.name: g.width for g in channel_groups(trial)}
+        keep = plan_keep(trial, p.threshold, p.min_width, p.round_to)
+        if not keep and not blocks:
+            return
+        widths_before, flops_before, batch_before = self.model.spec.widths(), self.flops, loader.batch_size
+        depths_before = [s.depth for s in self.model.spec.stages]
         remove_channels_(trial, keep)
         try:
             problem = self._broken(trial)
@@ -439,6 +450,11 @@ class Engine:
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "surgery_rejected", "surgery": "prune", "reason": problem})
             log.warning("pruning after epoch %d rejected (%s); training goes on with the network as it was", epoch, problem)
             return
+        ids = st.block_ids or [list(range(d)) for d in depths_before]
+        removed_ids = [f"s{s}b{ids[s][b]}" for s, b in blocks]  # named as in the starting network
+        remove_blocks_(self.model, blocks, self.opt)
+        if blocks:
+            st.block_ids = [[i for b, i in enumerate(stage) if (s, b) not in blocks] for s, stage in enumerate(ids)]
         remove_channels_(self.model, keep, self.opt)
         self.flops = count_flops(self.model.spec)
         if p.grow_batch:
@@ -463,6 +479,9 @@ class Engine:
             "batch_size": loader.batch_size,
             "peak_lr": self.peak_lr,
             "removed": {name: group_widths[name] - len(idx) for name, idx in keep.items()},
+            "blocks_removed": removed_ids,
+            "depths_before": depths_before,
+            "depths_after": [s.depth for s in self.model.spec.stages],
         }
         append_jsonl(self.run_dir / "events.jsonl", event)
         if progress:
@@ -470,7 +489,8 @@ class Engine:
 
             tqdm.write(
                 f"prune after epoch {epoch}: FLOPs/image {flops_before / 1e6:.1f}M -> {self.flops / 1e6:.1f}M, "
-                f"batch {batch_before} -> {loader.batch_size}"
+                + (f"{len(blocks)} blocks removed, " if blocks else "")
+                + f"batch {batch_before} -> {loader.batch_size}"
             )
 
     @torch.no_grad()
@@ -709,6 +729,8 @@ class Engine:
                     "train_flops": st.train_flops,
                     "widths": self.model.spec.widths(),
                 }
+                if self.lasso is not None and self.lasso.depth:  # which of the starting network's blocks are left
+                    record["block_ids"] = st.block_ids or [list(range(s.depth)) for s in self.model.spec.stages]
                 append_jsonl(metrics_path, {k: _finite_or_none(v) for k, v in record.items()})
                 self._last_val = val_acc
                 if self.tensorboard is not None:
@@ -716,7 +738,7 @@ class Engine:
                         if k != "epoch" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
                             self.tensorboard.add_scalar(k, v, epoch)
                     self.tensorboard.flush()
-                if self._reconfigure_due(epoch, planned, clock.now()):
+                if self._reconfigure_due(epoch, planned, clock):
                     self._reconfigure(epoch, progress)
                 st.clock_s = clock.now()
                 if self.scaler.is_enabled():

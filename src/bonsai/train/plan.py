@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from bonsai.models.arch import ArchSpec, preset
+from bonsai.models.arch import ArchSpec
 from bonsai.models.resnet import build, count_flops
 
 MULTIPLIERS = (0.5, 0.75, 1.0, 1.5, 2.0)
@@ -28,6 +28,7 @@ MULTIPLIERS = (0.5, 0.75, 1.0, 1.5, 2.0)
 def scaled(base: ArchSpec, mult: float) -> ArchSpec:
     """``base`` with every width times ``mult``, rounded to a multiple of 16 (full AMX/AVX-512 tiles), at least 16.
 
+    >>> from bonsai.models.arch import preset
     >>> scaled(preset("bonsai"), 0.5).widths()
     [16, 32, 32, 64, 64, 128, 128]
     """

@@ -1,0 +1,89 @@
+"""Depth surgery: removing whole residual blocks, in place, optimizer state included.
+
+A block with an identity shortcut computes ``relu(x + bn2(conv2(relu(bn1(conv1(x))))))``. When every weight of its
+residual branch is zero (both convs and both BNs' scales and shifts), the branch outputs exactly zero, in training
+and in eval mode, and the block computes ``relu(x)``. Its input ``x`` is the output of a ReLU (the stem's or the
+previous block's), so ``relu(x) == x``: the block is the identity and removing it leaves the network's function
+unchanged. Blocks with a projection shortcut (where a stage changes stride or width) are never removed, and every
+stage keeps at least one block.
+
+On this CPU a block costs more time than its FLOPs suggest (batch norm, ReLU and the residual add are memory-bound
+and do not shrink with the inner width), so removing blocks shortens training far more than thinning them:
+``benchmarks/prunetrain.py`` measures it.
+
+>>> from bonsai.models.arch import preset
+>>> from bonsai.models.resnet import build
+>>> m = build(preset("resnet20"))
+>>> remove_blocks_(m, [(0, 2), (1, 1)])
+>>> [s.depth for s in m.spec.stages]
+[2, 2, 3]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bonsai.errors import BonsaiError
+from bonsai.models.resnet import BasicBlock, ResNet
+
+
+def branch_params(block: BasicBlock) -> list[torch.Tensor]:
+    """The residual branch's parameters: both convs' weights and both BNs' scales and shifts."""
+    return [block.conv1.weight, block.bn1.weight, block.bn1.bias, block.conv2.weight, block.bn2.weight, block.bn2.bias]
+
+
+def removable(model: ResNet) -> list[tuple[int, int]]:
+    """(stage, block) of every block that could be removed: identity shortcut, not the stage's only block."""
+    return [(s, b) for s, stage in enumerate(model.stages) for b, block in enumerate(stage) if block.shortcut is None and len(stage) > 1]
+
+
+@torch.no_grad()
+def dead_blocks(model: ResNet, threshold: float) -> list[tuple[int, int]]:
+    """(stage, block) of the blocks whose residual branch has ``max |w| <= threshold`` everywhere, that can be
+    removed while every stage keeps at least one block (when all of a stage's blocks are dead, its first stays)."""
+    out = []
+    for s, stage in enumerate(model.stages):
+        dead = [
+            b
+            for b, block in enumerate(stage)
+            if block.shortcut is None and all(float(p.abs().max()) <= threshold for p in branch_params(block) if p.numel())
+        ]
+        if len(dead) == len(stage):
+            dead = dead[1:]
+        out += [(s, b) for b in dead]
+    return out
+
+
+def remove_blocks_(model: ResNet, blocks: list[tuple[int, int]], opt: torch.optim.Optimizer | None = None) -> None:
+    """Remove blocks ``(stage, block)`` (indices before any removal) from ``model`` in place.
+
+    The removed parameters leave the optimizer's parameter groups and state; every other parameter, and its
+    momentum buffer, is untouched. ``model.spec`` loses the blocks' entries. Exact when each removed block's residual
+    branch is zero (see the module docstring); otherwise the network changes.
+    """
+    blocks = sorted(set((int(s), int(b)) for s, b in blocks))
+    for s, b in blocks:
+        if not 0 <= s < len(model.stages) or not 0 <= b < len(model.stages[s]):
+            raise BonsaiError(f"remove_blocks_: no block {b} in stage {s}")
+        if model.stages[s][b].shortcut is not None:
+            raise BonsaiError(f"remove_blocks_: block {b} of stage {s} has a projection shortcut and cannot be removed")
+    for s in {s for s, _ in blocks}:
+        if sum(1 for t, _ in blocks if t == s) >= len(model.stages[s]):
+            raise BonsaiError(f"remove_blocks_: stage {s} must keep at least one block")
+    gone: set[int] = set()
+    for s, b in reversed(blocks):  # descending, so earlier indices stay valid
+        gone |= {id(p) for p in model.stages[s][b].parameters()}
+        del model.stages[s][b]  # nn.Sequential renumbers the blocks after it, matching a network built from the spec
+        del model.spec.stages[s].inner[b]
+    if opt is not None:
+        for group in opt.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in gone]
+        for p in [p for p in opt.state if id(p) in gone]:
+            del opt.state[p]
+    model.spec.validate()
+
+
+def layout(model: ResNet) -> tuple:
+    """What caches keyed on the network's shape must check: every width and every stage's depth."""
+    return tuple(model.spec.widths()), tuple(s.depth for s in model.spec.stages)
+

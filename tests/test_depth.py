@@ -1,0 +1,189 @@
+"""Depth surgery: removing blocks whose residual branch is zero keeps the function, the spec and the optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bonsai.errors import BonsaiError
+from bonsai.models.arch import preset
+from bonsai.models.resnet import build, count_params, load_state
+from bonsai.surgery.depth import branch_params, dead_blocks, remove_blocks_
+from bonsai.surgery.prune import GroupLasso
+
+
+def _trained_looking(arch: str = "resnet20") -> nn.Module:
+    """A network with non-trivial BN scales, shifts and running statistics."""
+    torch.manual_seed(0)
+    model = build(preset(arch, image_size=16), zero_init_residual=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _zero_branch_(block) -> None:
+    with torch.no_grad():
+        for p in branch_params(block):
+            p.zero_()
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_removing_zeroed_blocks_preserves_the_function(mode: str):
+    model = _trained_looking()
+    for s, b in [(0, 0), (0, 2), (2, 1)]:  # s0b0 has an identity shortcut (stem width = stage width)
+        _zero_branch_(model.stages[s][b])
+    model.train(mode == "train")
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        before = model(x)
+    assert dead_blocks(model, 0.0) == [(0, 0), (0, 2), (2, 1)]
+    remove_blocks_(model, [(0, 0), (0, 2), (2, 1)])
+    assert [s.depth for s in model.spec.stages] == [1, 3, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+    # the spec describes the shallower network exactly: a network built from it takes the weights by name
+    rebuilt = build(model.spec)
+    assert count_params(rebuilt) == count_params(model) < count_params(build(preset("resnet20")))
+    load_state(rebuilt, model.state_dict(), "test")
+    rebuilt.train(mode == "train")
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), atol=0, rtol=0)
+
+
+def test_a_live_branch_changes_the_function_when_removed():
+    """The exactness above is not an accident of the input: removing a block that is not zero changes outputs."""
+    model = _trained_looking().eval()
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        before = model(x)
+    remove_blocks_(model, [(1, 2)])
+    with torch.no_grad():
+        assert (model(x) - before).abs().max() > 1e-3
+
+
+def test_optimizer_state_survives_block_removal():
+    model = _trained_looking()
+    opt = torch.optim.SGD([{"params": [p for p in model.parameters() if p.ndim > 1]}, {"params": [p for p in model.parameters() if p.ndim == 1]}], lr=0.1, momentum=0.9)
+    for i, p in enumerate(model.parameters()):
+        opt.state[p]["momentum_buffer"] = torch.full_like(p, float(i))
+    gone = list(model.stages[1][1].parameters())
+    kept = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters() if not any(p is g for g in gone)}
+    kept_names_after = {}  # stage 1's block 2 becomes block 1: its buffers move with it
+    for n in kept:
+        kept_names_after[n.replace("stages.1.2.", "stages.1.1.")] = kept[n]
+    remove_blocks_(model, [(1, 1)], opt)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert len(params) == len(list(model.parameters())) and all(any(p is q for q in model.parameters()) for p in params)
+    assert not any(any(p is g for g in gone) for p in opt.state)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], kept_names_after[n], atol=0, rtol=0)
+    # and the optimizer still steps
+    model(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)).sum().backward()
+    opt.step()
+
+
+def test_block_removal_refuses_projection_blocks_and_empty_stages():
+    model = build(preset("resnet20"))
+    with pytest.raises(BonsaiError, match="projection"):
+        remove_blocks_(model, [(1, 0)])
+    with pytest.raises(BonsaiError, match="at least one block"):
+        remove_blocks_(model, [(0, 0), (0, 1), (0, 2)])
+    with pytest.raises(BonsaiError, match="no block"):
+        remove_blocks_(model, [(0, 5)])
+    assert [s.depth for s in model.spec.stages] == [3, 3, 3]  # refused before anything changed
+
+
+def test_dead_blocks_keep_one_block_per_stage_and_use_absolute_values():
+    model = _trained_looking()
+    for b in range(3):
+        _zero_branch_(model.stages[0][b])
+    with torch.no_grad():
+        model.stages[2][2].bn2.bias[0] = -1e-3  # one negative shift keeps a block alive at threshold 1e-4
+        for p in branch_params(model.stages[2][2]):
+            if p is not model.stages[2][2].bn2.bias:
+                p.zero_()
+    assert dead_blocks(model, 1e-4) == [(0, 1), (0, 2)]  # all of stage 0 is dead: its first block stays
+
+
+def test_the_block_prox_zeroes_a_branch_whose_channels_alone_would_survive():
+    """FLOP weighting makes a whole branch weigh (both convs' cost) more than its norm grows: a branch dies as a
+    whole where none of its channel groups would die alone."""
+    model = _trained_looking()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.0)  # tau = lambda
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"] = torch.ones_like(p)
+    weak = model.stages[1][2]
+    with torch.no_grad():
+        for p in branch_params(weak):
+            p.mul_(1e-3)
+    lasso = GroupLasso(lpr=0.2, weighting="flops")
+    w_block = dict((id(b), w) for b, w in lasso._blocks(model))[id(weak)]
+    norm = float(sum(p.detach().pow(2).sum() for p in branch_params(weak)).sqrt())
+    lasso.lam = 1.01 * norm / w_block  # just enough for the branch as a whole
+    rows = {conv: (w_out, w_in) for conv, _, w_out, w_in in lasso._groups(model)}
+    c1, c2 = weak.conv1, weak.conv2
+    with torch.no_grad():
+        smallest = min(
+            float((c1.weight.pow(2).sum(dim=(1, 2, 3)) + weak.bn1.weight.pow(2) + weak.bn1.bias.pow(2)).sqrt().min()) / rows[c1][0],
+            float((c2.weight.pow(2).sum(dim=(1, 2, 3)) + weak.bn2.weight.pow(2) + weak.bn2.bias.pow(2)).sqrt().min()) / rows[c2][0],
+            float(c2.weight.pow(2).sum(dim=(0, 2, 3)).sqrt().min()) / rows[c2][1],
+        )
+    assert lasso.lam < smallest  # no channel group of the branch is below its own threshold
+    control = copy.deepcopy(model)
+    GroupLasso(lpr=0.2, lam=lasso.lam, weighting="flops", depth=False).prox_(control, torch.optim.SGD(control.parameters(), lr=1.0))
+    assert dead_blocks(control, 0.0) == []
+    lasso.prox_(model, opt)
+    assert all(p.abs().max() == 0 for p in branch_params(weak))
+    assert all(opt.state[p]["momentum_buffer"].abs().max() == 0 for p in branch_params(weak))
+    assert dead_blocks(model, 0.0) == [(1, 2)]
+    strong = model.stages[1][1]
+    assert all(p.abs().max() > 0 for p in branch_params(strong))
+
+
+def test_no_block_groups_without_depth():
+    model = build(preset("resnet20"), zero_init_residual=False)
+    with_depth, without = GroupLasso(depth=True), GroupLasso(depth=False)
+    assert len(with_depth._blocks(model)) == 7 and without._blocks(model) == []  # 9 blocks, 2 with projections
+    assert float(with_depth.penalty(model)) > float(without.penalty(model))
+
+
+def test_end_to_end_prune_run_removes_blocks_keeps_training_and_resumes(tmp_path):
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+
+    import bonsai
+    from bonsai.models.arch import ArchSpec
+    from conftest import make_images
+
+    x, y = make_images(40)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
+    arch = tmp_path / "arch.json"
+    ArchSpec.resnet((16, 32), 2, num_classes=3, image_size=16).to_json(arch)  # 2 blocks per stage, 1 removable each
+    # a penalty far above any useful one, so that branches die within a few dozen steps of a tiny run
+    run = bonsai.fit(
+        data, epochs=6, out=str(tmp_path / "r"), arch=str(arch), batch_size=16, quiet=True, precision="fp32", lr=3.2,
+        **{"prune.enabled": True, "prune.lpr": 0.98, "prune.interval": 1, "prune.prox_every": 1},
+    )
+    events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines()]
+    removed = [b for e in events if e["event"] == "prune" for b in e["blocks_removed"]]
+    assert removed and set(removed) <= {"s0b1", "s1b1"} and len(removed) == len(set(removed))
+    metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(m["train_loss"]) for m in metrics)
+    assert metrics[0]["block_ids"] == [[0, 1], [0, 1]] and sum(map(len, metrics[-1]["block_ids"])) == 4 - len(removed)
+    last = [e for e in events if e["event"] == "prune"][-1]
+    with safe_open(str(run.dir / "checkpoint.safetensors"), "pt") as f:
+        spec = bonsai.ArchSpec.from_dict(json.loads(f.metadata()["arch"]))
+    assert [s.depth for s in spec.stages] == last["depths_after"] and spec.widths() == last["widths_after"]
+    more = bonsai.fit(None, resume=run.dir, epochs=7)  # the shallower checkpoint resumes with its momentum
+    assert more.summary["epochs"] == 7
