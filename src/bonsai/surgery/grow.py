@@ -23,7 +23,7 @@
 >>> from bonsai.models.resnet import build
 >>> m = build(preset("resnet20"))
 >>> src = widen_(m, "s1", 48)  # the channel each new one copies
->>> deepen_(m, stage=2, index=1)
+>>> block = deepen_(m, stage=2, index=1)
 >>> m.spec.stages[1].width, m.spec.stages[2].depth
 (48, 4)
 """
