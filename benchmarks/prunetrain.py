@@ -1,7 +1,7 @@
 """PruneTrain on full CIFAR-10: dense vs pruned runs of the same archs, epochs and schedule, back to back.
 
     python benchmarks/prunetrain.py [--data ../shared/data/cifar10] [--epochs 10] [--archs resnet32,bonsai]
-                                    [--lpr 0.2] [--set key=value ...]
+                                    [--lpr 0.5,0.35] [--set key=value ...]
 
 Each fit runs as its own `bonsai fit` process, so that its peak memory (max RSS, from os.wait4) is its own.
 Reported per run: test accuracy of the final network, total training FLOPs (3 x forward per image), inference FLOPs per image of the
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/cifar10")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--archs", default="resnet32,bonsai")
-    ap.add_argument("--lpr", default="0.2", help="comma-separated LPRs, one pruned run each; the summary uses the first")
+    ap.add_argument("--lpr", default="0.5,0.35", help="comma-separated LPRs, one pruned run each; the summary uses the first")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config for the pruned runs")
     ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke test)")
     ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
@@ -113,6 +113,8 @@ def main() -> None:
                 "inference_flops_reduction": round(1 - r["inference_flops"] / v["dense"]["inference_flops"], 4),
                 "wall_time_reduction": round(1 - r["train_time_s"] / v["dense"]["train_time_s"], 4),
                 "peak_rss_mib": {"dense": v["dense"]["peak_rss_mib"], "pruned": r["peak_rss_mib"]},
+                "final_depths": [len(b) for b in r["curve"][-1].get("block_ids", [])] or None,
+                "final_widths": r["curve"][-1]["widths"],
             }
             for a, v in details.items()
             for key, r in v.items()
