@@ -104,3 +104,11 @@ def test_compress_with_bad_share_bits_is_a_one_line_error(tmp_path):
     for bad in ("5,x", "9"):
         r = subprocess.run([sys.executable, "-m", "bonsai", "compress", str(tmp_path), "--share-bits", bad], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--share-bits" in r.stderr, r.stderr
+
+
+def test_flops_flag_needs_a_count():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "bonsai", "fit", "nowhere.npz", "--flops", "lots"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["bonsai: error: FLOPs 'lots': use a number like 40M, 1.5G or 800k"], r.stderr

@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int)
     f.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
     f.add_argument("--prune", action="store_true", help="PruneTrain: prune channels while training (prune.* keys tune it)")
+    f.add_argument(
+        "--flops",
+        metavar="N",
+        help="MorphNet: prune (implies --prune), then scale every width by one factor to reach N forward FLOPs per "
+        "image, e.g. 40M (prune.target_flops)",
+    )
+    f.add_argument(
+        "--adapt",
+        action="store_true",
+        help="prune while training and let a controller decide after every epoch to continue, prune, widen, deepen or "
+        "stop (adapt.* keys tune it; implies --prune)",
+    )
     f.add_argument("--quiet", action="store_true", help="no progress output")
     f.add_argument("--teacher", metavar="RUN", help="distill: also learn this run's soft targets (distill.* keys tune it)")
     f.add_argument("--log", metavar="LOGGERS", help="extra loggers, comma-separated: tensorboard (scalars in RUN/tensorboard/)")
@@ -141,7 +153,13 @@ def _cmd_fit(ns) -> int:
         kw["epochs"] = None  # a budget replaces the epoch count of a loaded config
     if ns.quiet:
         kw["quiet"] = True
-    if ns.prune:
+    if ns.flops is not None:
+        from bonsai.utils import parse_count
+
+        kw["prune.target_flops"] = parse_count(ns.flops)
+    if ns.adapt:
+        kw["adapt.enabled"] = True
+    if ns.prune or ns.flops is not None or ns.adapt:
         kw["prune.enabled"] = True
         if not any(k.split(".")[-1] == "zero_init_residual" for k in kw):
             kw["model.zero_init_residual"] = None  # re-derive it (off when pruning), even from an old config.yaml

@@ -98,10 +98,29 @@ class PruneConfig:
     until: float = 0.5
     min_width: int = 8  # no layer drops below this many channels (never zero)
     round_to: int = 8  # kept widths are rounded up to a multiple of this (full SIMD/AMX tiles)
+    # MorphNet's expand step: after the last reconfiguration, every width is scaled by the one factor that brings the
+    # pruned network closest to this many forward FLOPs per image without exceeding it (weights carried over; the
+    # widened network computes the same function). None: keep the pruned widths
+    target_flops: float | None = None
     # after a reconfiguration, grow the batch to keep FLOPs per step constant (LR scaled with it). Off by default: on
     # a CPU a larger batch is not faster per image, and on short schedules the fewer steps cost accuracy
     grow_batch: bool = False
     max_batch_scale: float = 4.0  # cap: the batch never exceeds this multiple of train.batch_size
+
+
+@dataclass
+class AdaptConfig:
+    """The adaptive controller (``--adapt``; the rule is documented in :mod:`bonsai.train.controller`)."""
+
+    enabled: bool = False  # decide after every epoch: continue / prune / widen / deepen / stop (turns pruning on)
+    window: int = 3  # epochs over which pruned shares are counted; a prune decision applies the penalty this long
+    patience: int = 2  # epochs without a validation gain of more than min_delta make a plateau
+    min_delta: float = 0.002
+    min_left: float = 0.2  # no surgery with less than this share of the run left: stop at a plateau instead
+    max_gap: float = 0.15  # train accuracy this far above validation at a plateau: prune
+    saturated: float = 0.05  # a stage that lost less than this share of channels in the window is saturated: widen
+    widen_factor: float = 1.5
+    max_growths: int = 3
 
 
 @dataclass
@@ -118,6 +137,7 @@ class FitConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     out: str | None = None  # run directory; None: runs/<dataset>-<time>
@@ -161,6 +181,7 @@ class FitConfig:
         _check(p.interval is None or p.interval >= 1, "prune.interval must be >= 1")
         _check(0 < p.until <= 1, "prune.until must be in (0, 1]")
         _check(p.prox_every >= 1, "prune.prox_every must be >= 1")
+        _check(p.target_flops is None or p.target_flops > 0, "prune.target_flops must be > 0")
         _check(p.threshold >= 0, "prune.threshold must be >= 0")
         _check(p.min_width >= 1, "prune.min_width must be >= 1")
         _check(p.round_to >= 1, "prune.round_to must be >= 1")
@@ -168,6 +189,10 @@ class FitConfig:
         _check(self.augment.translate is None or self.augment.translate >= 0, "augment.translate must be >= 0")
         _check(self.distill.temperature > 0, "distill.temperature must be > 0")
         _check(0 <= self.distill.alpha <= 1, "distill.alpha must be in [0, 1]")
+        a = self.adapt
+        _check(a.window >= 1 and a.patience >= 1 and a.max_growths >= 0, "adapt.window and adapt.patience must be >= 1, adapt.max_growths >= 0")
+        _check(a.widen_factor > 1, "adapt.widen_factor must be > 1")
+        _check(0 <= a.min_left < 1 and 0 <= a.saturated <= 1 and a.min_delta >= 0, "adapt.min_left must be in [0, 1), adapt.saturated in [0, 1]")
         unknown = sorted(set(self.loggers()) - {"tensorboard"})
         _check(not unknown, f"log: unknown logger {', '.join(unknown)} (known: tensorboard)")
         return self
@@ -181,7 +206,9 @@ class FitConfig:
 
     def resolved(self) -> "FitConfig":
         """A copy with defaults that depend on other fields made explicit (what config.yaml records)."""
-        cfg = dataclasses.replace(self, train=dataclasses.replace(self.train), model=dataclasses.replace(self.model))
+        cfg = dataclasses.replace(self, train=dataclasses.replace(self.train), model=dataclasses.replace(self.model), prune=dataclasses.replace(self.prune))
+        if cfg.adapt.enabled:  # the controller reads what pruning removes
+            cfg.prune.enabled = True
         if cfg.train.epochs is None and cfg.train.budget is None and cfg.train.patience is None:
             cfg.train.epochs = 20
         if cfg.model.zero_init_residual is None:

@@ -64,4 +64,21 @@ def parse_duration(value: str | float | int) -> float:
     return seconds
 
 
+def parse_count(value: str | float | int, what: str = "FLOPs") -> float:
+    """A positive count from ``40000000``, ``"40M"``, ``"1.5G"`` or ``"800k"``.
+
+    >>> parse_count("40M")
+    40000000.0
+    """
+    text = str(value).strip().lower().replace("_", "")
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:], 1.0)
+    try:
+        n = float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise ConfigError(f"{what} {value!r}: use a number like 40M, 1.5G or 800k") from None
+    if not n > 0:
+        raise ConfigError(f"{what} {value!r}: must be positive")
+    return n
+
+
 STOP_SIGNALS = {"sigint": 130, "sigterm": 143}  # a run's stop_reason after a signal -> the exit code the CLI returns

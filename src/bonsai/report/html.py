@@ -76,12 +76,18 @@ def layer_names(arch: dict) -> list[str]:
 
 
 def aligned_widths(metrics: list[dict]) -> tuple[list[list[float]], list[str] | None]:
-    """Every metrics line's ``widths`` laid out as the starting network's layers, so rows stay the same layers when
-    pruning removes blocks (``block_ids``: per stage, the starting indices of the blocks left); a removed block's
-    two convs are NaN. Also the layers' names, or None when the lines carry no ``block_ids``."""
+    """Every metrics line's ``widths`` laid out as the starting network's layers (plus any inserted later), so rows
+    stay the same layers when pruning removes blocks or growth inserts them (``block_ids``: per stage, the ids of the
+    blocks present, the starting network's being 0..depth-1); an absent block's two convs are NaN. Also the layers'
+    names, or None when the lines carry no ``block_ids``."""
     if not metrics or "block_ids" not in metrics[0]:
         return [list(m["widths"]) for m in metrics], None
-    full = [len(ids) for ids in metrics[0]["block_ids"]]  # the first line precedes any surgery
+    # the first line precedes any surgery; blocks inserted later have ids past the starting network's
+    full = [len(ids) for ids in metrics[0]["block_ids"]]
+    for m in metrics:
+        for s, ids in enumerate(m.get("block_ids") or []):
+            if s < len(full) and ids:
+                full[s] = max(full[s], max(ids) + 1)
     names = ["stem"] + [f"s{s + 1}.b{b + 1}.conv{k}" for s, d in enumerate(full) for b in range(d) for k in (1, 2)]
     rows = []
     for m in metrics:
@@ -167,7 +173,7 @@ def _col(metrics: list[dict], key: str) -> list[float]:
 
 def _mark_events(ax, events: list[dict], x_of_epoch) -> None:
     for e in events:
-        if e.get("event") in ("prune", "widen", "deepen", "rollback", "out_of_memory") and e.get("epoch"):
+        if e.get("event") in ("prune", "morph", "widen", "deepen", "rollback", "out_of_memory") and e.get("epoch"):
             ax.axvline(x_of_epoch(e["epoch"]), color="tab:red" if e["event"] != "prune" else "tab:purple", lw=0.8, ls=":")
 
 
@@ -230,10 +236,10 @@ def _shape(run: dict) -> str:
     ax.set(xlabel="epoch (widths at its end)", title="every conv's output width per epoch (blank: block removed)")
     fig.colorbar(im, ax=ax, label="channels")
     for e in run["events"]:
-        if e.get("event") in ("prune", "widen", "deepen") and e.get("epoch") in epochs:
+        if e.get("event") in ("prune", "morph", "widen", "deepen") and e.get("epoch") in epochs:
             x = epochs.index(e["epoch"]) + 0.5  # the surgery happens after that epoch's line was written
             ax.axvline(x, color="white", lw=1.2, ls="--")
-    note = '<p class="note">Dashed lines: surgeries (prune / widen / deepen), listed under Events.</p>'
+    note = '<p class="note">Dashed lines: surgeries (prune / morph / widen / deepen), listed under Events.</p>'
     return _img(_png(fig), "network shape over time") + note
 
 

@@ -9,7 +9,7 @@ import math
 import signal
 import threading
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,6 +27,9 @@ from bonsai.models.resnet import ResNet, count_flops, count_params, load_state, 
 from bonsai.report.log import append_jsonl
 from bonsai.surgery.channels import channel_groups, remove_channels_
 from bonsai.surgery.depth import dead_blocks, remove_blocks_
+from bonsai.surgery.grow import deepen_, widen_
+from bonsai.surgery.morphnet import fit_widths, resize_
+from bonsai.train.controller import Rule, Signals, decide
 from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.distill import distillation_loss
 from bonsai.train.resources import available_memory, fit_batch
@@ -113,6 +116,13 @@ class TrainState:
     lr_scale: float = 1.0  # product of the LR cuts made by rollbacks
     reserve_s: float = 0.0  # seconds kept back from the budget for predicting the test set at the end
     block_ids: list[list[int]] | None = None  # per stage, the starting network's indices of the blocks still there
+    # --adapt: the controller's memory
+    val_hist: list[float] = field(default_factory=list)  # validation accuracy per epoch
+    train_hist: list[float] = field(default_factory=list)  # training accuracy per epoch
+    pruned_log: list[list] = field(default_factory=list)  # per reconfiguration: [epoch, channels per stage before, after]
+    penalty_until: int = 0  # a prune decision applies the penalty through this epoch
+    growths: int = 0  # widen / deepen decisions carried out
+    block_next: list[int] = field(default_factory=list)  # per stage, the id an inserted block gets (see block_ids)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -215,6 +225,11 @@ def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
 def _finite_or_none(v):
     """JSON has no NaN: a non-finite number is logged as null."""
     return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _stage_channels(spec: ArchSpec) -> list[int]:
+    """Channels per stage: its residual width plus every block's inner width (what pruning can remove)."""
+    return [s.width + sum(s.inner) for s in spec.stages]
 
 
 def _fmt_s(s: float) -> str:
@@ -334,7 +349,7 @@ class Engine:
         smoothing = self.cfg.train.label_smoothing
         check_grads = not self.scaler.is_enabled()  # fp16's scaler skips non-finite steps by itself
         # the penalty applies to whole epochs that start before prune.until of the planned training
-        lasso = self.lasso if self.lasso is not None and self._progress(clock) < self.cfg.prune.until else None
+        lasso = self.lasso if self.lasso is not None and self._penalty_on(epoch, clock) else None
         self._penalized = lasso is not None
         with clock:
             t0 = clock.now()
@@ -417,12 +432,17 @@ class Engine:
             planned = max(1, int(self.budget / max(clock_s / self.state.epoch, 1e-9)))
         return max(1, round(0.05 * planned))
 
+    def _penalty_on(self, epoch: int, clock: Clock) -> bool:
+        """Whether epoch ``epoch`` applies the penalty: it starts before ``prune.until`` of the planned training, or
+        the controller asked for pruning through it."""
+        return self._progress(clock) < self.cfg.prune.until or epoch <= self.state.penalty_until
+
     def _reconfigure_due(self, epoch: int, planned: int | None, clock: Clock) -> bool:
-        """After every ``interval``-th epoch that had the penalty, and after the last such epoch (the one that ends
-        past ``prune.until``); never after the final epoch, whose network is the result either way."""
+        """After every ``interval``-th epoch that had the penalty, and after the last such epoch (the next one has
+        none); never after the final epoch, whose network is the result either way."""
         if not self._penalized or self.state.stop_reason or (planned is not None and epoch >= planned):
             return False
-        return epoch % self._prune_interval(planned, clock.now()) == 0 or self._progress(clock) >= self.cfg.prune.until
+        return epoch % self._prune_interval(planned, clock.now()) == 0 or not self._penalty_on(epoch + 1, clock)
 
     def _reconfigure(self, epoch: int, progress: bool) -> None:
         """Remove dead blocks and dead channels, grow the batch so FLOPs per step stay constant, log the event."""
@@ -450,13 +470,17 @@ class Engine:
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "surgery_rejected", "surgery": "prune", "reason": problem})
             log.warning("pruning after epoch %d rejected (%s); training goes on with the network as it was", epoch, problem)
             return
+        channels_before = _stage_channels(self.model.spec)
         ids = st.block_ids or [list(range(d)) for d in depths_before]
         removed_ids = [f"s{s}b{ids[s][b]}" for s, b in blocks]  # named as in the starting network
         remove_blocks_(self.model, blocks, self.opt)
         if blocks:
+            if not st.block_next:  # the first removal: ids so far are the starting network's
+                st.block_next = [len(stage) for stage in ids]
             st.block_ids = [[i for b, i in enumerate(stage) if (s, b) not in blocks] for s, stage in enumerate(ids)]
         remove_channels_(self.model, keep, self.opt)
         self.flops = count_flops(self.model.spec)
+        st.pruned_log.append([epoch, channels_before, _stage_channels(self.model.spec)])
         if p.grow_batch:
             b0 = self.batch0  # the batch training started with (after any memory cap)
             target = b0 * st.start_flops / self.flops  # the batch that costs what the first model's batch cost
@@ -492,6 +516,92 @@ class Engine:
                 + (f"{len(blocks)} blocks removed, " if blocks else "")
                 + f"batch {batch_before} -> {loader.batch_size}"
             )
+
+    def _adapt(self, epoch: int, clock: Clock, progress: bool) -> None:
+        """Ask the controller (:mod:`bonsai.train.controller`) and carry out its decision; log it with its reason.
+
+        prune: the penalty applies for the next ``adapt.window`` epochs. widen: every channel group of the chosen
+        stages (residual and inner widths) grows by ``adapt.widen_factor`` with Net2WiderNet. deepen: an identity
+        block is appended to the chosen stage. Both keep the network's function, and copy momentum with the
+        weights, so the LR schedule and batch continue unchanged. stop: the run ends here."""
+        a, st = self.cfg.adapt, self.state
+        now = _stage_channels(self.model.spec)
+        shares = []
+        for i, n in enumerate(now):
+            recent = [r for r in st.pruned_log if r[0] > epoch - a.window]
+            removed = sum(max(r[1][i] - r[2][i], 0) for r in recent if i < len(r[1]))
+            before = recent[0][1][i] if recent and i < len(recent[0][1]) else n
+            shares.append(removed / max(before, 1))
+        rule = Rule(a.patience, a.min_delta, a.min_left, a.max_gap, a.saturated, a.widen_factor, a.max_growths)
+        signals = Signals(st.val_hist, st.train_hist, shares, self.flops, max(0.0, 1 - self._progress(clock)), st.growths, self.cfg.prune.target_flops)
+        decision = decide(signals, rule)
+        flops_before, widths_before = self.flops, self.model.spec.widths()
+        if decision.action == "prune":
+            st.penalty_until = epoch + a.window
+        elif decision.action in ("widen", "deepen"):
+            self.opt.zero_grad(set_to_none=True)
+            gen = torch.Generator().manual_seed(st.step)
+            for s in decision.stages:
+                if decision.action == "widen":
+                    for g in channel_groups(self.model):
+                        if any(f[0] != "stem" and f[1] == s for f in g.spec_fields):
+                            grown = -(-math.ceil(g.width * a.widen_factor) // self.cfg.prune.round_to) * self.cfg.prune.round_to
+                            widen_(self.model, g.name, grown, self.opt, generator=gen)
+                else:
+                    ids = st.block_ids or [list(range(d.depth)) for d in self.model.spec.stages]
+                    if not st.block_next:  # nothing removed yet: ids are never reused, so a report row stays one block
+                        st.block_next = [len(i) for i in ids]
+                    deepen_(self.model, s, len(self.model.stages[s]), opt=self.opt)
+                    ids[s].append(st.block_next[s])
+                    st.block_next[s] += 1
+                    st.block_ids = ids
+            st.growths += 1
+            self.flops = count_flops(self.model.spec)
+        elif decision.action == "stop":
+            st.stop_reason = "controller"
+        event = {"epoch": epoch, "event": "adapt", **decision.event(), "signals": {"pruned_share": [round(x, 3) for x in shares], "left": round(signals.left, 3)}}
+        if decision.action in ("widen", "deepen"):
+            event |= {"widths_before": widths_before, "widths_after": self.model.spec.widths(), "flops_before": flops_before, "flops_after": self.flops}
+        append_jsonl(self.run_dir / "events.jsonl", event)
+        if progress and decision.action != "continue":
+            from tqdm import tqdm
+
+            tqdm.write(f"adapt after epoch {epoch}: {decision.action} {decision.stages or ''} ({decision.reason})")
+
+    def _morph(self, epoch: int, progress: bool) -> None:
+        """Scale every width by the largest factor that keeps FLOPs within prune.target_flops and top it up
+        (MorphNet's expand step, :func:`~bonsai.surgery.morphnet.fit_widths`), widening with Net2WiderNet (same
+        function, momentum carried) or keeping the strongest channels."""
+        p = self.cfg.prune
+        spec = self.model.spec
+        try:
+            target, omega = fit_widths(spec, p.target_flops, p.round_to, p.min_width)
+        except BonsaiError as e:
+            append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "surgery_rejected", "surgery": "morph", "reason": str(e)})
+            log.warning("no width multiplier after epoch %d: %s", epoch, e)
+            return
+        if target.widths() == spec.widths():
+            return
+        widths_before, flops_before = spec.widths(), self.flops
+        self.opt.zero_grad(set_to_none=True)
+        resize_(self.model, target, self.opt, generator=torch.Generator().manual_seed(self.state.step))
+        self.flops = count_flops(self.model.spec)
+        event = {
+            "epoch": epoch,
+            "event": "morph",
+            "omega": round(omega, 4),
+            "target_flops": p.target_flops,
+            "widths_before": widths_before,
+            "widths_after": self.model.spec.widths(),
+            "flops_before": flops_before,
+            "flops_after": self.flops,
+            "params_after": count_params(self.model),
+        }
+        append_jsonl(self.run_dir / "events.jsonl", event)
+        if progress:
+            from tqdm import tqdm
+
+            tqdm.write(f"morph after epoch {epoch}: widths x{omega:.3f}, FLOPs/image {flops_before / 1e6:.1f}M -> {self.flops / 1e6:.1f}M")
 
     @torch.no_grad()
     def _broken(self, model: ResNet) -> str | None:
@@ -729,9 +839,14 @@ class Engine:
                     "train_flops": st.train_flops,
                     "widths": self.model.spec.widths(),
                 }
+                if self.lasso is not None:
+                    record["lasso"] = self._penalized  # whether this epoch's steps applied the group-lasso penalty
                 if self.lasso is not None and self.lasso.depth:  # which of the starting network's blocks are left
                     record["block_ids"] = st.block_ids or [list(range(s.depth)) for s in self.model.spec.stages]
                 append_jsonl(metrics_path, {k: _finite_or_none(v) for k, v in record.items()})
+                if cfg.adapt.enabled:
+                    st.val_hist.append(float(val_acc) if val_acc is not None else 0.0)
+                    st.train_hist.append(float(train_acc))
                 self._last_val = val_acc
                 if self.tensorboard is not None:
                     for k, v in record.items():
@@ -740,6 +855,10 @@ class Engine:
                     self.tensorboard.flush()
                 if self._reconfigure_due(epoch, planned, clock):
                     self._reconfigure(epoch, progress)
+                    if self.cfg.prune.target_flops and not self.cfg.adapt.enabled and not self._penalty_on(epoch + 1, clock):
+                        self._morph(epoch, progress)  # the last reconfiguration: MorphNet's expand step
+                if self.cfg.adapt.enabled and not st.stop_reason and (planned is None or epoch < planned):
+                    self._adapt(epoch, clock, progress)
                 st.clock_s = clock.now()
                 if self.scaler.is_enabled():
                     st.grad_scale = float(self.scaler.get_scale())

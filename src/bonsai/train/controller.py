@@ -1,0 +1,112 @@
+"""The adaptive controller: at each decision point, continue, prune, widen, deepen or stop.
+
+The procedure bonsai comes from: train the network from the first epoch, prune while training, train until one
+more epoch no longer improves, then look at how much was pruned in the last epochs to decide whether the network
+should become wider or deeper, and continue. :func:`decide` is that rule as a pure function of a few signals, so it
+can be tested on scripted histories; the engine turns its decisions into surgery and logs each with its reason.
+
+The rule, in order (the first that applies wins):
+
+1. **Over the FLOP target** (``flops > target * (1 + flops_tolerance)``): ``prune``.
+2. **Still improving** (the best validation accuracy of the last ``patience`` epochs beats the best before them by
+   more than ``min_delta``): ``continue``.
+3. On a plateau, **too little time left** for a surgery to pay off (``left < min_left``): ``stop``.
+4. **Overfitting** (train accuracy above validation accuracy by more than ``max_gap``): ``prune``. The network has
+   more capacity than the data supports.
+5. **Saturated stages**: a stage whose share of channels pruned in the last ``window`` epochs is below
+   ``saturated`` uses all its width: ``widen`` those stages (by ``widen_factor``), if the result stays within the
+   FLOP target and fewer than ``max_growths`` growths were made.
+6. **Width to spare everywhere** (every stage pruned at least ``saturated``) but no progress: the network needs
+   depth, not width: ``deepen`` the stage that was pruned least, under the same conditions.
+7. Otherwise ``stop``: plateaued, and no growth is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ACTIONS = ("continue", "prune", "widen", "deepen", "stop")
+
+
+@dataclass
+class Signals:
+    """What the controller sees at a decision point.
+
+    Attributes:
+        val_acc: validation accuracy of every epoch so far, oldest first.
+        train_acc: training accuracy of the same epochs (on augmented batches).
+        pruned_share: per stage, the share of its channels removed in the last ``window`` epochs (0..1).
+        flops: forward FLOPs per image of the network now.
+        left: share of the run still ahead (of the budget or of the planned epochs), 0..1.
+        growths: widen/deepen decisions taken so far.
+        target_flops: the user's FLOP target, or None.
+    """
+
+    val_acc: list[float]
+    train_acc: list[float]
+    pruned_share: list[float]
+    flops: float
+    left: float
+    growths: int = 0
+    target_flops: float | None = None
+
+
+@dataclass
+class Rule:
+    """The controller's thresholds (``adapt.*`` config keys)."""
+
+    patience: int = 2
+    min_delta: float = 0.002
+    min_left: float = 0.2
+    max_gap: float = 0.15
+    saturated: float = 0.05
+    widen_factor: float = 1.5
+    max_growths: int = 3
+    flops_tolerance: float = 0.02
+
+
+@dataclass
+class Decision:
+    action: str
+    reason: str
+    stages: list[int] = field(default_factory=list)
+
+    def event(self) -> dict:
+        return {"decision": self.action, "stages": self.stages, "reason": self.reason}
+
+
+def plateaued(val_acc: list[float], patience: int, min_delta: float) -> bool:
+    """True when the last ``patience`` epochs' best validation accuracy does not beat the earlier best by more than
+    ``min_delta`` (False while there are not more than ``patience`` epochs)."""
+    if len(val_acc) <= patience:
+        return False
+    return max(val_acc[-patience:]) <= max(val_acc[:-patience]) + min_delta
+
+
+def decide(s: Signals, rule: Rule = Rule()) -> Decision:
+    """The decision for signals ``s`` under ``rule`` (see the module docstring)."""
+    target = s.target_flops
+    if target is not None and s.flops > target * (1 + rule.flops_tolerance):
+        return Decision("prune", f"{s.flops / 1e6:.1f}M FLOPs per image, above the target {target / 1e6:.1f}M")
+    if not plateaued(s.val_acc, rule.patience, rule.min_delta):
+        return Decision("continue", "validation accuracy still improving")
+    best = max(s.val_acc)
+    if s.left < rule.min_left:
+        return Decision("stop", f"plateau at {best:.2%} with {s.left:.0%} of the run left, too little for a surgery to pay off")
+    gap = s.train_acc[-1] - s.val_acc[-1]
+    if gap > rule.max_gap:
+        return Decision("prune", f"plateau with train accuracy {gap:.1%} above validation: more capacity than the data supports")
+    can_grow = s.growths < rule.max_growths
+    saturated = [i for i, p in enumerate(s.pruned_share) if p < rule.saturated]
+    if can_grow and saturated:
+        grown = s.flops * rule.widen_factor**2  # conv FLOPs grow about with the square of the widths
+        if target is None or grown <= target * (1 + rule.flops_tolerance):
+            shares = ", ".join(f"stage {i}: {s.pruned_share[i]:.0%}" for i in saturated)
+            return Decision("widen", f"plateau, and pruning left these stages nearly whole ({shares}): they use their width", saturated)
+    if can_grow and s.pruned_share and not saturated:
+        stage = min(range(len(s.pruned_share)), key=lambda i: s.pruned_share[i])
+        grown = s.flops * (1 + 1 / max(len(s.pruned_share), 1))  # a block adds about a stage's share of FLOPs
+        if target is None or grown <= target * (1 + rule.flops_tolerance):
+            return Decision("deepen", f"plateau with width to spare in every stage (least pruned: stage {stage}, {s.pruned_share[stage]:.0%}): add depth", [stage])
+    why = "no more growth allowed" if not can_grow else "growing would exceed the FLOP target"
+    return Decision("stop", f"plateau at {best:.2%}; {why}")
