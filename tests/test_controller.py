@@ -40,6 +40,12 @@ def test_overfitting_prunes():
     assert d.action == "prune" and "capacity" in d.reason
 
 
+def test_a_plateau_without_recent_pruning_prunes_to_measure():
+    d = decide(sig(pruned_share=None))
+    assert d.action == "prune" and "no recent epoch pruned" in d.reason
+    assert decide(sig(val_acc=RISING, pruned_share=None)).action == "continue"
+
+
 def test_stages_pruning_left_whole_are_widened():
     d = decide(sig(pruned_share=[0.3, 0.01, 0.0]))
     assert d.action == "widen" and d.stages == [1, 2]
@@ -56,6 +62,7 @@ def test_growth_respects_the_flop_target_and_the_growth_cap():
     d = decide(sig(pruned_share=[0.0, 0.0, 0.0], growths=3))
     assert d.action == "stop" and "no more growth" in d.reason
     assert decide(sig(pruned_share=[0.0, 0.0, 0.0], growths=3), Rule(max_growths=4)).action == "widen"
+    assert decide(sig(pruned_share=[0.0, 0.0, 0.0]), Rule(plateau_epochs=3)).action == "continue"  # 3 flat epochs needed
 
 
 def test_a_scripted_run_goes_through_prune_widen_and_stop():
@@ -96,8 +103,8 @@ def test_adapt_carries_out_the_controllers_decisions_end_to_end(tmp_path, rule: 
     arch = tmp_path / "arch.json"
     ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16).to_json(arch)
     # a plateau after every epoch from the second on, and no end-of-run cut-off
-    forced = {"adapt.patience": 1, "adapt.min_delta": 1.0, "adapt.min_left": 0.0, "adapt.max_growths": 1, "prune.round_to": 1}
-    run = bonsai.fit(data, epochs=4, out=str(tmp_path / "r"), arch=str(arch), batch_size=16, quiet=True, precision="fp32", **{"adapt.enabled": True} | forced | rule)
+    forced = {"adapt.plateau_epochs": 1, "adapt.min_delta": 1.0, "adapt.min_left": 0.0, "adapt.max_growths": 1, "prune.round_to": 1}
+    run = bonsai.fit(data, epochs=4, out=str(tmp_path / "r"), arch=str(arch), batch_size=16, quiet=True, precision="fp32", **{"adapt.on": True} | forced | rule)
     events = [json.loads(line) for line in (run.dir / "events.jsonl").read_text().splitlines()]
     decisions = [e for e in events if e["event"] == "adapt"]
     assert [d["epoch"] for d in decisions] == [1, 2, 3] and decisions[0]["decision"] == "continue"

@@ -130,6 +130,6 @@ def test_grown_network_trains_and_the_inserted_block_comes_alive():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     assert block.bn2.weight.abs().max() > 0  # the zero-initialised scale moved: the new block is not dead

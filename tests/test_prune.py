@@ -220,7 +220,7 @@ def test_a_run_written_before_block_pruning_resumes_as_it_trained(tmp_path):
     assert (fresh.prune.depth, fresh.prune.prox_every) == (True, FitConfig().prune.prox_every)
 
 
-def test_prox_over_several_steps_is_one_prox_with_their_threshold():
+def test_prox_of_k_steps_is_one_prox_with_k_times_the_threshold():
     torch.manual_seed(0)
     a = build(preset("resnet8"), zero_init_residual=False)
     b = build(preset("resnet8"), zero_init_residual=False)

@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--flops",
         metavar="N",
-        help="MorphNet: prune (implies --prune), then scale every width by one factor to reach N forward FLOPs per "
-        "image, e.g. 40M (prune.target_flops)",
+        help="MorphNet: prune (implies --prune), then scale the widths to at most N forward FLOPs per image, e.g. 40M "
+        "(prune.target_flops; with --adapt, the controller's target)",
     )
     f.add_argument(
         "--adapt",
@@ -158,7 +158,7 @@ def _cmd_fit(ns) -> int:
 
         kw["prune.target_flops"] = parse_count(ns.flops)
     if ns.adapt:
-        kw["adapt.enabled"] = True
+        kw["adapt.on"] = True
     if ns.prune or ns.flops is not None or ns.adapt:
         kw["prune.enabled"] = True
         if not any(k.split(".")[-1] == "zero_init_residual" for k in kw):

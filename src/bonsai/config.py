@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,9 +99,10 @@ class PruneConfig:
     until: float = 0.5
     min_width: int = 8  # no layer drops below this many channels (never zero)
     round_to: int = 8  # kept widths are rounded up to a multiple of this (full SIMD/AMX tiles)
-    # MorphNet's expand step: after the last reconfiguration, every width is scaled by the one factor that brings the
-    # pruned network closest to this many forward FLOPs per image without exceeding it (weights carried over; the
-    # widened network computes the same function). None: keep the pruned widths
+    # MorphNet's expand step: after the last reconfiguration (the end of prune.until), the widths are scaled by the
+    # largest factor that keeps forward FLOPs per image within this target, then topped up group by group (weights
+    # carried over: growing keeps the function, shrinking keeps the strongest channels). With adapt.on, the target
+    # steers the controller instead. None: keep the pruned widths
     target_flops: float | None = None
     # after a reconfiguration, grow the batch to keep FLOPs per step constant (LR scaled with it). Off by default: on
     # a CPU a larger batch is not faster per image, and on short schedules the fewer steps cost accuracy
@@ -112,14 +114,14 @@ class PruneConfig:
 class AdaptConfig:
     """The adaptive controller (``--adapt``; the rule is documented in :mod:`bonsai.train.controller`)."""
 
-    enabled: bool = False  # decide after every epoch: continue / prune / widen / deepen / stop (turns pruning on)
+    on: bool = False  # decide after every epoch: continue / prune / widen / deepen / stop (turns pruning on)
     window: int = 3  # epochs over which pruned shares are counted; a prune decision applies the penalty this long
-    patience: int = 2  # epochs without a validation gain of more than min_delta make a plateau
+    plateau_epochs: int = 2  # this many epochs without a validation gain of more than min_delta make a plateau
     min_delta: float = 0.002
     min_left: float = 0.2  # no surgery with less than this share of the run left: stop at a plateau instead
     max_gap: float = 0.15  # train accuracy this far above validation at a plateau: prune
     saturated: float = 0.05  # a stage that lost less than this share of channels in the window is saturated: widen
-    widen_factor: float = 1.5
+    widen_factor: float = 1.5  # at most 4
     max_growths: int = 3
 
 
@@ -181,7 +183,11 @@ class FitConfig:
         _check(p.interval is None or p.interval >= 1, "prune.interval must be >= 1")
         _check(0 < p.until <= 1, "prune.until must be in (0, 1]")
         _check(p.prox_every >= 1, "prune.prox_every must be >= 1")
-        _check(p.target_flops is None or p.target_flops > 0, "prune.target_flops must be > 0")
+        _check(p.target_flops is None or (p.target_flops > 0 and math.isfinite(p.target_flops)), "prune.target_flops must be a positive number")
+        _check(
+            not p.target_flops or p.until < 1 or self.adapt.on,
+            "prune.target_flops needs prune.until < 1: the expand step follows the last epoch with the penalty",
+        )
         _check(p.threshold >= 0, "prune.threshold must be >= 0")
         _check(p.min_width >= 1, "prune.min_width must be >= 1")
         _check(p.round_to >= 1, "prune.round_to must be >= 1")
@@ -190,9 +196,13 @@ class FitConfig:
         _check(self.distill.temperature > 0, "distill.temperature must be > 0")
         _check(0 <= self.distill.alpha <= 1, "distill.alpha must be in [0, 1]")
         a = self.adapt
-        _check(a.window >= 1 and a.patience >= 1 and a.max_growths >= 0, "adapt.window and adapt.patience must be >= 1, adapt.max_growths >= 0")
-        _check(a.widen_factor > 1, "adapt.widen_factor must be > 1")
-        _check(0 <= a.min_left < 1 and 0 <= a.saturated <= 1 and a.min_delta >= 0, "adapt.min_left must be in [0, 1), adapt.saturated in [0, 1]")
+        _check(a.window >= 1, "adapt.window must be >= 1")
+        _check(a.plateau_epochs >= 1, "adapt.plateau_epochs must be >= 1")
+        _check(a.max_growths >= 0, "adapt.max_growths must be >= 0")
+        _check(1 < a.widen_factor <= 4, "adapt.widen_factor must be in (1, 4]")
+        _check(a.min_delta >= 0, "adapt.min_delta must be >= 0")
+        _check(0 <= a.min_left < 1, "adapt.min_left must be in [0, 1)")
+        _check(0 <= a.saturated <= 1, "adapt.saturated must be in [0, 1]")
         unknown = sorted(set(self.loggers()) - {"tensorboard"})
         _check(not unknown, f"log: unknown logger {', '.join(unknown)} (known: tensorboard)")
         return self
@@ -207,7 +217,7 @@ class FitConfig:
     def resolved(self) -> "FitConfig":
         """A copy with defaults that depend on other fields made explicit (what config.yaml records)."""
         cfg = dataclasses.replace(self, train=dataclasses.replace(self.train), model=dataclasses.replace(self.model), prune=dataclasses.replace(self.prune))
-        if cfg.adapt.enabled:  # the controller reads what pruning removes
+        if cfg.adapt.on or cfg.prune.target_flops:  # the controller reads what pruning removes; MorphNet shrinks first
             cfg.prune.enabled = True
         if cfg.train.epochs is None and cfg.train.budget is None and cfg.train.patience is None:
             cfg.train.epochs = 20

@@ -75,6 +75,11 @@ def layer_names(arch: dict) -> list[str]:
     return names
 
 
+def _grew(event: dict) -> bool:
+    """An --adapt decision that widened or deepened the network."""
+    return event.get("event") == "adapt" and event.get("decision") in ("widen", "deepen")
+
+
 def aligned_widths(metrics: list[dict]) -> tuple[list[list[float]], list[str] | None]:
     """Every metrics line's ``widths`` laid out as the starting network's layers (plus any inserted later), so rows
     stay the same layers when pruning removes blocks or growth inserts them (``block_ids``: per stage, the ids of the
@@ -173,7 +178,7 @@ def _col(metrics: list[dict], key: str) -> list[float]:
 
 def _mark_events(ax, events: list[dict], x_of_epoch) -> None:
     for e in events:
-        if e.get("event") in ("prune", "morph", "widen", "deepen", "rollback", "out_of_memory") and e.get("epoch"):
+        if (e.get("event") in ("prune", "morph", "rollback", "out_of_memory") or _grew(e)) and e.get("epoch"):
             ax.axvline(x_of_epoch(e["epoch"]), color="tab:red" if e["event"] != "prune" else "tab:purple", lw=0.8, ls=":")
 
 
@@ -236,7 +241,7 @@ def _shape(run: dict) -> str:
     ax.set(xlabel="epoch (widths at its end)", title="every conv's output width per epoch (blank: block removed)")
     fig.colorbar(im, ax=ax, label="channels")
     for e in run["events"]:
-        if e.get("event") in ("prune", "morph", "widen", "deepen") and e.get("epoch") in epochs:
+        if (e.get("event") in ("prune", "morph") or _grew(e)) and e.get("epoch") in epochs:
             x = epochs.index(e["epoch"]) + 0.5  # the surgery happens after that epoch's line was written
             ax.axvline(x, color="white", lw=1.2, ls="--")
     note = '<p class="note">Dashed lines: surgeries (prune / morph / widen / deepen), listed under Events.</p>'

@@ -9,7 +9,7 @@ stage keeps at least one block.
 
 On this CPU a block costs more time than its FLOPs suggest (batch norm, ReLU and the residual add are memory-bound
 and do not shrink with the inner width), so removing blocks shortens training far more than thinning them:
-``benchmarks/prunetrain.py`` measures it.
+``benchmarks/prune_costs.py`` measures it.
 
 >>> from bonsai.models.arch import preset
 >>> from bonsai.models.resnet import build
@@ -30,11 +30,6 @@ from bonsai.models.resnet import BasicBlock, ResNet
 def branch_params(block: BasicBlock) -> list[torch.Tensor]:
     """The residual branch's parameters: both convs' weights and both BNs' scales and shifts."""
     return [block.conv1.weight, block.bn1.weight, block.bn1.bias, block.conv2.weight, block.bn2.weight, block.bn2.bias]
-
-
-def removable(model: ResNet) -> list[tuple[int, int]]:
-    """(stage, block) of every block that could be removed: identity shortcut, not the stage's only block."""
-    return [(s, b) for s, stage in enumerate(model.stages) for b, block in enumerate(stage) if block.shortcut is None and len(stage) > 1]
 
 
 @torch.no_grad()

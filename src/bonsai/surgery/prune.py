@@ -158,6 +158,11 @@ class GroupLasso:
         """(block, weight) of every block whose residual branch is a group (identity shortcut), if ``depth``."""
         return self._cache(model)[1]
 
+    def invalidate(self) -> None:
+        """Forget the cached groups: call after any surgery (a removed block and an inserted one can leave the
+        widths and depths as they were, while the modules are others)."""
+        self._rows = None
+
     def _cache(self, model: ResNet) -> tuple[list, list]:
         shape = layout(model)
         if self._rows is not None and self._rows[0] is model and self._rows[1] == shape:

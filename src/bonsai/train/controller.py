@@ -8,17 +8,22 @@ can be tested on scripted histories; the engine turns its decisions into surgery
 The rule, in order (the first that applies wins):
 
 1. **Over the FLOP target** (``flops > target * (1 + flops_tolerance)``): ``prune``.
-2. **Still improving** (the best validation accuracy of the last ``patience`` epochs beats the best before them by
-   more than ``min_delta``): ``continue``.
+2. **Still improving** (the best validation accuracy of the last ``plateau_epochs`` epochs beats the best before
+   them by more than ``min_delta``): ``continue``.
 3. On a plateau, **too little time left** for a surgery to pay off (``left < min_left``): ``stop``.
 4. **Overfitting** (train accuracy above validation accuracy by more than ``max_gap``): ``prune``. The network has
    more capacity than the data supports.
-5. **Saturated stages**: a stage whose share of channels pruned in the last ``window`` epochs is below
+5. **Nothing to read**: no epoch of the last ``window`` applied the pruning penalty, so how much the stages use
+   their width is unknown: ``prune`` (for ``window`` epochs), and decide on what it removes.
+6. **Saturated stages**: a stage whose share of channels pruned in the last ``window`` epochs is below
    ``saturated`` uses all its width: ``widen`` those stages (by ``widen_factor``), if the result stays within the
    FLOP target and fewer than ``max_growths`` growths were made.
-6. **Width to spare everywhere** (every stage pruned at least ``saturated``) but no progress: the network needs
+7. **Width to spare everywhere** (every stage pruned at least ``saturated``) but no progress: the network needs
    depth, not width: ``deepen`` the stage that was pruned least, under the same conditions.
-7. Otherwise ``stop``: plateaued, and no growth is allowed.
+8. Otherwise ``stop``: plateaued, and no growth is allowed.
+
+Growth is estimated here (``widen_factor`` squared for widening); the engine checks the exact FLOPs of the grown
+network before carrying it out and stops instead when they exceed the target.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ class Signals:
     Attributes:
         val_acc: validation accuracy of every epoch so far, oldest first.
         train_acc: training accuracy of the same epochs (on augmented batches).
-        pruned_share: per stage, the share of its channels removed in the last ``window`` epochs (0..1).
+        pruned_share: per stage, the share of its channels removed in the last ``window`` epochs (0..1); None when
+            none of those epochs applied the pruning penalty.
         flops: forward FLOPs per image of the network now.
         left: share of the run still ahead (of the budget or of the planned epochs), 0..1.
         growths: widen/deepen decisions taken so far.
@@ -44,7 +50,7 @@ class Signals:
 
     val_acc: list[float]
     train_acc: list[float]
-    pruned_share: list[float]
+    pruned_share: list[float] | None
     flops: float
     left: float
     growths: int = 0
@@ -55,7 +61,7 @@ class Signals:
 class Rule:
     """The controller's thresholds (``adapt.*`` config keys)."""
 
-    patience: int = 2
+    plateau_epochs: int = 2
     min_delta: float = 0.002
     min_left: float = 0.2
     max_gap: float = 0.15
@@ -75,12 +81,12 @@ class Decision:
         return {"decision": self.action, "stages": self.stages, "reason": self.reason}
 
 
-def plateaued(val_acc: list[float], patience: int, min_delta: float) -> bool:
-    """True when the last ``patience`` epochs' best validation accuracy does not beat the earlier best by more than
-    ``min_delta`` (False while there are not more than ``patience`` epochs)."""
-    if len(val_acc) <= patience:
+def plateaued(val_acc: list[float], epochs: int, min_delta: float) -> bool:
+    """True when the last ``epochs`` epochs' best validation accuracy does not beat the earlier best by more than
+    ``min_delta`` (False while there are not more than ``epochs`` epochs)."""
+    if len(val_acc) <= epochs:
         return False
-    return max(val_acc[-patience:]) <= max(val_acc[:-patience]) + min_delta
+    return max(val_acc[-epochs:]) <= max(val_acc[:-epochs]) + min_delta
 
 
 def decide(s: Signals, rule: Rule = Rule()) -> Decision:
@@ -88,7 +94,7 @@ def decide(s: Signals, rule: Rule = Rule()) -> Decision:
     target = s.target_flops
     if target is not None and s.flops > target * (1 + rule.flops_tolerance):
         return Decision("prune", f"{s.flops / 1e6:.1f}M FLOPs per image, above the target {target / 1e6:.1f}M")
-    if not plateaued(s.val_acc, rule.patience, rule.min_delta):
+    if not plateaued(s.val_acc, rule.plateau_epochs, rule.min_delta):
         return Decision("continue", "validation accuracy still improving")
     best = max(s.val_acc)
     if s.left < rule.min_left:
@@ -96,6 +102,8 @@ def decide(s: Signals, rule: Rule = Rule()) -> Decision:
     gap = s.train_acc[-1] - s.val_acc[-1]
     if gap > rule.max_gap:
         return Decision("prune", f"plateau with train accuracy {gap:.1%} above validation: more capacity than the data supports")
+    if s.pruned_share is None:
+        return Decision("prune", "plateau, and no recent epoch pruned: prune to see which stages use their width")
     can_grow = s.growths < rule.max_growths
     saturated = [i for i, p in enumerate(s.pruned_share) if p < rule.saturated]
     if can_grow and saturated:

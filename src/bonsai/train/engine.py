@@ -26,10 +26,10 @@ from bonsai.models.arch import ArchSpec
 from bonsai.models.resnet import ResNet, count_flops, count_params, load_state, save_model
 from bonsai.report.log import append_jsonl
 from bonsai.surgery.channels import channel_groups, remove_channels_
-from bonsai.surgery.depth import dead_blocks, remove_blocks_
+from bonsai.surgery.depth import dead_blocks, layout, remove_blocks_
 from bonsai.surgery.grow import deepen_, widen_
-from bonsai.surgery.morphnet import fit_widths, resize_
-from bonsai.train.controller import Rule, Signals, decide
+from bonsai.surgery.morphnet import fit_widths, resize_, set_field, spec_flops
+from bonsai.train.controller import Decision, Rule, Signals, decide
 from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.distill import distillation_loss
 from bonsai.train.resources import available_memory, fit_batch
@@ -115,11 +115,12 @@ class TrainState:
     rollbacks: int = 0  # divergences recovered from by rolling back to the last checkpoint
     lr_scale: float = 1.0  # product of the LR cuts made by rollbacks
     reserve_s: float = 0.0  # seconds kept back from the budget for predicting the test set at the end
-    block_ids: list[list[int]] | None = None  # per stage, the starting network's indices of the blocks still there
+    block_ids: list[list[int]] | None = None  # per stage, the ids of its blocks (starting network: 0..depth-1)
     # --adapt: the controller's memory
     val_hist: list[float] = field(default_factory=list)  # validation accuracy per epoch
     train_hist: list[float] = field(default_factory=list)  # training accuracy per epoch
     pruned_log: list[list] = field(default_factory=list)  # per reconfiguration: [epoch, channels per stage before, after]
+    penalized_epochs: list[int] = field(default_factory=list)  # epochs whose steps applied the penalty
     penalty_until: int = 0  # a prune decision applies the penalty through this epoch
     growths: int = 0  # widen / deepen decisions carried out
     block_next: list[int] = field(default_factory=list)  # per stage, the id an inserted block gets (see block_ids)
@@ -277,6 +278,7 @@ class Engine:
         self.teacher = teacher  # distillation: its soft targets join the loss; its forward passes count as FLOPs
         self.teacher_flops = 0 if teacher is None else count_flops(teacher.spec, model.spec.image_size)
         self._penalized = False  # whether the last epoch's steps applied the group-lasso penalty
+        self._next_penalty: tuple[int, bool] | None = None  # (epoch, before prune.until), fixed at the previous epoch's end
         self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda, cfg.prune.weighting, cfg.prune.depth) if cfg.prune.enabled else None
         if self.state.start_flops is None:
             self.state.start_flops = self.flops
@@ -294,7 +296,7 @@ class Engine:
             # a resumed run drops the scalars of the epochs it is about to replay
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self.state.epoch + 1)
         self.budget = cfg.budget_s
-        self._flops_cache: dict[tuple[bool, int, int], int] = {}
+        self._flops_cache: dict[tuple, int] = {}
         # progressive resizing needs a planned length (epochs or a budget): with only patience to stop the run,
         # the plan spans max_epochs, and most of a run cut short would never see full-size images
         self.low_res = cfg.train.low_res if cfg.train.epochs is not None or self.budget is not None else 1.0
@@ -331,7 +333,8 @@ class Engine:
         full = self.teacher_flops if teacher else self.flops
         if size == self.model.spec.image_size:
             return full
-        key = (teacher, size, full)
+        net = self.teacher if teacher else self.model
+        key = (teacher, size, layout(net)) if isinstance(net, ResNet) else (teacher, size, full)
         if key not in self._flops_cache:
             self._flops_cache[key] = count_flops((self.teacher if teacher else self.model).spec, size)
         return self._flops_cache[key]
@@ -434,7 +437,11 @@ class Engine:
 
     def _penalty_on(self, epoch: int, clock: Clock) -> bool:
         """Whether epoch ``epoch`` applies the penalty: it starts before ``prune.until`` of the planned training, or
-        the controller asked for pruning through it."""
+        the controller asked for pruning through it. Decided once per epoch, at the end of the one before (see
+        ``_run``), so that the reconfiguration that follows the last penalised epoch and the next epoch agree even
+        when the surgery's own time moves a budget's progress past ``until``."""
+        if self._next_penalty is not None and self._next_penalty[0] == epoch:
+            return self._next_penalty[1] or epoch <= self.state.penalty_until
         return self._progress(clock) < self.cfg.prune.until or epoch <= self.state.penalty_until
 
     def _reconfigure_due(self, epoch: int, planned: int | None, clock: Clock) -> bool:
@@ -445,7 +452,7 @@ class Engine:
         return epoch % self._prune_interval(planned, clock.now()) == 0 or not self._penalty_on(epoch + 1, clock)
 
     def _reconfigure(self, epoch: int, progress: bool) -> None:
-        """Remove dead blocks and dead channels, grow the batch so FLOPs per step stay constant, log the event."""
+        """Remove dead blocks and dead channels, grow the batch if prune.grow_batch, log the event."""
         p, st, loader = self.cfg.prune, self.state, self.train_loader
         blocks = dead_blocks(self.model, p.threshold) if p.depth else []
         # the surgery is tried on a copy first: a result with non-finite weights or outputs is rejected
@@ -479,7 +486,7 @@ class Engine:
                 st.block_next = [len(stage) for stage in ids]
             st.block_ids = [[i for b, i in enumerate(stage) if (s, b) not in blocks] for s, stage in enumerate(ids)]
         remove_channels_(self.model, keep, self.opt)
-        self.flops = count_flops(self.model.spec)
+        self._after_surgery()
         st.pruned_log.append([epoch, channels_before, _stage_channels(self.model.spec)])
         if p.grow_batch:
             b0 = self.batch0  # the batch training started with (after any memory cap)
@@ -526,28 +533,43 @@ class Engine:
         weights, so the LR schedule and batch continue unchanged. stop: the run ends here."""
         a, st = self.cfg.adapt, self.state
         now = _stage_channels(self.model.spec)
-        shares = []
-        for i, n in enumerate(now):
+        shares: list[float] | None = None  # unknown unless an epoch of the window applied the penalty
+        if any(e > epoch - a.window for e in st.penalized_epochs):
+            shares = []
             recent = [r for r in st.pruned_log if r[0] > epoch - a.window]
-            removed = sum(max(r[1][i] - r[2][i], 0) for r in recent if i < len(r[1]))
-            before = recent[0][1][i] if recent and i < len(recent[0][1]) else n
-            shares.append(removed / max(before, 1))
-        rule = Rule(a.patience, a.min_delta, a.min_left, a.max_gap, a.saturated, a.widen_factor, a.max_growths)
+            for i, n in enumerate(now):
+                removed = sum(max(r[1][i] - r[2][i], 0) for r in recent if i < len(r[1]))
+                before = recent[0][1][i] if recent and i < len(recent[0][1]) else n
+                shares.append(removed / max(before, 1))
+        rule = Rule(a.plateau_epochs, a.min_delta, a.min_left, a.max_gap, a.saturated, a.widen_factor, a.max_growths)
         signals = Signals(st.val_hist, st.train_hist, shares, self.flops, max(0.0, 1 - self._progress(clock)), st.growths, self.cfg.prune.target_flops)
         decision = decide(signals, rule)
         flops_before, widths_before = self.flops, self.model.spec.widths()
         if decision.action == "prune":
             st.penalty_until = epoch + a.window
         elif decision.action in ("widen", "deepen"):
-            self.opt.zero_grad(set_to_none=True)
-            gen = torch.Generator().manual_seed(st.step)
-            for s in decision.stages:
-                if decision.action == "widen":
-                    for g in channel_groups(self.model):
-                        if any(f[0] != "stem" and f[1] == s for f in g.spec_fields):
-                            grown = -(-math.ceil(g.width * a.widen_factor) // self.cfg.prune.round_to) * self.cfg.prune.round_to
-                            widen_(self.model, g.name, grown, self.opt, generator=gen)
-                else:
+            grown = copy.deepcopy(self.model.spec)  # the result, checked against the FLOP target before any surgery
+            widths = {}
+            if decision.action == "widen":  # every channel group of the chosen stages, once (a group may span two)
+                r = self.cfg.prune.round_to
+                for g in channel_groups(self.model):
+                    if any(f[0] != "stem" and f[1] in decision.stages for f in g.spec_fields):
+                        widths[g.name] = -(-math.ceil(g.width * a.widen_factor) // r) * r
+                        for f in g.spec_fields:
+                            set_field(grown, f, widths[g.name])
+            else:
+                for s in decision.stages:
+                    grown.stages[s].inner.append(grown.stages[s].width)
+            target = self.cfg.prune.target_flops
+            if target and spec_flops(grown) > target * (1 + rule.flops_tolerance):
+                decision = Decision("stop", f"{decision.action} would take FLOPs to {spec_flops(grown) / 1e6:.1f}M, above the target {target / 1e6:.1f}M")
+                st.stop_reason = "controller"
+            else:
+                self.opt.zero_grad(set_to_none=True)
+                gen = torch.Generator().manual_seed(st.step)
+                for name, width in widths.items():
+                    widen_(self.model, name, width, self.opt, generator=gen)
+                for s in decision.stages if decision.action == "deepen" else ():
                     ids = st.block_ids or [list(range(d.depth)) for d in self.model.spec.stages]
                     if not st.block_next:  # nothing removed yet: ids are never reused, so a report row stays one block
                         st.block_next = [len(i) for i in ids]
@@ -555,11 +577,11 @@ class Engine:
                     ids[s].append(st.block_next[s])
                     st.block_next[s] += 1
                     st.block_ids = ids
-            st.growths += 1
-            self.flops = count_flops(self.model.spec)
+                st.growths += 1
+                self._after_surgery()
         elif decision.action == "stop":
             st.stop_reason = "controller"
-        event = {"epoch": epoch, "event": "adapt", **decision.event(), "signals": {"pruned_share": [round(x, 3) for x in shares], "left": round(signals.left, 3)}}
+        event = {"epoch": epoch, "event": "adapt", **decision.event(), "signals": {"pruned_share": None if shares is None else [round(x, 3) for x in shares], "left": round(signals.left, 3)}}
         if decision.action in ("widen", "deepen"):
             event |= {"widths_before": widths_before, "widths_after": self.model.spec.widths(), "flops_before": flops_before, "flops_after": self.flops}
         append_jsonl(self.run_dir / "events.jsonl", event)
@@ -567,6 +589,19 @@ class Engine:
             from tqdm import tqdm
 
             tqdm.write(f"adapt after epoch {epoch}: {decision.action} {decision.stages or ''} ({decision.reason})")
+
+    def _after_surgery(self) -> None:
+        """What every surgery needs afterwards: FLOPs counted afresh, the lasso's cached groups dropped, and a batch
+        that still fits in memory for the new shape (growth can make the network larger)."""
+        self.flops = count_flops(self.model.spec)
+        if self.lasso is not None:
+            self.lasso.invalidate()
+        loader = self.train_loader
+        capped = fit_batch(self.model.spec, loader.batch_size, self.dtype is not None, count_params(self.model), available_memory(self.device))
+        if capped < loader.batch_size:
+            append_jsonl(self.run_dir / "events.jsonl", {"epoch": self.state.epoch, "event": "batch_capped", "batch_size_wanted": loader.batch_size, "batch_size": capped})
+            loader.batch_size = capped
+        self.state.batch_size = loader.batch_size
 
     def _morph(self, epoch: int, progress: bool) -> None:
         """Scale every width by the largest factor that keeps FLOPs within prune.target_flops and top it up
@@ -585,7 +620,7 @@ class Engine:
         widths_before, flops_before = spec.widths(), self.flops
         self.opt.zero_grad(set_to_none=True)
         resize_(self.model, target, self.opt, generator=torch.Generator().manual_seed(self.state.step))
-        self.flops = count_flops(self.model.spec)
+        self._after_surgery()
         event = {
             "epoch": epoch,
             "event": "morph",
@@ -686,7 +721,7 @@ class Engine:
         st = self.state
         path = self.run_dir / CHECKPOINT
         spec, ck, model_t, opt_t = read_checkpoint(path)
-        if spec.widths() != self.model.spec.widths():
+        if (spec.widths(), [t.depth for t in spec.stages]) != (self.model.spec.widths(), [t.depth for t in self.model.spec.stages]):
             raise BonsaiError(f"{path}: the checkpoint's architecture differs from the network in training; cannot roll back")
         self.opt.zero_grad(set_to_none=True)
         self.opt.state.clear()
@@ -841,23 +876,27 @@ class Engine:
                 }
                 if self.lasso is not None:
                     record["lasso"] = self._penalized  # whether this epoch's steps applied the group-lasso penalty
-                if self.lasso is not None and self.lasso.depth:  # which of the starting network's blocks are left
+                if st.block_ids is not None or (self.lasso is not None and (self.lasso.depth or cfg.adapt.on)):
+                    # which blocks are there: the starting network's are 0..depth-1, inserted ones get new ids
                     record["block_ids"] = st.block_ids or [list(range(s.depth)) for s in self.model.spec.stages]
                 append_jsonl(metrics_path, {k: _finite_or_none(v) for k, v in record.items()})
-                if cfg.adapt.enabled:
+                if cfg.adapt.on:
                     st.val_hist.append(float(val_acc) if val_acc is not None else 0.0)
                     st.train_hist.append(float(train_acc))
+                    if self._penalized:
+                        st.penalized_epochs.append(epoch)
                 self._last_val = val_acc
                 if self.tensorboard is not None:
                     for k, v in record.items():
                         if k != "epoch" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
                             self.tensorboard.add_scalar(k, v, epoch)
                     self.tensorboard.flush()
+                self._next_penalty = (epoch + 1, self._progress(clock) < cfg.prune.until)
                 if self._reconfigure_due(epoch, planned, clock):
                     self._reconfigure(epoch, progress)
-                    if self.cfg.prune.target_flops and not self.cfg.adapt.enabled and not self._penalty_on(epoch + 1, clock):
+                    if self.cfg.prune.target_flops and not self.cfg.adapt.on and not self._penalty_on(epoch + 1, clock):
                         self._morph(epoch, progress)  # the last reconfiguration: MorphNet's expand step
-                if self.cfg.adapt.enabled and not st.stop_reason and (planned is None or epoch < planned):
+                if self.cfg.adapt.on and not st.stop_reason and (planned is None or epoch < planned):
                     self._adapt(epoch, clock, progress)
                 st.clock_s = clock.now()
                 if self.scaler.is_enabled():
