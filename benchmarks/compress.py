@@ -62,7 +62,7 @@ def plot(chains: dict[str, list[dict]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", default=str(RUNS / "prunetrain_resnet32_dense"))
-    ap.add_argument("--pruned", default=str(RUNS / "prunetrain_resnet32_pruned_lpr0.5"))
+    ap.add_argument("--pruned", default=str(RUNS / "prunetrain_resnet32_pruned"))
     ap.add_argument("--calibration", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--lowrank", type=float, default=0.9, help="energy kept by the low-rank side branch (0: skip it)")

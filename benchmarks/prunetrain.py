@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config for the pruned runs")
     ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke test)")
     ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
+    ap.add_argument("--name", default="prunetrain", help="results/<name>.json and .png (a repeat can keep the first)")
     args = ap.parse_args()
     if not Path(args.data).exists():
         raise SystemExit(f"{args.data}: not found; point --data at the CIFAR-10 .npz parts (see ../shared/data/README.md)")
@@ -85,12 +86,12 @@ def main() -> None:
         details = {}
         for arch in args.archs.split(","):
             common = ["--arch", arch, "--epochs", str(args.epochs)]
-            dense = _fit(data, Path(args.runs) / f"prunetrain_{arch}_dense", common)
+            dense = _fit(data, Path(args.runs) / f"{args.name}_{arch}_dense", common)
             details[arch] = {"dense": dense}
             for i, lpr in enumerate(lprs):
                 # the first LPR's run is "pruned"; further ones are "pruned_lpr<value>"
                 key = "pruned" if i == 0 else f"pruned_lpr{lpr}"
-                run = _fit(data, Path(args.runs) / f"prunetrain_{arch}_{key}", [*common, "--prune", f"prune.lpr={lpr}", *args.set])
+                run = _fit(data, Path(args.runs) / f"{args.name}_{arch}_{key}", [*common, "--prune", f"prune.lpr={lpr}", *args.set])
                 details[arch][key] = run
                 print(arch, key, {k: (dense[k], run[k]) for k in ("test_acc", "train_time_s", "inference_flops", "peak_rss_mib")}, flush=True)
 
@@ -123,7 +124,7 @@ def main() -> None:
     }
     if args.limit:
         summary["smoke_test_limit"] = args.limit
-    name = "prunetrain" if not args.limit else "prunetrain_smoke"
+    name = args.name if not args.limit else f"{args.name}_smoke"
     path = write_result(name, summary, details, "python benchmarks/prunetrain.py " + portable(sys.argv[1:]))
     _plot(details, name)
     print(f"wrote {path}\nsummary: {json.dumps(summary, indent=1)}")
