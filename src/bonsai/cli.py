@@ -25,6 +25,10 @@ widths and trains the widest one expected to fit train.plan_epochs (32) epochs i
 on images at half the working size, growing to full size over the first half (train.low_res=1 switches this
 off); predictions average each image with its mirror (train.tta=false switches this off).
 
+Shape: --prune removes channels and whole blocks that a FLOP-weighted group lasso drives to zero (prune.lpr,
+default 0.2, is its strength; 10-epoch runs need about 0.35-0.5). --flops 40M then scales every width to that
+many FLOPs per image (MorphNet). --adapt decides after every epoch to continue, prune, widen, deepen or stop.
+
 Any config key can be set as key=value (dotted, or a bare name that is unique): e.g. lr=0.2 augment.flip=false
 data.image_size=48. `bonsai config --show` prints every key with its default.
 """
@@ -35,6 +39,7 @@ examples:
   bonsai info path/to/data                      # what bonsai finds in a dataset
   bonsai fit path/to/data --budget 10m          # train within 10 minutes
   bonsai fit data.npz --epochs 30 --arch resnet20 --out runs/r20 lr=0.2
+  bonsai fit data.npz --epochs 10 --prune prune.lpr=0.5     # prune while training
   bonsai fit --resume runs/r20                  # continue an interrupted run
   bonsai predict runs/r20 new_images/ --out preds.csv
   bonsai report runs/r20                        # runs/r20/report.html: curves, widths, confusion matrix
