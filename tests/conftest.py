@@ -104,3 +104,30 @@ def signal_after_epochs(args: list[str], run: Path, epochs: int, sig: int, ignor
             break
         time.sleep(poll)
     return proc
+
+
+def randomize_bn_(model) -> None:
+    """Non-trivial BN scales, shifts and running statistics, as after training: surgery tests need them to mean
+    anything (a fresh BN is the identity in eval mode)."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+def trained_looking(spec):
+    """A seeded network for ``spec`` without zero-initialised residuals, its BNs randomized (``randomize_bn_``)."""
+    import torch
+
+    from bonsai.models.resnet import build
+
+    torch.manual_seed(0)
+    model = build(spec, zero_init_residual=False)
+    randomize_bn_(model)
+    return model

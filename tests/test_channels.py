@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from bonsai.errors import BonsaiError
+from conftest import randomize_bn_
 from bonsai.models.arch import preset
 from bonsai.models.resnet import build, count_params, load_state
 from bonsai.surgery.channels import channel_groups, remove_channels_
 
 
-def _randomize_bn_(model: nn.Module) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
 
 
 def _zero_channels_(group, idx: torch.Tensor) -> None:
@@ -36,7 +28,7 @@ def _zero_channels_(group, idx: torch.Tensor) -> None:
 def test_removing_zero_channels_preserves_the_function_across_residual_unions(arch: str):
     torch.manual_seed(0)
     model = build(preset(arch, image_size=16), zero_init_residual=False)
-    _randomize_bn_(model)
+    randomize_bn_(model)
     model.eval()
     keep = {}
     for g in channel_groups(model):

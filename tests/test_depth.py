@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bonsai.errors import BonsaiError
+from conftest import trained_looking
 from bonsai.models.arch import preset
 from bonsai.models.resnet import build, count_params, load_state
 from bonsai.surgery.depth import branch_params, dead_blocks, remove_blocks_
@@ -16,16 +17,7 @@ from bonsai.surgery.prune import GroupLasso
 
 
 def _trained_looking(arch: str = "resnet20") -> nn.Module:
-    """A network with non-trivial BN scales, shifts and running statistics."""
-    torch.manual_seed(0)
-    model = build(preset(arch, image_size=16), zero_init_residual=False)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
+    model = trained_looking(preset(arch, image_size=16))
     return model
 
 

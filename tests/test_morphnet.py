@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bonsai.errors import BonsaiError
+from conftest import trained_looking
 from bonsai.models.arch import ArchSpec, StageSpec, preset
 from bonsai.models.resnet import build, count_flops, count_params, load_state
 from bonsai.surgery.morphnet import fit_multiplier, fit_widths, resize_, scaled_spec, spec_flops
@@ -47,15 +48,7 @@ def test_the_multiplier_respects_rounding_and_the_floor():
 
 
 def _trained_looking(spec: ArchSpec) -> nn.Module:
-    torch.manual_seed(0)
-    model = build(spec, zero_init_residual=False)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
+    model = trained_looking(spec)
     return model.eval()
 
 
