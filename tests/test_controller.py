@@ -42,8 +42,11 @@ def test_overfitting_prunes():
 
 def test_a_plateau_without_recent_pruning_prunes_to_measure():
     d = decide(sig(pruned_share=None))
-    assert d.action == "prune" and "no recent epoch pruned" in d.reason
+    assert d.action == "prune" and "penalty has not run through" in d.reason
     assert decide(sig(val_acc=RISING, pruned_share=None)).action == "continue"
+    # with no growth left, there is nothing a measurement could lead to
+    d = decide(sig(pruned_share=None, growths=3))
+    assert d.action == "stop" and "no more growth" in d.reason
 
 
 def test_stages_pruning_left_whole_are_widened():
@@ -103,7 +106,7 @@ def test_adapt_carries_out_the_controllers_decisions_end_to_end(tmp_path, rule: 
     arch = tmp_path / "arch.json"
     ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16).to_json(arch)
     # a plateau after every epoch from the second on, and no end-of-run cut-off
-    forced = {"adapt.plateau_epochs": 1, "adapt.min_delta": 1.0, "adapt.min_left": 0.0, "adapt.max_growths": 1, "prune.round_to": 1}
+    forced = {"adapt.plateau_epochs": 1, "adapt.window": 2, "adapt.min_delta": 1.0, "adapt.min_left": 0.0, "adapt.max_growths": 1, "prune.round_to": 1}
     run = bonsai.fit(data, epochs=4, out=str(tmp_path / "r"), arch=str(arch), batch_size=16, quiet=True, precision="fp32", **{"adapt.on": True} | forced | rule)
     events = [json.loads(line) for line in (run.dir / "events.jsonl").read_text().splitlines()]
     decisions = [e for e in events if e["event"] == "adapt"]

@@ -13,8 +13,9 @@ The rule, in order (the first that applies wins):
 3. On a plateau, **too little time left** for a surgery to pay off (``left < min_left``): ``stop``.
 4. **Overfitting** (train accuracy above validation accuracy by more than ``max_gap``): ``prune``. The network has
    more capacity than the data supports.
-5. **Nothing to read**: no epoch of the last ``window`` applied the pruning penalty, so how much the stages use
-   their width is unknown: ``prune`` (for ``window`` epochs), and decide on what it removes.
+5. **Nothing to read** (and growth still allowed): not every epoch of the last ``window`` applied the pruning penalty, so how much the stages
+   use their width is unknown: ``prune`` (for ``window`` epochs), and decide on what it removes. (A lasso that has
+   run for one epoch has not yet had the time to empty a channel; that nothing was removed then says nothing.)
 6. **Saturated stages**: a stage whose share of channels pruned in the last ``window`` epochs is below
    ``saturated`` uses all its width: ``widen`` those stages (by ``widen_factor``), if the result stays within the
    FLOP target and fewer than ``max_growths`` growths were made.
@@ -40,8 +41,8 @@ class Signals:
     Attributes:
         val_acc: validation accuracy of every epoch so far, oldest first.
         train_acc: training accuracy of the same epochs (on augmented batches).
-        pruned_share: per stage, the share of its channels removed in the last ``window`` epochs (0..1); None when
-            none of those epochs applied the pruning penalty.
+        pruned_share: per stage, the share of its channels removed in the last ``window`` epochs (0..1); None unless
+            every one of those epochs applied the pruning penalty.
         flops: forward FLOPs per image of the network now.
         left: share of the run still ahead (of the budget or of the planned epochs), 0..1.
         growths: widen/deepen decisions taken so far.
@@ -102,10 +103,10 @@ def decide(s: Signals, rule: Rule = Rule()) -> Decision:
     gap = s.train_acc[-1] - s.val_acc[-1]
     if gap > rule.max_gap:
         return Decision("prune", f"plateau with train accuracy {gap:.1%} above validation: more capacity than the data supports")
-    if s.pruned_share is None:
-        return Decision("prune", "plateau, and no recent epoch pruned: prune to see which stages use their width")
     can_grow = s.growths < rule.max_growths
-    saturated = [i for i, p in enumerate(s.pruned_share) if p < rule.saturated]
+    if s.pruned_share is None and can_grow:
+        return Decision("prune", "plateau, and the penalty has not run through the last epochs: prune to see which stages use their width")
+    saturated = [i for i, p in enumerate(s.pruned_share or []) if p < rule.saturated]
     if can_grow and saturated:
         grown = s.flops * rule.widen_factor**2  # conv FLOPs grow about with the square of the widths
         if target is None or grown <= target * (1 + rule.flops_tolerance):

@@ -533,8 +533,10 @@ class Engine:
         weights, so the LR schedule and batch continue unchanged. stop: the run ends here."""
         a, st = self.cfg.adapt, self.state
         now = _stage_channels(self.model.spec)
-        shares: list[float] | None = None  # unknown unless an epoch of the window applied the penalty
-        if any(e > epoch - a.window for e in st.penalized_epochs):
+        # unknown unless every epoch of the window applied the penalty: a channel the lasso has had one epoch to
+        # reach is not evidence that its stage uses its width
+        shares: list[float] | None = None
+        if epoch >= a.window and all(e in st.penalized_epochs for e in range(epoch - a.window + 1, epoch + 1)):
             shares = []
             recent = [r for r in st.pruned_log if r[0] > epoch - a.window]
             for i, n in enumerate(now):

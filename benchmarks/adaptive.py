@@ -1,0 +1,192 @@
+"""Adaptive training on full CIFAR-10: fixed architectures, PruneTrain and --adapt under one equal wall-clock budget.
+
+    python benchmarks/adaptive.py [--data ../shared/data/cifar10] [--budget 15m] [--small resnet8] [--large resnet56]
+
+Runs, one after another, each as its own `bonsai fit DATA --budget B` process (about 100 minutes at 15m):
+
+- ``resnet20``, ``resnet56``: the fixed dense architectures;
+- ``prunetrain``: the large net with ``--prune`` (PruneTrain only: penalty over the first half, channels and blocks
+  removed, no growth);
+- ``adapt_small``, ``adapt_large``: ``--adapt`` from the small and from the large net;
+- ``scratch_grown``: the architecture ``adapt_small`` ended with, trained from scratch under the same budget
+  (Net2Net's claim: growing reaches an accuracy sooner than training the grown network from the start).
+
+Every run has the same defaults otherwise (schedule over the budget, progressive resizing, bf16). Test accuracy is
+measured after every epoch for the curves only (it never steers training); times are the budget clock (training
+steps + validation + checkpoints). Accuracy is the final network's, so that it and the FLOPs describe one model.
+Summary: ``adapt_acc`` and ``adapt_flops`` (the better --adapt run), ``best_fixed_acc`` and ``best_fixed_flops``
+(the better fixed dense run), ``net2net_time_ratio`` (budget-clock time to the lower of the two final accuracies of
+``adapt_small`` and ``scratch_grown``, with growth / from scratch; None when ``adapt_small`` never grew).
+Writes benchmarks/results/adaptive.json and adaptive.png. Use --limit and a short --budget to smoke-test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, portable, write_result  # noqa: E402
+from prunetrain import _subset  # noqa: E402
+
+from bonsai.report.log import read_jsonl  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+
+def time_to(curve: list[dict], target: float) -> float | None:
+    """The first budget-clock time on ``curve`` at which test accuracy reaches ``target``; None if never."""
+    for r in curve:
+        if r.get("test_acc") is not None and r["test_acc"] >= target - 1e-9:
+            return r["clock_s"]
+    return None
+
+
+def _fit(data: str, out: Path, args: list[str]) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "bonsai", "fit", data, "--out", str(out), "--quiet", *args]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"fit failed: {' '.join(cmd)}")
+    summary = json.loads((out / "summary.json").read_text())
+    metrics, events = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "events.jsonl")
+    # the final network's architecture (the checkpoint's; arch.json is the best-by-validation model's)
+    with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
+        arch = json.loads(f.metadata()["arch"])
+    last = metrics[-1]
+    res = {
+        "args": args,
+        "test_acc": last["test_acc"],
+        "best_val_model_test_acc": summary["test_acc"],
+        "clock_s": summary["clock_s"],
+        "train_time_s": summary["train_time_s"],
+        "epochs": summary["epochs"],
+        "train_flops": summary["train_flops"],
+        "inference_flops": last["flops_per_image"],
+        "params": last.get("params"),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+        "final_widths": last["widths"],
+        "final_depths": [len(b) for b in last["block_ids"]] if last.get("block_ids") else None,
+        "decisions": [
+            {k: e.get(k) for k in ("epoch", "event", "decision", "stages", "reason", "flops_before", "flops_after", "blocks_removed")}
+            for e in events
+            if e.get("event") in ("adapt", "prune", "morph") and e.get("decision") != "continue"
+        ],
+        "curve": [{k: m.get(k) for k in ("epoch", "clock_s", "val_acc", "test_acc", "flops_per_image", "widths", "block_ids")} for m in metrics],
+        "arch_json": arch,
+    }
+    print(f"{out.name}: test {res['test_acc']:.4f}, {res['epochs']} epochs, FLOPs {res['inference_flops'] / 1e6:.1f}M", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data/cifar10")
+    ap.add_argument("--budget", default="15m", help="wall-clock budget of every run")
+    ap.add_argument("--small", default="resnet8", help="the net --adapt grows from")
+    ap.add_argument("--large", default="resnet56", help="the net --adapt and PruneTrain shrink from")
+    ap.add_argument("--only", default="", help="comma-separated run names (a partial re-run; no result written)")
+    ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke test)")
+    ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
+    args = ap.parse_args()
+    if not Path(args.data).exists():
+        raise SystemExit(f"{args.data}: not found; point --data at the CIFAR-10 .npz parts (see ../shared/data/README.md)")
+    runs, b = Path(args.runs), ["--budget", args.budget]
+    plan = {
+        "resnet20": ["--arch", "resnet20", *b],
+        "resnet56": ["--arch", "resnet56", *b],
+        "prunetrain": ["--arch", args.large, "--prune", *b],
+        "adapt_small": ["--arch", args.small, "--adapt", *b],
+        "adapt_large": ["--arch", args.large, "--adapt", *b],
+    }
+    only = {x for x in args.only.split(",") if x}
+    details: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _subset(args.data, args.limit, Path(tmp)) if args.limit else args.data
+        for name, cli in plan.items():
+            if not only or name in only:
+                details[name] = _fit(data, runs / f"adaptive_{name}", cli)
+        grown = details.get("adapt_small", {})
+        if grown and any(d["decision"] in ("widen", "deepen") for d in grown["decisions"] if d["event"] == "adapt"):
+            arch = Path(tmp) / "grown_arch.json"
+            arch.write_text(json.dumps(grown["arch_json"]))
+            details["scratch_grown"] = _fit(data, runs / "adaptive_scratch_grown", ["--arch", str(arch), *b])
+    for d in details.values():
+        d.pop("arch_json", None)
+    if only:
+        print({k: v["test_acc"] for k, v in details.items()})
+        return
+
+    fixed = max(("resnet20", "resnet56"), key=lambda k: details[k]["test_acc"])
+    adapt = max(("adapt_small", "adapt_large"), key=lambda k: details[k]["test_acc"])
+    ratio = target = None
+    if "scratch_grown" in details:
+        g, s = details["adapt_small"], details["scratch_grown"]
+        target = min(g["test_acc"], s["test_acc"])
+        tg, ts = time_to(g["curve"], target), time_to(s["curve"], target)
+        ratio = None if tg is None or ts is None else round(tg / ts, 3)
+    summary = {
+        "budget": args.budget,
+        "adapt_acc": details[adapt]["test_acc"],
+        "adapt_run": adapt,
+        "adapt_flops": details[adapt]["inference_flops"],
+        "best_fixed_acc": details[fixed]["test_acc"],
+        "best_fixed_run": fixed,
+        "best_fixed_flops": details[fixed]["inference_flops"],
+        "net2net_time_ratio": ratio,
+        "net2net_target_acc": target,
+        "by_run": {
+            k: {"test_acc": v["test_acc"], "inference_flops": v["inference_flops"], "params": v["params"], "epochs": v["epochs"], "clock_s": v["clock_s"], "final_depths": v["final_depths"]}
+            for k, v in details.items()
+        },
+    }
+    if args.limit:
+        summary["smoke_test_limit"] = args.limit
+    name = "adaptive" if not args.limit else "adaptive_smoke"
+    path = write_result(name, summary, details, "python benchmarks/adaptive.py " + portable(sys.argv[1:]))
+    _plot(details, name, target)
+    print(f"wrote {path}\nsummary: {json.dumps(summary, indent=1)}")
+
+
+def _plot(details: dict, name: str, target: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for run, d in details.items():
+        c = d["curve"]
+        ax.plot([r["clock_s"] for r in c], [100 * r["test_acc"] for r in c], marker="o", ms=3, label=f"{run}: {d['test_acc']:.1%}")
+        for e in d["decisions"]:  # mark growth and surgery on the curve
+            if e["event"] == "adapt" and e["decision"] in ("widen", "deepen"):
+                r = next((r for r in c if r["epoch"] == e["epoch"]), None)
+                if r:
+                    ax.annotate(e["decision"][0], (r["clock_s"], 100 * r["test_acc"]), fontsize=8, xytext=(0, 6), textcoords="offset points")
+        bx.scatter(d["inference_flops"] / 1e6, 100 * d["test_acc"], s=30)
+        bx.annotate(run, (d["inference_flops"] / 1e6, 100 * d["test_acc"]), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    if target is not None:
+        ax.axhline(100 * target, color="grey", ls=":", lw=1)
+    ax.set_xlabel("budget clock (s): training + validation")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("CIFAR-10, equal budget (w: widen, d: deepen)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    bx.set_xscale("log")
+    bx.set_xlabel("inference FLOPs per image of the final network (M)")
+    bx.set_ylabel("test accuracy (%)")
+    bx.grid(alpha=0.3)
+    bx.set_title("final networks")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
