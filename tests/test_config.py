@@ -15,6 +15,9 @@ def test_overrides_dotted_and_bare_names():
     cfg = apply_overrides(FitConfig(), ["train.lr=0.05", "epochs=7", "flip=false", "data.image_size=null", "budget=10m"])
     assert cfg.train.lr == 0.05 and cfg.train.epochs == 7 and cfg.augment.flip is False
     assert cfg.data.image_size is None and cfg.budget_s == 600
+    # FLOP counts take the suffixes --flops takes
+    assert apply_overrides(FitConfig(), ["prune.target_flops=40M"]).prune.target_flops == 40e6
+    assert apply_overrides(FitConfig(), ["target_flops=1.5G"]).prune.target_flops == 1.5e9
 
 
 def test_yaml_round_trip(tmp_path: Path):
@@ -39,6 +42,8 @@ def test_resolved_defaults_to_20_epochs_only_without_other_stopping_rule():
         ("train.lr=-1", "train.lr must be > 0"),
         ("train.schedule=wavy", "train.schedule must be"),
         ("budget=soon", "use a duration like"),
+        ("prune.target_flops=lots", "config key prune.target_flops: 'lots': use a number like 40M"),
+        ("prune.lpr=1k", "config key prune.lpr: expected float"),
         ("noequals", "expected key=value"),
         ("log=tensorboard,wandb", "log: unknown logger wandb"),
     ],

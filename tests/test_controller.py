@@ -107,23 +107,27 @@ def test_adapt_carries_out_the_controllers_decisions_end_to_end(tmp_path, rule: 
     ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16).to_json(arch)
     # a plateau after every epoch from the second on, and no end-of-run cut-off
     forced = {"adapt.plateau_epochs": 1, "adapt.window": 2, "adapt.min_delta": 1.0, "adapt.min_left": 0.0, "adapt.max_growths": 1, "prune.round_to": 1}
-    run = bonsai.fit(data, epochs=4, out=str(tmp_path / "r"), arch=str(arch), batch_size=16, quiet=True, precision="fp32", **{"adapt.on": True} | forced | rule)
+    epochs = 5 if action == "widen" else 4  # after a growth, the grown network needs its own plateau
+    run = bonsai.fit(data, epochs=epochs, out=str(tmp_path / "r"), arch=str(arch), batch_size=16, quiet=True, precision="fp32", **{"adapt.on": True} | forced | rule)
     events = [json.loads(line) for line in (run.dir / "events.jsonl").read_text().splitlines()]
     decisions = [e for e in events if e["event"] == "adapt"]
-    assert [d["epoch"] for d in decisions] == [1, 2, 3] and decisions[0]["decision"] == "continue"
+    assert [d["epoch"] for d in decisions][:3] == [1, 2, 3] and decisions[0]["decision"] == "continue"
     assert decisions[1]["decision"] == action and decisions[1]["reason"]
     metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(m["train_loss"]) for m in metrics)
     assert [m["lasso"] for m in metrics[:2]] == [True, True]  # prune.until 0.5 of 4 epochs
     if action == "prune":  # the decision after epoch 2 puts the penalty back on for adapt.window (3) epochs
         assert [m["lasso"] for m in metrics[2:]] == [True, True]
-    else:
+    elif action == "deepen":
         assert metrics[2]["lasso"] is False
     if action == "widen":
         assert metrics[2]["flops_per_image"] > metrics[1]["flops_per_image"]
         assert [w > v for w, v in zip(decisions[1]["widths_after"], decisions[1]["widths_before"])] == [True] * len(metrics[1]["widths"])
-        assert decisions[2]["decision"] == "stop" and "no more growth" in decisions[2]["reason"]  # max_growths 1
-        assert run.summary["stop_reason"] == "controller" and len(metrics) == 3
+        # the widened network is not judged on the plateau it inherited, then plateaus itself with no growth left
+        assert decisions[2]["decision"] == "continue" and "too few epochs" in decisions[2]["reason"]
+        assert decisions[3]["decision"] == "stop" and "no more growth" in decisions[3]["reason"]  # max_growths 1
+        assert run.summary["stop_reason"] == "controller" and len(metrics) == 4
+        assert [m["lasso"] for m in metrics] == [True, True, True, False]  # prune.until 0.5 of 5 epochs
     if action == "deepen":
         grown = decisions[1]["stages"][0]
         assert len(metrics[2]["block_ids"][grown]) == 2 and metrics[2]["block_ids"][grown][-1] == 1

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from bonsai.errors import ConfigError
-from bonsai.utils import atomic_write_text, parse_duration
+from bonsai.utils import atomic_write_text, parse_count, parse_duration
 
 
 @dataclass
@@ -263,6 +263,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and key.endswith("_flops"):  # prune.target_flops=40M, as --flops takes it
+            return parse_count(value, f"config key {key}:")
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -9,7 +9,8 @@ The rule, in order (the first that applies wins):
 
 1. **Over the FLOP target** (``flops > target * (1 + flops_tolerance)``): ``prune``.
 2. **Still improving** (the best validation accuracy of the last ``plateau_epochs`` epochs beats the best before
-   them by more than ``min_delta``): ``continue``.
+   them by more than ``min_delta``), or too few epochs to tell: ``continue``. The engine passes only the epochs
+   since the last growth: growth keeps the function, so the plateau before it would carry straight over.
 3. On a plateau, **too little time left** for a surgery to pay off (``left < min_left``): ``stop``.
 4. **Overfitting** (train accuracy above validation accuracy by more than ``max_gap``): ``prune``. The network has
    more capacity than the data supports.
@@ -39,7 +40,7 @@ class Signals:
     """What the controller sees at a decision point.
 
     Attributes:
-        val_acc: validation accuracy of every epoch so far, oldest first.
+        val_acc: validation accuracy of every epoch so far (since the last growth), oldest first.
         train_acc: training accuracy of the same epochs (on augmented batches).
         pruned_share: per stage, the share of its channels removed in the last ``window`` epochs (0..1); None unless
             every one of those epochs applied the pruning penalty.
@@ -95,6 +96,8 @@ def decide(s: Signals, rule: Rule = Rule()) -> Decision:
     target = s.target_flops
     if target is not None and s.flops > target * (1 + rule.flops_tolerance):
         return Decision("prune", f"{s.flops / 1e6:.1f}M FLOPs per image, above the target {target / 1e6:.1f}M")
+    if len(s.val_acc) <= rule.plateau_epochs:
+        return Decision("continue", "too few epochs (since the start or the last growth) to judge a plateau")
     if not plateaued(s.val_acc, rule.plateau_epochs, rule.min_delta):
         return Decision("continue", "validation accuracy still improving")
     best = max(s.val_acc)

@@ -123,6 +123,7 @@ class TrainState:
     penalized_epochs: list[int] = field(default_factory=list)  # epochs whose steps applied the penalty
     penalty_until: int = 0  # a prune decision applies the penalty through this epoch
     growths: int = 0  # widen / deepen decisions carried out
+    grown_at: int = 0  # the epoch after which the last growth was made (0: none)
     block_next: list[int] = field(default_factory=list)  # per stage, the id an inserted block gets (see block_ids)
 
 
@@ -461,7 +462,8 @@ class Engine:
         remove_blocks_(trial, blocks)
         group_widths = {g.name: g.width for g in channel_groups(trial)}
         keep = plan_keep(trial, p.threshold, p.min_width, p.round_to)
-        if not keep and not blocks:
+        if not keep and not blocks:  # nothing to remove: recorded all the same, as a measurement for --adapt
+            st.pruned_log.append([epoch, _stage_channels(self.model.spec), _stage_channels(self.model.spec)])
             return
         widths_before, flops_before, batch_before = self.model.spec.widths(), self.flops, loader.batch_size
         depths_before = [s.depth for s in self.model.spec.stages]
@@ -532,11 +534,20 @@ class Engine:
         block is appended to the chosen stage. Both keep the network's function, and copy momentum with the
         weights, so the LR schedule and batch continue unchanged. stop: the run ends here."""
         a, st = self.cfg.adapt, self.state
-        now = _stage_channels(self.model.spec)
-        # unknown unless every epoch of the window applied the penalty: a channel the lasso has had one epoch to
-        # reach is not evidence that its stage uses its width
+        # The pruned shares are unknown unless every epoch of the window applied the penalty (a channel the lasso
+        # has had one epoch to reach is no evidence that its stage uses its width) and the window lies wholly after
+        # the last growth (the grown network has not been measured before). The reading is taken from a
+        # reconfiguration at this epoch, run now if the schedule did not run one.
         shares: list[float] | None = None
-        if epoch >= a.window and all(e in st.penalized_epochs for e in range(epoch - a.window + 1, epoch + 1)):
+        if (
+            epoch >= a.window
+            and epoch - a.window >= st.grown_at
+            and all(e in st.penalized_epochs for e in range(epoch - a.window + 1, epoch + 1))
+        ):
+            if not any(r[0] == epoch for r in st.pruned_log):
+                self._reconfigure(epoch, progress)
+        if epoch >= a.window and any(r[0] == epoch for r in st.pruned_log) and epoch - a.window >= st.grown_at:
+            now = _stage_channels(self.model.spec)
             shares = []
             recent = [r for r in st.pruned_log if r[0] > epoch - a.window]
             for i, n in enumerate(now):
@@ -544,11 +555,16 @@ class Engine:
                 before = recent[0][1][i] if recent and i < len(recent[0][1]) else n
                 shares.append(removed / max(before, 1))
         rule = Rule(a.plateau_epochs, a.min_delta, a.min_left, a.max_gap, a.saturated, a.widen_factor, a.max_growths)
-        signals = Signals(st.val_hist, st.train_hist, shares, self.flops, max(0.0, 1 - self._progress(clock)), st.growths, self.cfg.prune.target_flops)
+        # after a growth, the plateau is judged on the grown network's epochs only (growth keeps the function, so
+        # the old plateau would carry straight over)
+        hist = slice(st.grown_at, None)
+        left = max(0.0, 1 - self._progress(clock))
+        signals = Signals(st.val_hist[hist], st.train_hist[hist], shares, self.flops, left, st.growths, self.cfg.prune.target_flops)
         decision = decide(signals, rule)
         flops_before, widths_before = self.flops, self.model.spec.widths()
         if decision.action == "prune":
-            st.penalty_until = epoch + a.window
+            if st.penalty_until <= epoch:  # a measurement already under way is not pushed back
+                st.penalty_until = epoch + a.window
         elif decision.action in ("widen", "deepen"):
             grown = copy.deepcopy(self.model.spec)  # the result, checked against the FLOP target before any surgery
             widths = {}
@@ -580,6 +596,7 @@ class Engine:
                     st.block_next[s] += 1
                     st.block_ids = ids
                 st.growths += 1
+                st.grown_at = epoch
                 self._after_surgery()
         elif decision.action == "stop":
             st.stop_reason = "controller"
@@ -784,7 +801,7 @@ class Engine:
         metrics_path = self.run_dir / "metrics.jsonl"
         n_test = 0 if self.test_loader is None else len(self.test_loader.split)
         epoch = st.epoch
-        if st.stop_reason != "diverged":
+        if st.stop_reason not in ("diverged", "controller"):
             st.stop_reason = ""  # a resumed run re-checks its (possibly raised) epochs, budget and patience
         if not (self.run_dir / CHECKPOINT).is_file():  # the starting point, for a rollback in the first epoch
             save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.opt, st)
