@@ -17,7 +17,8 @@ steps + validation + checkpoints). Accuracy is the final network's, so that it a
 Summary: ``adapt_acc`` and ``adapt_flops`` (the better --adapt run), ``best_fixed_acc`` and ``best_fixed_flops``
 (the better fixed dense run), ``net2net_time_ratio`` (budget-clock time to the lower of the two final accuracies of
 ``adapt_small`` and ``scratch_grown``, with growth / from scratch; None when ``adapt_small`` never grew).
-Writes benchmarks/results/adaptive.json and adaptive.png. Use --limit and a short --budget to smoke-test.
+Writes benchmarks/results/adaptive.json and adaptive.png. Use --limit and a short --budget to smoke-test; --reuse
+reads runs a previous invocation finished instead of training them again (their peak memory is then unknown).
 """
 
 from __future__ import annotations
@@ -47,14 +48,20 @@ def time_to(curve: list[dict], target: float) -> float | None:
     return None
 
 
-def _fit(data: str, out: Path, args: list[str]) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "bonsai", "fit", data, "--out", str(out), "--quiet", *args]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"fit failed: {' '.join(cmd)}")
+def _fit(data: str, out: Path, args: list[str], reuse: bool = False) -> dict:
+    """Train with `bonsai fit` in its own process (or, with ``reuse``, read the finished run directory ``out``)."""
+    rss = None
+    if not reuse:
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "bonsai", "fit", data, "--out", str(out), "--quiet", *args]
+        print("$", " ".join(cmd), flush=True)
+        proc = subprocess.Popen(cmd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"fit failed: {' '.join(cmd)}")
+        rss = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
+    elif not (out / "summary.json").is_file():
+        raise SystemExit(f"{out}: no finished run to reuse")
     summary = json.loads((out / "summary.json").read_text())
     metrics, events = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "events.jsonl")
     # the final network's architecture (the checkpoint's; arch.json is the best-by-validation model's)
@@ -71,7 +78,8 @@ def _fit(data: str, out: Path, args: list[str]) -> dict:
         "train_flops": summary["train_flops"],
         "inference_flops": last["flops_per_image"],
         "params": last.get("params"),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+        "peak_rss_mib": rss,
+        "reused": reuse,
         "final_widths": last["widths"],
         "final_depths": [len(b) for b in last["block_ids"]] if last.get("block_ids") else None,
         "decisions": [
@@ -93,6 +101,7 @@ def main() -> None:
     ap.add_argument("--small", default="resnet8", help="the net --adapt grows from")
     ap.add_argument("--large", default="resnet56", help="the net --adapt and PruneTrain shrink from")
     ap.add_argument("--only", default="", help="comma-separated run names (a partial re-run; no result written)")
+    ap.add_argument("--reuse", default="", help="comma-separated run names whose finished run directories are read, not trained again")
     ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke test)")
     ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
     args = ap.parse_args()
@@ -107,17 +116,18 @@ def main() -> None:
         "adapt_large": ["--arch", args.large, "--adapt", *b],
     }
     only = {x for x in args.only.split(",") if x}
+    reuse = {x for x in args.reuse.split(",") if x}
     details: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = _subset(args.data, args.limit, Path(tmp)) if args.limit else args.data
         for name, cli in plan.items():
             if not only or name in only:
-                details[name] = _fit(data, runs / f"adaptive_{name}", cli)
+                details[name] = _fit(data, runs / f"adaptive_{name}", cli, name in reuse)
         grown = details.get("adapt_small", {})
         if grown and any(d["decision"] in ("widen", "deepen") for d in grown["decisions"] if d["event"] == "adapt"):
             arch = Path(tmp) / "grown_arch.json"
             arch.write_text(json.dumps(grown["arch_json"]))
-            details["scratch_grown"] = _fit(data, runs / "adaptive_scratch_grown", ["--arch", str(arch), *b])
+            details["scratch_grown"] = _fit(data, runs / "adaptive_scratch_grown", ["--arch", str(arch), *b], "scratch_grown" in reuse)
     for d in details.values():
         d.pop("arch_json", None)
     if only:

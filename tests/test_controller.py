@@ -40,6 +40,13 @@ def test_overfitting_prunes():
     assert d.action == "prune" and "capacity" in d.reason
 
 
+def test_the_gap_is_not_read_from_a_low_resolution_epoch():
+    """A network trained at low resolution validates worse at full size: that is no overfitting."""
+    assert decide(sig(train_acc=[0.9] * len(FLAT))).action == "prune"  # 30 points above validation
+    d = decide(sig(train_acc=[0.9] * (len(FLAT) - 1) + [None], pruned_share=[0.2, 0.2, 0.2]))
+    assert d.action == "deepen"  # the rule after the gap's: every stage pruned, so width to spare
+
+
 def test_a_plateau_without_recent_pruning_prunes_to_measure():
     d = decide(sig(pruned_share=None))
     assert d.action == "prune" and "penalty has not run through" in d.reason
@@ -106,7 +113,7 @@ def test_adapt_carries_out_the_controllers_decisions_end_to_end(tmp_path, rule: 
     arch = tmp_path / "arch.json"
     ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16).to_json(arch)
     # a plateau after every epoch from the second on, and no end-of-run cut-off
-    forced = {"adapt.plateau_epochs": 1, "adapt.window": 2, "adapt.min_delta": 1.0, "adapt.min_left": 0.0, "adapt.max_growths": 1, "prune.round_to": 1}
+    forced = {"train.low_res": 1.0, "adapt.plateau_epochs": 1, "adapt.window": 2, "adapt.min_delta": 1.0, "adapt.min_left": 0.0, "adapt.max_growths": 1, "prune.round_to": 1}
     epochs = 5 if action == "widen" else 4  # after a growth, the grown network needs its own plateau
     run = bonsai.fit(data, epochs=epochs, out=str(tmp_path / "r"), arch=str(arch), batch_size=16, quiet=True, precision="fp32", **{"adapt.on": True} | forced | rule)
     events = [json.loads(line) for line in (run.dir / "events.jsonl").read_text().splitlines()]

@@ -13,7 +13,8 @@ The rule, in order (the first that applies wins):
    since the last growth: growth keeps the function, so the plateau before it would carry straight over.
 3. On a plateau, **too little time left** for a surgery to pay off (``left < min_left``): ``stop``.
 4. **Overfitting** (train accuracy above validation accuracy by more than ``max_gap``): ``prune``. The network has
-   more capacity than the data supports.
+   more capacity than the data supports. Read only from an epoch trained at the working size: a network trained
+   at a lower resolution validates worse at the full one, which is no sign of overfitting.
 5. **Nothing to read** (and growth still allowed): not every epoch of the last ``window`` applied the pruning penalty, so how much the stages
    use their width is unknown: ``prune`` (for ``window`` epochs), and decide on what it removes. (A lasso that has
    run for one epoch has not yet had the time to empty a channel; that nothing was removed then says nothing.)
@@ -41,7 +42,8 @@ class Signals:
 
     Attributes:
         val_acc: validation accuracy of every epoch so far (since the last growth), oldest first.
-        train_acc: training accuracy of the same epochs (on augmented batches).
+        train_acc: training accuracy of the same epochs (on augmented batches); None for an epoch that did not end
+            at the working size (progressive resizing), whose accuracy is not comparable with validation's.
         pruned_share: per stage, the share of its channels removed in the last ``window`` epochs (0..1); None unless
             every one of those epochs applied the pruning penalty.
         flops: forward FLOPs per image of the network now.
@@ -51,7 +53,7 @@ class Signals:
     """
 
     val_acc: list[float]
-    train_acc: list[float]
+    train_acc: list[float | None]
     pruned_share: list[float] | None
     flops: float
     left: float
@@ -103,8 +105,8 @@ def decide(s: Signals, rule: Rule = Rule()) -> Decision:
     best = max(s.val_acc)
     if s.left < rule.min_left:
         return Decision("stop", f"plateau at {best:.2%} with {s.left:.0%} of the run left, too little for a surgery to pay off")
-    gap = s.train_acc[-1] - s.val_acc[-1]
-    if gap > rule.max_gap:
+    gap = None if not s.train_acc or s.train_acc[-1] is None else s.train_acc[-1] - s.val_acc[-1]
+    if gap is not None and gap > rule.max_gap:
         return Decision("prune", f"plateau with train accuracy {gap:.1%} above validation: more capacity than the data supports")
     can_grow = s.growths < rule.max_growths
     if s.pruned_share is None and can_grow:

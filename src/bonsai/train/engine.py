@@ -118,7 +118,7 @@ class TrainState:
     block_ids: list[list[int]] | None = None  # per stage, the ids of its blocks (starting network: 0..depth-1)
     # --adapt: the controller's memory
     val_hist: list[float] = field(default_factory=list)  # validation accuracy per epoch
-    train_hist: list[float] = field(default_factory=list)  # training accuracy per epoch
+    train_hist: list[float | None] = field(default_factory=list)  # training accuracy per epoch (None: low resolution)
     pruned_log: list[list] = field(default_factory=list)  # per reconfiguration: [epoch, channels per stage before, after]
     penalized_epochs: list[int] = field(default_factory=list)  # epochs whose steps applied the penalty
     penalty_until: int = 0  # a prune decision applies the penalty through this epoch
@@ -901,7 +901,10 @@ class Engine:
                 append_jsonl(metrics_path, {k: _finite_or_none(v) for k, v in record.items()})
                 if cfg.adapt.on:
                     st.val_hist.append(float(val_acc) if val_acc is not None else 0.0)
-                    st.train_hist.append(float(train_acc))
+                    # training accuracy is comparable with validation accuracy only at the working size: during
+                    # progressive resizing the network trains at a lower resolution than it is validated at
+                    full = self._last_size == self.model.spec.image_size
+                    st.train_hist.append(float(train_acc) if full else None)
                     if self._penalized:
                         st.penalized_epochs.append(epoch)
                 self._last_val = val_acc
