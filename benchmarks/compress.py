@@ -1,10 +1,12 @@
 """Deep Compression's chain on CIFAR-10 models: dense fp32 -> pruned -> int8 -> + Huffman, and weight sharing
-(k-means, 5 and 4 bits) + Huffman, each stage measured, plus an SVD low-rank side branch.
+(k-means, 5, 4 and 3 bits, each also with its codebooks fine-tuned for an epoch) + Huffman, each stage measured,
+plus an SVD low-rank side branch.
 
-    python benchmarks/compress.py [--dense RUN] [--pruned RUN] [--repeats 20] [--lowrank 0.9]
+    python benchmarks/compress.py [--dense RUN] [--pruned RUN] [--repeats 20] [--lowrank 0.9] [--share-bits 5,4,3]
 
 The inputs are run directories of `benchmarks/prunetrain.py` (full CIFAR-10, 10 epochs; defaults: the resnet32
-dense run, and the resnet32 run pruned at LPR 0.5). Each run goes through `bonsai compress` (PyTorch fp32, ONNX
+dense run and the resnet32 run pruned at LPR 0.42 of `prunetrain.py --archs resnet32 --lpr 0.5,0.42 --name
+prunetrain_repeat`, the pruned run within a point of the dense one). Each run goes through `bonsai compress` (PyTorch fp32, ONNX
 fp32, ONNX int8 with per-channel weights calibrated on 512 training images, int8 + Huffman), which measures size
 on disk, batch-1 and batch-64 latency (median of --repeats calls, onnxruntime / PyTorch on this CPU's 2 cores,
 timed round-robin across the stages of one runtime so that the host's noise falls on all of them alike),
@@ -12,7 +14,7 @@ and validation and test accuracy. The low-rank branch factorizes each conv whose
 multiply-adds and runs faster at its own shape, measured before and after one epoch of fine-tuning. Summary:
 - size_reduction: dense fp32 `model.safetensors` size / the final artifact's size (x), where the final artifact is
   the smallest stage of the pruned chain whose validation accuracy is within 0.5 points of the pruned fp32 model's
-  (weight sharing at 4 or 5 bits, or int8 + Huffman);
+  (weight sharing, plain or fine-tuned, or int8 + Huffman);
 - acc_drop_points: dense fp32 test accuracy - the final artifact's test accuracy (points);
 - int8_latency_ratio: int8 / fp32 batch-64 latency in onnxruntime, for the pruned model (and the dense one).
 Writes benchmarks/results/compress.json and compress.png.
@@ -61,10 +63,12 @@ def plot(chains: dict[str, list[dict]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dense", default=str(RUNS / "prunetrain_resnet32_dense"))
-    ap.add_argument("--pruned", default=str(RUNS / "prunetrain_resnet32_pruned"))
+    ap.add_argument("--dense", default=str(RUNS / "prunetrain_repeat_resnet32_dense"))
+    ap.add_argument("--pruned", default=str(RUNS / "prunetrain_repeat_resnet32_pruned_lpr0.42"))
     ap.add_argument("--calibration", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--share-bits", default="5,4,3", help="weight-sharing codebook sizes (each also fine-tuned)")
+    ap.add_argument("--share-finetune-epochs", type=float, default=1.0)
     ap.add_argument("--lowrank", type=float, default=0.9, help="energy kept by the low-rank side branch (0: skip it)")
     args = ap.parse_args()
     args.lowrank = args.lowrank or None
@@ -79,7 +83,10 @@ def main() -> None:
 
     t0 = time.time()
     records = {
-        name: compress(d, calibration=args.calibration, repeats=args.repeats, lowrank=args.lowrank)
+        name: compress(
+            d, calibration=args.calibration, repeats=args.repeats, lowrank=args.lowrank,
+            share_bits=tuple(int(b) for b in args.share_bits.split(",")), share_finetune_epochs=args.share_finetune_epochs,
+        )
         for name, d in (("dense", args.dense), ("pruned", args.pruned))
     }
     chains = {k: r["stages"] for k, r in records.items()}

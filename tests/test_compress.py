@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -133,17 +134,19 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
     record = compress(run.dir, calibration=32, repeats=2, lowrank=0.5)
     names = ["PyTorch fp32", "PyTorch fp32 low-rank 0.5", "PyTorch fp32 low-rank 0.5 + fine-tune", "ONNX fp32", "ONNX int8", "ONNX int8 + Huffman"]
-    names += ["PyTorch k-means 5-bit + Huffman", "PyTorch k-means 4-bit + Huffman"]
+    names += [f"PyTorch k-means {b}-bit{t} + Huffman" for b in (5, 4) for t in ("", " fine-tuned")]
     assert [s["stage"] for s in record["stages"]] == names
-    shared5, shared4 = record["stages"][-2:]
+    shared5, tuned5, shared4, tuned4 = record["stages"][-4:]
     assert shared4["size_bytes"] < shared5["size_bytes"] < record["stages"][5]["size_bytes"]
+    assert tuned4["size_bytes"] < tuned5["size_bytes"] < record["stages"][5]["size_bytes"]
     assert record["weight_sharing"][4]["index_bits_per_weight"] <= 4.01
-    assert json.loads((run.dir / "compression.json").read_text())["stages"][-1]["file"] == "model.shared4.bsw"
+    assert record["weight_sharing"]["4_finetuned"]["index_bits_per_weight"] <= 4.01
+    assert json.loads((run.dir / "compression.json").read_text())["stages"][-1]["file"] == "model.shared4.tuned.bsw"
     chosen = next(s for s in record["stages"] if s["stage"] == record["final_stage"])
     assert chosen["val_acc"] >= record["stages"][0]["val_acc"] - 0.005 and "low-rank" not in chosen["stage"]
     assert all(s["size_bytes"] >= chosen["size_bytes"] for s in record["stages"] if "low-rank" not in s["stage"] and s["val_acc"] >= record["stages"][0]["val_acc"] - 0.005)
     assert record["size_reduction_vs_fp32"] == round(record["stages"][0]["size_bytes"] / chosen["size_bytes"], 2)
-    del record["stages"][-2:]
+    del record["stages"][-4:]
     assert len(record["lowrank_layers"]) == 9 and all(r["rank"] <= r["max_rank"] for r in record["lowrank_layers"])
     assert record["stages"][1]["flops_per_image"] <= record["stages"][0]["flops_per_image"]
     del record["stages"][1:3]
@@ -259,6 +262,57 @@ def test_weight_sharing_round_trip_uses_only_codebook_values_and_stays_close(bit
         errs = {b: float((ref - unpack_shared(pack_shared(model, b)[0])(x)).abs().max()) for b in (1, bits - 1, bits)}
     assert errs[bits] == pytest.approx(float((ref - out).abs().max()))
     assert errs[bits] < errs[bits - 1] < errs[1] or bits == 2 and errs[2] < errs[1], "more bits, closer outputs"
+
+
+def test_codebook_finetune_moves_only_the_shared_values_and_packs_exactly():
+    """Trained quantization: the fine-tune lowers the loss of the k-means-shared model, keeps every weight's
+    cluster (indices fixed), leaves at most 2**bits values per layer, and pack/unpack then restores it exactly."""
+    from torch.nn import functional as F
+
+    from bonsai.compress.lowrank import finetune_
+    from bonsai.compress.sharing import finetune_shared_, pack_shared, unpack_shared
+    from conftest import make_images
+
+    x, y = make_images(30)
+    x, y = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y)
+    torch.manual_seed(0)
+    model = build(preset("resnet8", 3, 3, 16), zero_init_residual=False)
+    finetune_(model, x, y, epochs=8, lr=0.05, batch=16)  # a trained model, with settled BN statistics
+    plain = unpack_shared(pack_shared(model, 2)[0])
+    tuned = finetune_shared_(copy.deepcopy(model), 2, x, y, epochs=4, lr=0.05, batch=16)
+    assert not tuned.training and not any("parametrizations" in n for n in tuned.state_dict())
+    with torch.no_grad():
+        assert float(F.cross_entropy(tuned(x), y)) < float(F.cross_entropy(plain(x), y))
+    moved, before = 0, plain.state_dict()
+    for name, w in tuned.state_dict().items():
+        p = before[name]
+        if name.endswith("weight") and w.ndim >= 2:
+            assert len(torch.unique(w)) <= 4, name
+            for v in torch.unique(p):  # the weights that shared a value before still share one
+                assert len(torch.unique(w[p == v])) == 1, name
+            moved += not torch.equal(torch.unique(w), torch.unique(p))
+    assert moved > 0
+    back = unpack_shared(pack_shared(tuned, 2)[0]).state_dict()
+    for name, w in tuned.state_dict().items():
+        if name.endswith("weight") and w.ndim >= 2:
+            assert torch.equal(w, back[name]), name
+
+
+def test_container_header_is_compressed_and_plain_json_headers_still_read():
+    import struct
+
+    from bonsai.compress.container import frame, unframe
+
+    header = {"tensors": [{"name": f"stages.0.{i}.conv1.weight", "shape": [16, 16, 3, 3], "kind": "shared"} for i in range(50)]}
+    packed = frame(b"TEST", header, b"payload")
+    plain = json.dumps(header).encode()
+    assert len(packed) < len(plain) / 4
+    assert unframe(packed, b"TEST", "test file", "t.bin") == (header, len(packed) - len(b"payload"))
+    old = b"TEST" + struct.pack("<Q", len(plain)) + plain + b"payload"  # as files were first written
+    assert unframe(old, b"TEST", "test file", "t.bin") == (header, len(old) - len(b"payload"))
+    bad = b"TEST" + struct.pack("<Q", 5) + b"xxxxx"
+    with pytest.raises(BonsaiError, match="t.bin: damaged"):
+        unframe(bad, b"TEST", "test file", "t.bin")
 
 
 def test_damaged_weight_shared_file_is_a_clear_error():

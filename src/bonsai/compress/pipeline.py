@@ -4,12 +4,14 @@ recorded in ``RUN/compression.json``.
 
 Stages: the PyTorch fp32 model (``model.safetensors``), its ONNX export, the int8-quantized ONNX model, the
 Huffman-packed int8 model (restored bit for bit before it is scored), and weight sharing (k-means codebooks of
-2**bits values per layer, indices Huffman-coded; Deep Compression's quantization) at 5 and 4 bits. The validation images are the ones the run
-held out (same split, same seed); calibration uses training images only.
+2**bits values per layer, indices Huffman-coded; Deep Compression's quantization) at 5 and 4 bits, each also with
+its codebooks fine-tuned for an epoch (Deep Compression's trained quantization). The validation images are the ones
+the run held out (same split, same seed); calibration and fine-tuning use training images only.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from bonsai.compress import onnx_export as ox
-from bonsai.compress.sharing import pack_shared, unpack_shared
+from bonsai.compress.sharing import finetune_shared_, pack_shared, unpack_shared
 from bonsai.errors import BonsaiError
 from bonsai.models.resnet import count_flops, count_params, save_model, state_bytes
 from bonsai.utils import atomic_write_bytes, atomic_write_text
@@ -128,13 +130,14 @@ def _module_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def compress(
     run_dir: str | Path, data: str | Path | None = None, calibration: int = 512, out: str | Path | None = None, repeats: int = 20,
-    lowrank: float | None = None, finetune_epochs: float = 1.0, share_bits: tuple[int, ...] = (5, 4),
+    lowrank: float | None = None, finetune_epochs: float = 1.0, share_bits: tuple[int, ...] = (5, 4), share_finetune_epochs: float = 1.0,
 ) -> dict:
     """Run every stage on ``run_dir``'s best model; write the artifacts to ``out`` (default RUN/compressed) and
     ``RUN/compression.json``; return the record. ``lowrank``: also measure the SVD-factorized fp32 model keeping
     this share of each kernel's energy, before and after ``finetune_epochs`` of fine-tuning (a side branch: the
     int8 stages start from the unfactorized model). ``share_bits``: weight sharing at each of these codebook sizes
-    (k-means, then Huffman; decoded to a PyTorch fp32 model to be scored and timed)."""
+    (k-means, then Huffman; decoded to a PyTorch fp32 model to be scored and timed), each also after
+    ``share_finetune_epochs`` of fine-tuning its codebooks on the training images (0: skip)."""
     from bonsai.api import load
 
     run = load(run_dir)
@@ -192,6 +195,14 @@ def compress(
         shared = unpack_shared(path.read_bytes(), str(path))
         stages.append(_measure(f"PyTorch k-means {bits}-bit + Huffman", path, lambda x, m=shared: _torch_logits(m, x), val, test, params, flops, runners))
         stages[-1]["note"] = f"{2**bits} shared values per layer, indices at {sharing[bits]['index_bits_per_weight']:.2f} bits per weight; decoded to fp32 to run"
+        if share_finetune_epochs > 0:
+            tuned = finetune_shared_(copy.deepcopy(model), bits, train_x, train_y, share_finetune_epochs, seed=seed)
+            blob, sharing[f"{bits}_finetuned"] = pack_shared(tuned, bits)
+            path = out / f"model.shared{bits}.tuned.bsw"
+            atomic_write_bytes(path, blob)
+            shared = unpack_shared(path.read_bytes(), str(path))
+            stages.append(_measure(f"PyTorch k-means {bits}-bit fine-tuned + Huffman", path, lambda x, m=shared: _torch_logits(m, x), val, test, params, flops, runners))
+            stages[-1]["note"] = f"codebooks fine-tuned {share_finetune_epochs:g} epoch(s) on the training images, indices fixed; decoded to fp32 to run"
 
     _latencies(runners, xv, repeats)
     base = stages[0]

@@ -3,7 +3,9 @@ its own codebook of 2**bits values, found by k-means; the indices of all tensors
 
 k-means is one-dimensional (Lloyd's algorithm on the sorted values), initialised linearly between the tensor's
 minimum and maximum, which Han et al. found best: it keeps centroids on the rare large weights that matter most.
-The codebooks are not fine-tuned. BN parameters and statistics and biases are stored as float16 (a few thousand
+The codebooks can then be fine-tuned (Deep Compression's trained quantization, :func:`share_` and
+:func:`finetune_shared_`): each layer's weight becomes ``codebook[indices]`` with the indices fixed, and a shared
+value moves with the mean gradient of the weights that use it. BN parameters and statistics and biases are stored as float16 (a few thousand
 values), the input normalization as float32. A file is::
 
     magic "BSW1" | header length (uint64) | header JSON | codebooks (float32) | other tensors | indices
@@ -72,6 +74,64 @@ def kmeans_1d(values: np.ndarray, k: int, iters: int = 30) -> tuple[np.ndarray, 
     idx = np.empty(len(s), dtype=np.uint8)
     idx[order] = np.repeat(np.arange(len(c), dtype=np.uint8), np.diff(bounds))
     return c.astype(np.float32), idx
+
+
+class Codebook(torch.nn.Module):
+    """A weight as ``centroids[indices]``: a parametrization whose only trainable part is the codebook.
+
+    A shared value's gradient is the mean of the gradients of the weights that use it (Deep Compression's sum,
+    divided by the cluster's size), so the LR that suits the weights suits the codebook: the sum over thousands of
+    weights would take steps thousands of times too large."""
+
+    def __init__(self, centroids: np.ndarray, indices: np.ndarray, shape: tuple[int, ...]):
+        super().__init__()
+        self.centroids = torch.nn.Parameter(torch.from_numpy(np.asarray(centroids, dtype=np.float32).copy()))
+        idx = torch.from_numpy(indices.astype(np.int64))
+        self.register_buffer("indices", idx.reshape(shape))
+        self.register_buffer("counts", torch.bincount(idx, minlength=len(centroids)).clamp(min=1).float())
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:  # the original weight is ignored, and gets no gradient
+        c = self.centroids
+        # the value is c[indices]; the gradient reaching c is the per-cluster mean
+        return c.detach()[self.indices] + ((c - c.detach()) / self.counts)[self.indices]
+
+
+def share_(model: torch.nn.Module, bits: int) -> torch.nn.Module:
+    """In place: every conv/linear weight becomes ``codebook[indices]`` with a 2**bits-value k-means codebook of its
+    own (:func:`kmeans_1d`); training then moves the shared values only. Undo with :func:`unshare_`."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and not parametrize.is_parametrized(module, "weight"):
+            c, idx = kmeans_1d(w.detach().float().cpu().numpy(), 2**bits)
+            parametrize.register_parametrization(module, "weight", Codebook(c, idx, tuple(w.shape)), unsafe=True)
+    return model
+
+
+def unshare_(model: torch.nn.Module) -> torch.nn.Module:
+    """In place: the weights :func:`share_` parametrized become plain tensors again, holding their codebook values."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
+def finetune_shared_(
+    model: ResNet, bits: int, x: torch.Tensor, y: torch.Tensor, epochs: float = 1.0, lr: float = 0.005, batch: int = 256, seed: int = 0
+) -> ResNet:
+    """Deep Compression's trained quantization, in place: k-means codebooks of 2**bits values per layer
+    (:func:`share_`), then ``epochs`` of fine-tuning on ``x``/``y`` (uint8 NCHW training images) that moves the
+    shared values, BN and biases, the indices fixed (:func:`bonsai.compress.lowrank.finetune_`'s loop, at a lower
+    LR). Afterwards every conv/linear weight holds at most 2**bits distinct values, so :func:`pack_shared` at the
+    same ``bits`` stores it exactly."""
+    from bonsai.compress.lowrank import finetune_
+
+    share_(model, bits)
+    finetune_(model, x, y, epochs, lr=lr, batch=batch, seed=seed)
+    return unshare_(model).eval()
 
 
 def _shared(name: str, t: torch.Tensor) -> bool:
