@@ -1,7 +1,7 @@
 """The framing every bonsai compressed file shares: ``magic | header length (uint64) | header | payload``.
 
 The header is JSON, zlib-compressed (the architecture and tensor list repeat names and keys: 16 KB of JSON for a
-resnet32 become about 2 KB). A header that starts with ``{`` is read as plain JSON, as files were first written.
+resnet32 become about 1 KB). A header that starts with ``{`` is read as plain JSON, as files were first written.
 
 >>> packed = frame(b"TEST", {"n": 1}, b"abc")
 >>> header, pos = unframe(packed, b"TEST", "a test file", "t.bin")
