@@ -8,7 +8,7 @@ The codebooks can then be fine-tuned (Deep Compression's trained quantization, :
 value moves with the mean gradient of the weights that use it. BN parameters and statistics and biases are stored as float16 (a few thousand
 values), the input normalization as float32. A file is::
 
-    magic "BSW1" | header length (uint64) | header JSON | codebooks (float32) | other tensors | indices
+    magic "BSW1" | header length (uint64) | header (zlib-compressed JSON) | codebooks (float32) | other tensors | indices
 
 where the indices are one Huffman blob (:mod:`bonsai.compress.huffman`) over every shared tensor in header
 order. Decoding gives a ResNet whose conv/linear weights take only codebook values.
