@@ -62,3 +62,20 @@ def write_result(name: str, summary: dict, details: dict, command: str) -> Path:
     doc = {"summary": summary, "command": command, "machine": machine(), "details": details}
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
+
+
+def run_fit(data: str, out: Path, args: list[str]) -> float:
+    """`bonsai fit DATA --out OUT --quiet ARGS` in a fresh run directory and its own process; returns that
+    process's peak memory (MiB, max RSS from os.wait4). Exits with the command line if the fit fails."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "bonsai", "fit", data, "--out", str(out), "--quiet", *args]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"fit failed: {' '.join(cmd)}")
+    return round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux

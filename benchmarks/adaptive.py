@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, portable, write_result  # noqa: E402
+from _common import RESULTS, portable, run_fit, write_result  # noqa: E402
 from prunetrain import _subset  # noqa: E402
 
 from bonsai.report.log import read_jsonl  # noqa: E402
@@ -52,14 +49,7 @@ def _fit(data: str, out: Path, args: list[str], reuse: bool = False) -> dict:
     """Train with `bonsai fit` in its own process (or, with ``reuse``, read the finished run directory ``out``)."""
     rss = None
     if not reuse:
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "bonsai", "fit", data, "--out", str(out), "--quiet", *args]
-        print("$", " ".join(cmd), flush=True)
-        proc = subprocess.Popen(cmd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"fit failed: {' '.join(cmd)}")
-        rss = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
+        rss = run_fit(data, out, args)
     elif not (out / "summary.json").is_file():
         raise SystemExit(f"{out}: no finished run to reuse")
     summary = json.loads((out / "summary.json").read_text())

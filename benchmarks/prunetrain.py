@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, portable, write_result  # noqa: E402
+from _common import RESULTS, portable, run_fit, write_result  # noqa: E402
 
 from bonsai.report.html import aligned_widths  # noqa: E402
 from bonsai.report.log import read_jsonl  # noqa: E402
@@ -43,13 +40,7 @@ def _subset(data: str, limit: int, tmp: Path) -> str:
 
 
 def _fit(data: str, out: Path, args: list[str]) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "bonsai", "fit", data, "--out", str(out), "--quiet", *args]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"fit failed: {' '.join(cmd)}")
+    rss = run_fit(data, out, args)
     summary = json.loads((out / "summary.json").read_text())
     metrics, events = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "events.jsonl")
     # the final network (no reconfiguration follows the last epoch), not the best-by-validation checkpoint, so
@@ -60,7 +51,7 @@ def _fit(data: str, out: Path, args: list[str]) -> dict:
         "train_time_s": summary["train_time_s"],
         "train_flops": summary["train_flops"],
         "inference_flops": metrics[-1]["flops_per_image"],
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+        "peak_rss_mib": rss,
         "epochs": summary["epochs"],
         "events": events,
         "curve": [{k: m[k] for k in ("epoch", "train_time_s", "test_acc", "flops_per_image", "batch_size", "widths", "block_ids") if k in m} for m in metrics],

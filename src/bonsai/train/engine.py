@@ -539,14 +539,13 @@ class Engine:
         # the last growth (the grown network has not been measured before). The reading is taken from a
         # reconfiguration at this epoch, run now if the schedule did not run one.
         shares: list[float] | None = None
-        if (
-            epoch >= a.window
-            and epoch - a.window >= st.grown_at
-            and all(e in st.penalized_epochs for e in range(epoch - a.window + 1, epoch + 1))
-        ):
+        window = range(epoch - a.window + 1, epoch + 1)
+        if epoch >= a.window and epoch - a.window >= st.grown_at and all(e in st.penalized_epochs for e in window):
             if not any(r[0] == epoch for r in st.pruned_log):
                 self._reconfigure(epoch, progress)
-        if epoch >= a.window and any(r[0] == epoch for r in st.pruned_log) and epoch - a.window >= st.grown_at:
+        else:
+            window = None
+        if window is not None and any(r[0] == epoch for r in st.pruned_log):  # None: the surgery was rejected
             now = _stage_channels(self.model.spec)
             shares = []
             recent = [r for r in st.pruned_log if r[0] > epoch - a.window]
