@@ -64,15 +64,17 @@ def write_result(name: str, summary: dict, details: dict, command: str) -> Path:
     return path
 
 
-def run_fit(data: str, out: Path, args: list[str]) -> float:
-    """`bonsai fit DATA --out OUT --quiet ARGS` in a fresh run directory and its own process; returns that
-    process's peak memory (MiB, max RSS from os.wait4). Exits with the command line if the fit fails."""
+def run_fit(data: str, out: Path, args: list[str], nproc: int = 1) -> float:
+    """`bonsai fit DATA --out OUT --quiet ARGS` in a fresh run directory and its own process (with ``nproc`` > 1:
+    under `torchrun --standalone --nproc-per-node NPROC`); returns the peak memory (MiB, max RSS from os.wait4: the
+    largest single process). Exits with the command line if the fit fails."""
     import shutil
     import subprocess
     import sys
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "bonsai", "fit", data, "--out", str(out), "--quiet", *args]
+    launch = [sys.executable, "-m"] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m"]
+    cmd = [*launch, "bonsai", "fit", data, "--out", str(out), "--quiet", *args]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)

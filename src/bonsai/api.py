@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -31,11 +32,12 @@ from bonsai.data.sources import (
     split_validation,
 )
 from bonsai.errors import BonsaiError, DatasetError, Interrupted
-from bonsai.models.arch import DEFAULT_ARCH, preset
+from bonsai.models.arch import DEFAULT_ARCH, ArchSpec, preset
 from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model
 from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_optimizer, predict_probs, read_checkpoint, resolve_device, resolve_precision, restore
 from bonsai.report.html import write_report, write_samples
 from bonsai.report.log import append_jsonl, truncate_jsonl
+from bonsai.train import distributed
 from bonsai.train.plan import plan_arch
 from bonsai.train.resources import available_memory, check_disk, fit_batch, run_dir_bytes, train_memory_bytes
 from bonsai.utils import STOP_SIGNALS, atomic_write_text, existing_ancestor
@@ -214,8 +216,12 @@ def _make_run_dir(out: Path) -> None:
         raise BonsaiError(f"{out}: cannot create the run directory ({e.strerror or e})") from None
 
 
-def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str | Path | None = None, **overrides) -> Run:
+def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str | Path | None = None, **overrides) -> Run | None:
     """Train on ``data`` and return the finished Run.
+
+    Under ``torchrun`` (or inside a started process group) every rank calls ``fit`` with the same arguments and
+    trains its share of each batch with DistributedDataParallel (:mod:`bonsai.train.distributed`); rank 0 writes
+    the run directory and returns the Run, the other ranks return None.
 
     Args:
         data: dataset path (folder, CSV or .npz), or arrays ``(x_train, y_train[, x_test[, y_test]])``.
@@ -238,8 +244,13 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
         data = cfg.data.path
     if data is None:
         raise BonsaiError("fit needs a dataset: give DATA (or a config that names data.path)")
-    progress = not cfg.quiet
+    dist = distributed.current()
+    progress = not cfg.quiet and dist.main
+    if not dist.main:  # rank 0 speaks for the job
+        log.setLevel(logging.ERROR)
     out = Path(cfg.out) if cfg.out else _default_out(data)
+    if dist.on:  # a default name carries the time: rank 0's
+        out = Path(dist.broadcast_json(str(out)))
     if resume is None and (out / CHECKPOINT).exists():
         raise BonsaiError(f"{out}: already holds a run; use --resume {out} to continue it or choose another --out")
     _check_writable(out)
@@ -247,9 +258,22 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     if ds.kind != "arrays":
         cfg.data.path = str(ds.source.resolve())
     cfg.out = str(out)
-    device = resolve_device(cfg.train.device)
+    device = dist.device(resolve_device(cfg.train.device))
     teacher = _teacher(cfg, ds, device)  # before anything is written: a wrong teacher leaves no run behind
-    _make_run_dir(out)
+    if dist.main:
+        _make_run_dir(out)
+        return _fit(out, out, cfg, ds, device, teacher, resume, progress, dist)
+    if cfg.train.rank_dir is not None:  # ranks other than 0 keep their own copy of the run (see train.rank_dir)
+        work = Path(cfg.train.rank_dir) / f"rank{dist.rank}"
+        _make_run_dir(work)
+        (work / CHECKPOINT).unlink(missing_ok=True)  # a copy from an earlier run would be a wrong rollback point
+        return _fit(work, out, cfg, ds, device, teacher, resume, progress, dist)
+    with tempfile.TemporaryDirectory(prefix=f"bonsai-rank{dist.rank}-") as tmp:
+        return _fit(Path(tmp), out, cfg, ds, device, teacher, resume, progress, dist)
+
+
+def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, resume, progress: bool, dist: distributed.Dist) -> Run | None:
+    """fit, once the run directory ``out`` is chosen: ``work`` is where this process writes (``out`` on rank 0)."""
 
     torch.manual_seed(cfg.seed)
     tr_idx, va_idx = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed)
@@ -259,9 +283,9 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
     meta = ds.meta() | {"val_images": len(val_split), "train_images_used": len(train_split)}
     if resume is not None:
         _check_same_data(out / "dataset.json", meta)
-    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=1) + "\n")
-    _config.save_yaml(cfg, out / "config.yaml")
-    if not (out / "samples.png").is_file():
+    atomic_write_text(work / "dataset.json", json.dumps(meta, indent=1) + "\n")
+    _config.save_yaml(cfg, work / "config.yaml")
+    if dist.main and not (out / "samples.png").is_file():
         _best_effort("the sample images", write_samples, train_split, ds.classes, out / "samples.png", ds.image_size, ds.channels)
 
     if resume is not None and not (out / CHECKPOINT).exists():
@@ -276,6 +300,8 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
             t.plan_epochs,
         )
         spec = plan.spec
+        if dist.on:  # each rank timed its own probes; rank 0's plan holds for all
+            spec = ArchSpec.from_dict(dist.broadcast_json(spec.to_dict()))
         torch.manual_seed(cfg.seed)  # the probes drew random numbers; the run starts from the seed's weights
         log.info("planned %s (widths x%g): about %.0f epochs in the budget (probe %.1f s)", spec.name, plan.multiplier, plan.expected_epochs, plan.probe_s)
     else:
@@ -288,38 +314,49 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
         model = ResNet(spec)
         ckpt_tensors = (model_t, opt_t)
         for name in ("metrics.jsonl", "events.jsonl"):  # lines of the epoch that is about to be replayed go
-            truncate_jsonl(out / name, lambda r: r.get("epoch", 0) <= state.epoch)
+            if dist.main:
+                truncate_jsonl(out / name, lambda r: r.get("epoch", 0) <= state.epoch)
+            else:
+                atomic_write_text(work / name, "")
         log.info("resuming %s after epoch %d", out, state.epoch)
     else:
         for name in ("metrics.jsonl", "events.jsonl"):
-            atomic_write_text(out / name, "")
+            atomic_write_text(work / name, "")
         if plan is not None:
-            append_jsonl(out / "events.jsonl", plan.event())
+            append_jsonl(work / "events.jsonl", plan.event())
     model = model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     opt = make_optimizer(model, cfg)
     if ckpt_tensors is not None:
         restore(model, opt, *ckpt_tensors, source=str(out / CHECKPOINT))
 
     n_test = 0 if ds.test is None else len(ds.test)
-    check_disk(out, run_dir_bytes(sum(t.numel() for t in model.state_dict().values()), n_test, len(ds.classes)))
-    batch = _memory_batch(model, cfg, device, out, fresh=resume is None)
+    check_disk(work, run_dir_bytes(sum(t.numel() for t in model.state_dict().values()), n_test, len(ds.classes)))
+    batch = dist.min_int(_memory_batch(model, cfg, device, work, fresh=resume is None))
+    if batch < dist.world:
+        raise BonsaiError(f"batch {batch} is smaller than the {dist.world} ranks: each rank needs at least one image per step")
 
     translate = cfg.augment.translate if cfg.augment.translate is not None else ds.image_size // 8
     common = dict(device=device, channels_last=cfg.train.channels_last, size=ds.image_size, channels=ds.channels, workers=cfg.data.workers)
-    train_loader = Loader(train_split, batch, train=True, translate=translate, flip=cfg.augment.flip, seed=cfg.seed, **common)
-    val_loader = Loader(val_split, cfg.train.eval_batch_size, **common)
-    test_loader = Loader(ds.test, cfg.train.eval_batch_size, **common) if ds.test is not None else None
+    shard = dict(rank=dist.rank, world=dist.world)
+    train_loader = Loader(train_split, batch, train=True, translate=translate, flip=cfg.augment.flip, seed=cfg.seed, **common, **shard)
+    val_loader = Loader(val_split, cfg.train.eval_batch_size, **common, **shard)
+    test_loader = Loader(ds.test, cfg.train.eval_batch_size, **common, **shard) if ds.test is not None else None
 
     def write_predictions(probs: torch.Tensor) -> None:
         p = probs.numpy()
-        Predictions(ds.test.names, [ds.classes[i] for i in p.argmax(1)], p, ds.classes).to_csv(out / "predictions.csv")
+        Predictions(ds.test.names, [ds.classes[i] for i in p.argmax(1)], p, ds.classes).to_csv(work / "predictions.csv")
 
     engine = Engine(
-        model, cfg, out, train_loader, val_loader, test_loader, device, state=state, opt=opt, teacher=teacher,
-        on_best=write_predictions if cfg.anytime_predictions else None,
+        model, cfg, work, train_loader, val_loader, test_loader, device, state=state, opt=opt, teacher=teacher,
+        on_best=write_predictions if cfg.anytime_predictions else None, dist=dist,
     )
     state = engine.run(progress=progress)
-    return _finish(out, cfg, ds, state, val_loader, test_loader, device)
+    if not dist.main:
+        return None
+    if dist.on:  # the final predictions are rank 0's alone, over whole splits
+        val_loader = Loader(val_split, cfg.train.eval_batch_size, **common)
+        test_loader = Loader(ds.test, cfg.train.eval_batch_size, **common) if ds.test is not None else None
+    return _finish(out, cfg, ds, state, val_loader, test_loader, device, dist.world)
 
 
 def _teacher(cfg: FitConfig, ds: Dataset, device: torch.device) -> ResNet | None:
@@ -380,7 +417,7 @@ def _best_effort(what: str, fn, *args) -> None:
         log.warning("could not write %s: %s", what, e)
 
 
-def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loader: Loader, test_loader: Loader | None, device) -> Run:
+def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loader: Loader, test_loader: Loader | None, device, world: int = 1) -> Run:
     """Predict the test set with the best model; write predictions.csv and summary.json."""
     if not (out / "model.safetensors").is_file():
         if state.stop_reason in STOP_SIGNALS:
@@ -415,6 +452,7 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
         "precision": str(dtype or "fp32").replace("torch.", ""),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "world_size": world,  # processes that trained (torchrun); threads is per process
     }
     confusion = {"classes": ds.classes, "val": _confusion(predict_probs(model, val_loader, dtype, tta), val_loader.split.y, len(ds.classes))}
     if test_loader is not None:

@@ -29,6 +29,9 @@ Shape: --prune removes channels and whole blocks that a FLOP-weighted group lass
 default 0.2, is its strength; 10-epoch runs need about 0.35-0.5). --flops 40M then scales every width to that
 many FLOPs per image (MorphNet). --adapt decides after every epoch to continue, prune, widen, deepen or stop.
 
+Several processes: `torchrun --nproc-per-node N -m bonsai fit ...` trains with DistributedDataParallel (gloo on
+CPUs, NCCL on GPUs); batch_size stays the global batch, rank 0 writes the run directory, surgery runs in lockstep.
+
 Any config key can be set as key=value (dotted, or a bare name that is unique): e.g. lr=0.2 augment.flip=false
 data.image_size=48. `bonsai config --show` prints every key with its default.
 """
@@ -41,6 +44,7 @@ examples:
   bonsai fit data.npz --epochs 30 --arch resnet20 --out runs/r20 lr=0.2
   bonsai fit data.npz --epochs 10 --prune prune.lpr=0.5     # prune while training
   bonsai fit --resume runs/r20                  # continue an interrupted run
+  torchrun --nproc-per-node 2 -m bonsai fit data.npz --epochs 10 --prune   # data-parallel, 2 processes
   bonsai predict runs/r20 new_images/ --out preds.csv
   bonsai report runs/r20                        # runs/r20/report.html: curves, widths, confusion matrix
   bonsai report runs/a runs/b --out cmp.html    # accuracy vs time of several runs, side by side
@@ -173,6 +177,8 @@ def _cmd_fit(ns) -> int:
         if not any(k.split(".")[-1] == "zero_init_residual" for k in kw):
             kw["model.zero_init_residual"] = None  # re-derive it (off when pruning), even from an old config.yaml
     run = api.fit(positional[0] if positional else None, ns.config, resume=ns.resume, **kw)
+    if run is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     _print_summary(run)
     return _exit_code(run)
 

@@ -76,8 +76,11 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto: bf16 where the CPU/GPU supports it, else fp32
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays off only for long runs)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda is one GPU per rank)
     eval_batch_size: int = 512
+    # under torchrun, ranks other than 0 keep their copy of the run (checkpoints, events) in rank_dir/rank<N>;
+    # None: a temporary folder removed at the end. Only rank 0 writes the run directory.
+    rank_dir: str | None = None
     # a non-finite loss or gradient rolls back to the last checkpoint with the LR times rollback_lr_factor, at most
     # max_rollbacks times in a run; one more and the run stops as diverged, keeping the best model so far
     max_rollbacks: int = 3

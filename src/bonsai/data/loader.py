@@ -43,6 +43,10 @@ class Loader:
         train: shuffle and augment.
         translate, flip: augmentation (train only).
         size, channels: needed to decode files on the streaming path.
+        rank, world: this process's share under data-parallel training. Training: every rank draws the same
+            order and takes every ``world``-th image of each global batch of ``batch_size`` (its augmentation has
+            its own generator); evaluation: rank ``rank``'s contiguous chunk of the split (see
+            :func:`bonsai.train.distributed.shard_range`). The streaming path decodes only this rank's files.
     """
 
     def __init__(
@@ -58,6 +62,8 @@ class Loader:
         size: int = 32,
         channels: int = 3,
         workers: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.split, self.device, self.train = split, device, train
         self.translate, self.flip, self.seed = translate, flip, seed
@@ -65,6 +71,7 @@ class Loader:
         n = len(split)
         self.batch_size = min(batch_size, n) if train else batch_size
         self.size, self.channels, self.workers = size, channels, workers
+        self.rank, self.world = rank, world
         self.x = None if split.x is None else split.x.to(device)
         self.y = None if split.y is None else split.y.to(device)
 
@@ -80,29 +87,37 @@ class Loader:
         n = len(self.split)
         return torch.randperm(n, generator=gen) if self.train else torch.arange(n)
 
-    def _batches_from_files(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches_from_files(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ds = _FileImages(self.split.files, self.size, self.channels)
-        dl = torch.utils.data.DataLoader(
-            ds, batch_size=self.batch_size, sampler=order.tolist(), drop_last=self.train, num_workers=self.workers
-        )
-        start = 0
-        for xb in dl:
-            idx = order[start : start + len(xb)]
-            start += len(xb)
+        dl = torch.utils.data.DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers)
+        for xb, idx in zip(dl, batches):
             yield xb.to(self.device, non_blocking=True), idx
 
+    def _index_batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's image indices, batch by batch."""
+        b = self.batch_size
+        if self.train:
+            return [order[i * b : (i + 1) * b][self.rank :: self.world] for i in range(len(self))]
+        if self.world > 1:
+            from bonsai.train.distributed import shard_range
+
+            start, end = shard_range(len(order), self.rank, self.world)
+            order = order[start:end]
+        return [order[i : i + b] for i in range(0, len(order), b)]
+
     def batches(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Yield (images uint8, labels or None) for one epoch."""
+        """Yield (images uint8, labels or None) for one epoch (this rank's share of it)."""
         gen = epoch_generator(self.seed, epoch)
-        order = self._order(gen).to(self.device)
-        steps = len(self)
+        order = self._order(gen)
+        # one process: augmentation continues the order's generator; ranks each draw their own
+        aug = gen if self.world == 1 else epoch_generator(self.seed + 7919 * self.rank, epoch)
         if self.x is not None:
-            source = ((self.x[idx], idx) for idx in (order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(steps)))
+            source = ((self.x[idx], idx) for idx in self._index_batches(order.to(self.device)))
         else:
-            source = self._batches_from_files((order[: steps * self.batch_size] if self.train else order).cpu())
+            source = self._batches_from_files(self._index_batches(order))
         for xb, idx in source:
             if self.train and (self.translate or self.flip):
-                xb = augment_batch(xb, self.translate, self.flip, gen)
+                xb = augment_batch(xb, self.translate, self.flip, aug)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = None if self.y is None else self.y[idx.to(self.device)]  # a no-op unless streaming to a GPU

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from bonsai.surgery.morphnet import fit_widths, resize_, set_field, spec_flops
 from bonsai.train.controller import Decision, Rule, Signals, decide
 from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.distill import distillation_loss
+from bonsai.train.distributed import Dist
 from bonsai.train.resources import available_memory, fit_batch
 from bonsai.train.schedule import Clock, lr_factor, train_size
 from bonsai.utils import atomic_write_bytes
@@ -259,14 +261,16 @@ class Engine:
         opt: torch.optim.Optimizer | None = None,
         teacher: nn.Module | None = None,
         on_best=None,
+        dist: Dist | None = None,
     ):
         self.model, self.cfg, self.run_dir = model, cfg, run_dir
+        self.dist = dist or Dist()  # data-parallel ranks (bonsai.train.distributed); one process: no communication
         self.train_loader, self.val_loader, self.test_loader = train, val, test
         self.device = device
         self.dtype = resolve_precision(cfg.train.precision, device)
         self.opt = opt or make_optimizer(model, cfg)
         self.state = state or TrainState()
-        self.step_fn = torch.compile(model) if cfg.train.compile else model
+        self._wrap()
         fp16 = self.dtype == torch.float16
         init_scale = self.state.grad_scale or 2.0**16
         self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=fp16)
@@ -302,8 +306,33 @@ class Engine:
         # the plan spans max_epochs, and most of a run cut short would never see full-size images
         self.low_res = cfg.train.low_res if cfg.train.epochs is not None or self.budget is not None else 1.0
         self._last_size = model.spec.image_size  # the input size of the last training step
+        self._comm_per_step = 0.0  # gradient bytes all-reduced per step in the last epoch (distributed)
         # test-time augmentation mirrors images, so it is only right for data trained with random flips
         self.tta = cfg.train.tta and cfg.augment.flip
+
+    def _wrap(self) -> None:
+        """The callable that training steps run: the model, in DDP when distributed, compiled when asked. Built
+        again after every surgery (DDP fixes its parameters when it is built)."""
+        if self.dist.on and getattr(self, "step_fn", None) is not None:
+            # the old wrapper's reducer holds each parameter's gradient accumulator, which remembers the old shape:
+            # it must be gone before the new wrapper asks for the accumulators, or backward fails after surgery
+            self.step_fn = None
+            gc.collect()
+        net = self.dist.wrap(self.model)
+        self.step_fn = torch.compile(net) if self.cfg.train.compile else net
+
+    def _now(self, clock: Clock) -> float:
+        """The budget clock, the same on every rank (their maximum): every decision that reads time reads this."""
+        return self.dist.max(clock.now())[0] if self.dist.on else clock.now()
+
+    def _signalled(self) -> bool:
+        """Whether a stop signal arrived on any rank; all ranks then stop at the same step."""
+        if not self.dist.on:
+            return self._signal is not None
+        code = self.dist.max({None: 0, "sigint": 1, "sigterm": 2}[self._signal])[0]
+        if code and self._signal is None:
+            self._signal = "sigint" if code == 1 else "sigterm"
+        return bool(code)
 
     @property
     def peak_lr(self) -> float:
@@ -320,11 +349,11 @@ class Engine:
 
     def _progress(self, clock: Clock) -> float:
         if self.budget is not None and self.cfg.train.epochs is None:
-            return clock.now() / max(self.budget - self.state.reserve_s, 1e-9)
+            return self._now(clock) / max(self.budget - self.state.reserve_s, 1e-9)
         return self.state.images_seen / (self._planned_epochs() * self.images_per_epoch0)
 
     def _out_of_time(self, clock: Clock) -> bool:
-        return self.budget is not None and clock.now() >= self.budget - self.state.reserve_s
+        return self.budget is not None and self._now(clock) >= self.budget - self.state.reserve_s
 
     def _flops_at(self, size: int, teacher: bool = False) -> int:
         """Forward FLOPs per image at input ``size`` of the network (or of the teacher; 0 without one). Cached by
@@ -355,6 +384,7 @@ class Engine:
         # the penalty applies to whole epochs that start before prune.until of the planned training
         lasso = self.lasso if self.lasso is not None and self._penalty_on(epoch, clock) else None
         self._penalized = lasso is not None
+        comm0, steps = self.dist.comm_bytes, 0
         with clock:
             t0 = clock.now()
             try:
@@ -375,7 +405,7 @@ class Engine:
                                 soft = self.teacher(xb).float()
                             d = self.cfg.distill
                             loss = distillation_loss(logits.float(), soft, yb, d.temperature, d.alpha, smoothing)
-                    if not bool(torch.isfinite(loss)):
+                    if self.dist.any(not bool(torch.isfinite(loss))):
                         raise Diverged(f"loss {float(loss.detach())} at step {st.step + 1}")
                     opt.zero_grad(set_to_none=True)
                     self.scaler.scale(loss).backward()
@@ -385,7 +415,7 @@ class Engine:
                             raise Diverged(f"gradient norm {float(norm)} at step {st.step + 1}")
                     if lasso is not None:
                         if lasso.lam is None:
-                            st.lasso_lambda = lasso.set_lambda(float(loss.detach()), model)
+                            st.lasso_lambda = lasso.set_lambda(self.dist.mean(float(loss.detach())), model)
                         if not self.cfg.prune.proximal:
                             self.scaler.unscale_(opt)  # the penalty's gradient is added at true scale
                             lasso.add_grad_(model)
@@ -396,13 +426,15 @@ class Engine:
                     every = self.cfg.prune.prox_every
                     if lasso is not None and self.cfg.prune.proximal and not skipped and (st.step + 1) % every == 0:
                         lasso.prox_(model, opt, steps=every)
-                    n = len(yb)
+                    n = len(yb)  # this rank's images; the step's (global) batch is the loader's batch size
                     loss_sum += loss.detach() * n
                     correct += (logits.argmax(1) == yb).sum()
                     seen += n
                     st.step += 1
-                    st.images_seen += n
-                    st.train_flops += (3.0 * self._flops_at(size) + self._flops_at(size, teacher=True)) * n
+                    steps += 1
+                    batch = self.train_loader.batch_size if self.dist.on else n
+                    st.images_seen += batch
+                    st.train_flops += (3.0 * self._flops_at(size) + self._flops_at(size, teacher=True)) * batch
                     self._last_size = size
                     if bar is not None:
                         bar.update(1)
@@ -418,11 +450,16 @@ class Engine:
                     if self._out_of_time(clock):
                         stopped = True
                         break
-                    if self._signal is not None:  # Ctrl-C / SIGTERM: this step is done; stop here
+                    if self._signalled():  # Ctrl-C / SIGTERM: this step is done; stop here
                         self._cut_short = i + 1 < len(self.train_loader)
                         break
             finally:  # a diverged epoch's time was spent too
                 st.train_time_s += clock.now() - t0
+        self._comm_per_step = (self.dist.comm_bytes - comm0) / max(steps, 1)
+        if self.dist.on:  # the epoch's loss and accuracy over all ranks' images; BN statistics averaged
+            loss_total, correct_total, seen = self.dist.sum(float(loss_sum), float(correct), seen)
+            loss_sum, correct, seen = torch.tensor(loss_total), torch.tensor(correct_total), int(seen)
+            self.dist.average_buffers(self.model)
         if seen == 0:
             return float("nan"), float("nan"), seen, stopped
         return float(loss_sum) / seen, float(correct) / seen, seen, stopped
@@ -450,18 +487,22 @@ class Engine:
         none); never after the final epoch, whose network is the result either way."""
         if not self._penalized or self.state.stop_reason or (planned is not None and epoch >= planned):
             return False
-        return epoch % self._prune_interval(planned, clock.now()) == 0 or not self._penalty_on(epoch + 1, clock)
+        return epoch % self._prune_interval(planned, self._now(clock)) == 0 or not self._penalty_on(epoch + 1, clock)
 
     def _reconfigure(self, epoch: int, progress: bool) -> None:
         """Remove dead blocks and dead channels, grow the batch if prune.grow_batch, log the event."""
         p, st, loader = self.cfg.prune, self.state, self.train_loader
         blocks = dead_blocks(self.model, p.threshold) if p.depth else []
+        if self.dist.on:  # every rank carries out rank 0's plan
+            blocks = [tuple(b) for b in self.dist.broadcast_json(blocks)]
         # the surgery is tried on a copy first: a result with non-finite weights or outputs is rejected
         self.opt.zero_grad(set_to_none=True)  # stale after the epoch; not worth copying
         trial = copy.deepcopy(self.model)
         remove_blocks_(trial, blocks)
         group_widths = {g.name: g.width for g in channel_groups(trial)}
         keep = plan_keep(trial, p.threshold, p.min_width, p.round_to)
+        if self.dist.on:
+            keep = {k: torch.tensor(v, dtype=torch.long) for k, v in self.dist.broadcast_json({k: v.tolist() for k, v in keep.items()}).items()}
         if not keep and not blocks:  # nothing to remove: recorded all the same, as a measurement for --adapt
             st.pruned_log.append([epoch, _stage_channels(self.model.spec), _stage_channels(self.model.spec)])
             return
@@ -474,6 +515,9 @@ class Engine:
             if not is_out_of_memory(e):
                 raise
             problem = "out of memory while checking the result"
+        if self.dist.on:  # each rank checked its own validation images: a problem on any rank rejects it on all
+            bad = self.dist.any(problem is not None)
+            problem = self.dist.broadcast_json(problem) or ("non-finite outputs on another rank" if bad else None)
         del trial
         if problem is not None:
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "surgery_rejected", "surgery": "prune", "reason": problem})
@@ -497,7 +541,7 @@ class Engine:
             grown = int(min(target, cap)) // 8 * 8
             # never past what the memory estimate allows for the smaller network
             half = self.dtype is not None
-            grown = fit_batch(self.model.spec, grown, half, count_params(self.model), available_memory(self.device)) if grown > batch_before else grown
+            grown = self.dist.min_int(fit_batch(self.model.spec, grown, half, count_params(self.model), available_memory(self.device))) if grown > batch_before else grown
             loader.batch_size = max(batch_before, grown)
         st.batch_size = loader.batch_size
         event = {
@@ -560,6 +604,8 @@ class Engine:
         left = max(0.0, 1 - self._progress(clock))
         signals = Signals(st.val_hist[hist], st.train_hist[hist], shares, self.flops, left, st.growths, self.cfg.prune.target_flops)
         decision = decide(signals, rule)
+        if self.dist.on:  # every rank carries out rank 0's decision
+            decision = Decision(**self.dist.broadcast_json({"action": decision.action, "reason": decision.reason, "stages": decision.stages}))
         flops_before, widths_before = self.flops, self.model.spec.widths()
         if decision.action == "prune":
             if st.penalty_until <= epoch:  # a measurement already under way is not pushed back
@@ -616,10 +662,13 @@ class Engine:
             self.lasso.invalidate()
         loader = self.train_loader
         capped = fit_batch(self.model.spec, loader.batch_size, self.dtype is not None, count_params(self.model), available_memory(self.device))
+        capped = self.dist.min_int(capped)
         if capped < loader.batch_size:
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": self.state.epoch, "event": "batch_capped", "batch_size_wanted": loader.batch_size, "batch_size": capped})
             loader.batch_size = capped
         self.state.batch_size = loader.batch_size
+        self._wrap()
+        self.dist.check_same(self.model, self.opt, f"the surgery after epoch {self.state.epoch}")
 
     def _morph(self, epoch: int, progress: bool) -> None:
         """Scale every width by the largest factor that keeps FLOPs within prune.target_flops and top it up
@@ -690,10 +739,12 @@ class Engine:
         """Class probabilities for ``loader``'s images; an out-of-memory error halves its batch and retries."""
         while True:
             try:
-                return predict_probs(self.model, loader, self.dtype, self.tta)
+                return self.dist.gather_rows(predict_probs(self.model, loader, self.dtype, self.tta), len(loader.split))
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
+                if self.dist.on:  # the other ranks are not retrying with it
+                    raise BonsaiError(f"{self.run_dir}: out of memory evaluating at batch {loader.batch_size}; resume with a smaller train.eval_batch_size") from None
                 if loader.batch_size <= 1:
                     raise BonsaiError(f"{self.run_dir}: out of memory evaluating even at batch size 1") from None
             if self.device.type == "cuda":
@@ -761,6 +812,7 @@ class Engine:
         st.stop_reason = ""  # a reason saved with the checkpoint (budget, plateau) was re-checked when resuming
         if st.batch_size is not None:  # else the loader keeps the batch it was given (capped to the data)
             self.train_loader.batch_size = st.batch_size
+        self._wrap()
 
     def _rollback(self, epoch: int, clock: Clock, reason: str) -> bool:
         """Back to the last checkpoint with a lower LR after a divergence; False once the retries are spent."""
@@ -782,6 +834,8 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         before = loader.batch_size
+        if self.dist.on:  # not recoverable in lockstep: the other ranks are waiting in a collective
+            raise BonsaiError(f"{self.run_dir}: out of memory in a training step at batch {before}; resume with a smaller batch: bonsai fit --resume {self.run_dir} batch_size={before // 2}")
         if before <= 1:
             raise BonsaiError(f"{self.run_dir}: out of memory in a training step even at batch size 1; use a smaller arch or data.image_size")
         self._restore_last_checkpoint(clock, batch_size=before // 2)
@@ -813,7 +867,7 @@ class Engine:
             if planned is not None and epoch >= planned:
                 st.stop_reason = "epochs" if cfg.train.epochs is not None else "max_epochs"
                 break
-            if self._signal is not None:  # arrived after the last epoch's steps: that epoch was completed
+            if self._signalled():  # arrived after the last epoch's steps: that epoch was completed
                 st.stop_reason = self._signal
                 break
             epoch += 1
@@ -846,9 +900,9 @@ class Engine:
                 st.stop_reason = self._signal
                 break
             with clock:
-                v0 = clock.now()
+                v0 = self._now(clock)
                 val_acc = self._evaluate(self.val_loader)
-                val_s = clock.now() - v0
+                val_s = self._now(clock) - v0
             # keep back enough budget to predict the test set once at the end (measured, plus 2%)
             st.reserve_s = val_s / max(len(self.val_loader.split), 1) * n_test + 0.02 * (self.budget or 0)
             self._test_probs = None
@@ -892,6 +946,8 @@ class Engine:
                     "train_flops": st.train_flops,
                     "widths": self.model.spec.widths(),
                 }
+                if self.dist.on:  # gradient bytes each rank all-reduced per step (DDP's buckets, as counted)
+                    record |= {"world_size": self.dist.world, "comm_bytes_per_step": round(self._comm_per_step)}
                 if self.lasso is not None:
                     record["lasso"] = self._penalized  # whether this epoch's steps applied the group-lasso penalty
                 if st.block_ids is not None or (self.lasso is not None and (self.lasso.depth or cfg.adapt.on)):
@@ -922,6 +978,7 @@ class Engine:
                 st.clock_s = clock.now()
                 if self.scaler.is_enabled():
                     st.grad_scale = float(self.scaler.get_scale())
+                self.dist.check_same(self.model, self.opt, f"epoch {epoch}")
                 save_checkpoint(self.run_dir / CHECKPOINT, self.model, self.opt, st)
             if progress:
                 left = ""

@@ -1,0 +1,244 @@
+"""Data-parallel training (bonsai.train.distributed): data shards, agreement checks, and real 2-process gloo runs
+on loopback (torchrun), pruning and growing in lockstep."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from bonsai.data.loader import Loader
+from bonsai.data.sources import Split
+from bonsai.models.arch import ArchSpec
+from bonsai.models.resnet import build
+from bonsai.train.distributed import Dist, shard_range, state_digest
+
+from conftest import make_images
+
+
+@pytest.mark.parametrize("n,world", [(10, 2), (11, 2), (7, 3), (2, 4), (0, 2)])
+def test_shard_range_gives_contiguous_chunks_that_cover_the_split(n: int, world: int):
+    ranges = [shard_range(n, r, world) for r in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [e - s for s, e in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _numbered_split(n: int) -> Split:
+    """Images whose first pixel is their index, so a batch tells which images it holds."""
+    x = torch.zeros(n, 3, 8, 8, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    return Split(names=[str(i) for i in range(n)], y=torch.arange(n) % 3, x=x)
+
+
+def _ids(loader: Loader, epoch: int = 3) -> list[list[int]]:
+    return [xb[:, 0, 0, 0].tolist() for xb, _ in loader.batches(epoch)]
+
+
+def test_training_ranks_split_every_global_batch_like_a_distributed_sampler():
+    split = _numbered_split(50)
+    kw = dict(batch_size=8, device=torch.device("cpu"), train=True, seed=5, channels_last=False)
+    whole = _ids(Loader(split, **kw))
+    ranks = [_ids(Loader(split, rank=r, world=2, **kw)) for r in range(2)]
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) == 50 // 8
+    for step, batch in enumerate(whole):
+        assert ranks[0][step] == batch[0::2] and ranks[1][step] == batch[1::2]
+    assert Loader(split, rank=1, world=2, **kw).images_per_epoch == 48  # the global count drives the schedule
+
+
+def test_evaluation_ranks_hold_contiguous_chunks_in_order():
+    split = _numbered_split(23)
+    kw = dict(batch_size=4, device=torch.device("cpu"), channels_last=False)
+    parts = [sum(_ids(Loader(split, rank=r, world=3, **kw)), []) for r in range(3)]
+    assert parts[0] + parts[1] + parts[2] == list(range(23))
+    assert [len(p) for p in parts] == [8, 8, 7]
+
+
+def test_a_streaming_rank_decodes_only_its_own_files(tmp_path: Path):
+    files = []
+    for i in range(12):
+        a = np.zeros((8, 8, 3), dtype=np.uint8)
+        a[0, 0, 0] = i * 10
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(files[-1])
+    split = Split(names=[f.name for f in files], y=torch.arange(12) % 3, files=files)
+    kw = dict(batch_size=4, device=torch.device("cpu"), train=True, seed=1, channels_last=False, size=8)
+    memory = _numbered_split(12)
+    for r in range(2):
+        streamed = [[v // 10 for v in b] for b in _ids(Loader(split, rank=r, world=2, **kw))]
+        assert streamed == _ids(Loader(memory, rank=r, world=2, **kw))  # same order and shard as in memory
+        assert all(len(b) == 2 for b in streamed)
+
+
+def test_one_process_communicates_nothing():
+    d = Dist()
+    assert not d.on and d.main
+    assert d.max(1.5, 2.0) == [1.5, 2.0] and d.any(False) is False and d.min_int(7) == 7
+    assert d.broadcast_json({"a": [1]}) == {"a": [1]}
+    t = torch.rand(5, 3)
+    assert d.gather_rows(t, 5) is t
+    model = build(ArchSpec.resnet((8,), 1, num_classes=3, image_size=8))
+    assert d.wrap(model) is model
+
+
+def test_state_digest_sees_weights_buffers_and_momentum():
+    torch.manual_seed(0)
+    model = build(ArchSpec.resnet((8,), 1, num_classes=3, image_size=8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(4, 3, 8, 8)).sum().backward()
+    opt.step()
+    base = state_digest(model, opt)
+    assert base == state_digest(model, opt)
+    p = next(model.parameters())
+    opt.state[p]["momentum_buffer"].view(-1)[0] += 1e-7  # one momentum entry, one ulp-sized change
+    assert state_digest(model, opt) != base
+    opt.state[p]["momentum_buffer"].view(-1)[0] -= 1e-7
+    assert state_digest(model, opt) == base
+    next(b for b in model.buffers() if b.is_floating_point()).view(-1)[0] += 1.0
+    assert state_digest(model, opt) != base
+
+
+def _diverging_rank(rank: int, store: str, q) -> None:
+    """Start a 2-rank gloo group through a file store; rank 1 nudges one weight; both check agreement."""
+    import torch.distributed as tdist
+
+    from bonsai.errors import BonsaiError
+    from bonsai.train import distributed
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        d = distributed.current()
+        torch.manual_seed(0)
+        model = build(ArchSpec.resnet((8,), 1, num_classes=3, image_size=8))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        same = d.check_same(model, opt, "a test")
+        with torch.no_grad():
+            if rank == 1:
+                next(model.parameters()).view(-1)[0] += 1e-6
+        try:
+            d.check_same(model, opt, "a test")
+            q.put((rank, d.world, same, "no error"))
+        except BonsaiError as e:
+            q.put((rank, d.world, same, str(e)))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_ranks_that_diverge_are_caught_on_every_rank(tmp_path: Path):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_diverging_rank, args=(r, str(tmp_path / "store"), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    results = sorted(q.get(timeout=5) for _ in procs)
+    assert [r[1] for r in results] == [2, 2]
+    assert results[0][2] == results[1][2] and len(results[0][2]) == 64  # agreed at first
+    for rank, _, _, msg in results:
+        assert "ranks [1] hold different weights from rank 0 after a test" in msg, (rank, msg)
+
+
+# ---- real torchrun runs ----------------------------------------------------------------------------------------
+
+FORCED = [  # prune every epoch at a high threshold; then the controller widens at the first plateau
+    "--prune", "batch_size=16", "--quiet", "precision=fp32", "train.low_res=1.0", "prune.lpr=0.5", "prune.interval=1",
+    "prune.threshold=0.25", "prune.min_width=2", "prune.round_to=1", "adapt.on=true", "adapt.plateau_epochs=1",
+    "adapt.window=2", "adapt.min_delta=1.0", "adapt.min_left=0.0", "adapt.max_growths=1", "adapt.max_gap=1.0",
+    "adapt.saturated=1.0",
+]
+
+
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bonsai", "fit", *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A 2-process run (pruned and widened, then resumed for one more epoch) and its 1-process twin."""
+    root = tmp_path_factory.mktemp("ddp")
+    x, y = make_images(40)
+    np.savez(root / "d.npz", x_train=x, y_train=y, x_test=x[:12], y_test=y[:12])
+    ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16).to_json(root / "arch.json")
+    common = [str(root / "d.npz"), "--arch", str(root / "arch.json"), "--epochs", "4", *FORCED]
+    _torchrun(*common, "--out", "two", "train.rank_dir=ranks", cwd=root)
+    first = {
+        "metrics": (root / "two" / "metrics.jsonl").read_text(),
+        "events": (root / "two" / "events.jsonl").read_text(),
+        "rank1": _tensors(root / "ranks" / "rank1" / "checkpoint.safetensors"),
+        "rank0": _tensors(root / "two" / "checkpoint.safetensors"),
+    }
+    _torchrun("--resume", "two", "epochs=5", "train.rank_dir=ranks", cwd=root)
+    subprocess.run([sys.executable, "-m", "bonsai", "fit", *common, "--out", "one"], cwd=root, check=True, capture_output=True, timeout=300)
+    return {"root": root, "two": root / "two", "one": root / "one", "rank1": root / "ranks" / "rank1", "first": first}
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_both_ranks_end_with_bit_identical_weights_and_momentum(runs):
+    for rank0, rank1 in [(runs["first"]["rank0"], runs["first"]["rank1"]), (_tensors(runs["two"] / "checkpoint.safetensors"), _tensors(runs["rank1"] / "checkpoint.safetensors"))]:
+        assert rank0.keys() == rank1.keys() and sum(k.endswith(".momentum_buffer") for k in rank0) > 10
+        for k in rank0:
+            assert torch.equal(rank0[k], rank1[k]), k
+    best0, best1 = _tensors(runs["two"] / "model.safetensors"), _tensors(runs["rank1"] / "model.safetensors")
+    assert all(torch.equal(best0[k], best1[k]) for k in best0)
+
+
+def test_the_two_process_run_prunes_and_grows_in_lockstep(runs):
+    events = _lines(runs["two"] / "events.jsonl")
+    prunes = [e for e in events if e["event"] == "prune"]
+    assert prunes and sum(sum(e["removed"].values()) for e in prunes) > 0
+    widen = [e for e in events if e["event"] == "adapt" and e["decision"] == "widen"]
+    assert len(widen) == 1 and sum(widen[0]["widths_after"]) > sum(widen[0]["widths_before"])
+    metrics = _lines(runs["two"] / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5]  # four, then one more after --resume
+    assert all(m["world_size"] == 2 and m["batch_size"] == 16 for m in metrics)
+    # DDP all-reduces every parameter's fp32 gradient once a step: the counted bytes follow the network's size
+    assert all(m["comm_bytes_per_step"] == 4 * m["params"] for m in metrics)
+    assert metrics[1]["comm_bytes_per_step"] < metrics[0]["comm_bytes_per_step"]  # after the first prune
+
+
+def test_the_two_process_run_matches_one_process_with_the_same_global_batch(runs):
+    """Same decisions and shapes; losses within 5%: the ranks' BatchNorm sees half batches and the augmentation
+    draws differ, nothing else."""
+    two = [e for e in _lines(runs["two"] / "events.jsonl") if e["epoch"] <= 4]
+    one = _lines(runs["one"] / "events.jsonl")
+    assert [(e["event"], e.get("decision"), e.get("widths_after")) for e in two] == [(e["event"], e.get("decision"), e.get("widths_after")) for e in one]
+    m2, m1 = _lines(runs["two"] / "metrics.jsonl")[:4], _lines(runs["one"] / "metrics.jsonl")
+    for a, b in zip(m2, m1):
+        assert a["params"] == b["params"] and a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.05)
+        assert a["train_flops"] == pytest.approx(b["train_flops"], rel=1e-9)  # images counted globally
+
+
+def test_only_rank_0_writes_the_run_directory(runs):
+    two = runs["two"]
+    assert {"arch.json", "model.safetensors", "checkpoint.safetensors", "predictions.csv", "summary.json", "report.html"} <= {p.name for p in two.iterdir()}
+    assert not [p for p in runs["root"].rglob("*") if "rank" in p.name and runs["root"] / "ranks" not in p.parents and p.name != "ranks"]
+    assert not (runs["rank1"] / "summary.json").exists()  # rank 1 trains, rank 0 alone finishes
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 5
+    assert len((two / "predictions.csv").read_text().splitlines()) == 1 + 12
