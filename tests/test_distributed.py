@@ -108,8 +108,9 @@ def test_state_digest_sees_weights_buffers_and_momentum():
     assert state_digest(model, opt) != base
 
 
-def _diverging_rank(rank: int, store: str, q) -> None:
-    """Start a 2-rank gloo group through a file store; rank 1 nudges one weight; both check agreement."""
+def _two_ranks(rank: int, store: str, q) -> None:
+    """One rank of a 2-rank gloo group started through a file store: each agreement primitive on rank-dependent
+    inputs, then a weight nudged on rank 1 only."""
     import torch.distributed as tdist
 
     from bonsai.errors import BonsaiError
@@ -117,38 +118,53 @@ def _diverging_rank(rank: int, store: str, q) -> None:
 
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        d = distributed.current()
+        d = distributed.current()  # the group this process already started
+        out = {"rank": d.rank, "world": d.world}
+        out["max"] = d.max(float(rank), -float(rank))
+        out["any"] = d.any(rank == 1)
+        out["min_int"] = d.min_int(100 + rank)
+        out["mean"] = d.mean(float(rank))
+        out["json"] = d.broadcast_json({"rank": rank, "keep": [1, 2]})
+        out["signal"] = d.signal("sigterm" if rank == 1 else None)
+        out["no_signal"] = d.signal(None)
+        start, end = shard_range(5, rank, 2)  # chunks of 3 and 2 rows
+        out["gathered"] = d.gather_rows(torch.arange(start, end, dtype=torch.float32)[:, None].repeat(1, 2), 5).tolist()
         torch.manual_seed(0)
         model = build(ArchSpec.resnet((8,), 1, num_classes=3, image_size=8))
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        same = d.check_same(model, opt, "a test")
+        out["digest"] = d.check_same(model, opt, "a test")
         with torch.no_grad():
             if rank == 1:
                 next(model.parameters()).view(-1)[0] += 1e-6
         try:
             d.check_same(model, opt, "a test")
-            q.put((rank, d.world, same, "no error"))
+            out["error"] = None
         except BonsaiError as e:
-            q.put((rank, d.world, same, str(e)))
+            out["error"] = str(e)
+        q.put(out)
     finally:
         tdist.destroy_process_group()
 
 
-def test_ranks_that_diverge_are_caught_on_every_rank(tmp_path: Path):
+def test_two_ranks_agree_on_every_decision_input_and_catch_diverged_weights(tmp_path: Path):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_diverging_rank, args=(r, str(tmp_path / "store"), q)) for r in range(2)]
+    procs = [ctx.Process(target=_two_ranks, args=(r, str(tmp_path / "store"), q)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
         if p.is_alive():
             p.kill()
-    results = sorted(q.get(timeout=5) for _ in procs)
-    assert [r[1] for r in results] == [2, 2]
-    assert results[0][2] == results[1][2] and len(results[0][2]) == 64  # agreed at first
-    for rank, _, _, msg in results:
-        assert "ranks [1] hold different weights from rank 0 after a test" in msg, (rank, msg)
+    results = sorted((q.get(timeout=5) for _ in procs), key=lambda r: r["rank"])
+    assert [r["world"] for r in results] == [2, 2]
+    for r in results:
+        assert r["max"] == [1.0, 0.0] and r["any"] is True and r["min_int"] == 100 and r["mean"] == 0.5
+        assert r["json"] == {"rank": 0, "keep": [1, 2]}  # rank 0's
+        assert r["signal"] == "sigterm" and r["no_signal"] is None  # rank 1's signal stops rank 0 too
+        assert r["gathered"] == [[float(i)] * 2 for i in range(5)]
+        assert len(r["digest"]) == 64 and r["digest"] == results[0]["digest"]  # agreed at first
+        assert r["error"] and "ranks [1] hold different weights from rank 0 after a test" in r["error"]
 
 
 # ---- real torchrun runs ----------------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ from torch import nn
 from bonsai.errors import BonsaiError
 
 
+_SIGNALS = (None, "sigint", "sigterm")
+
+
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     """[start, end) of rank's contiguous chunk of n items; chunks differ in length by at most one."""
     per, extra = divmod(n, world)
@@ -54,8 +57,10 @@ class Dist:
     """The process group as the engine uses it. With one process every method is the identity (no communication),
     so single-process training is unchanged."""
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, backend: str = "gloo"):
         self.rank, self.world, self.local_rank = rank, world, local_rank
+        # NCCL moves only GPU tensors: the small agreement messages travel on this rank's GPU then
+        self._dev = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
         self.comm_bytes = 0  # gradient bytes this rank handed to all-reduce (counted by the DDP communication hook)
 
     @property
@@ -100,7 +105,7 @@ class Dist:
     def _reduce(self, values: list[float], op) -> list[float]:
         if not self.on:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self._dev)
         tdist.all_reduce(t, op=op)
         return t.tolist()
 
@@ -119,27 +124,33 @@ class Dist:
     def min_int(self, value: int) -> int:
         return int(-self.max(-float(value))[0]) if self.on else value
 
+    def signal(self, mine: str | None) -> str | None:
+        """The stop signal that any rank received ("sigterm" over "sigint"), or None: the same on every rank."""
+        if not self.on:
+            return mine
+        return _SIGNALS[int(self.max(float(_SIGNALS.index(mine)))[0])]
+
     def broadcast_json(self, obj):
         """Rank 0's ``obj`` (anything JSON can carry) on every rank; plain JSON, no pickle."""
         if not self.on:
             return obj
         data = json.dumps(obj).encode() if self.main else b""
-        n = torch.tensor([len(data)], dtype=torch.int64)
+        n = torch.tensor([len(data)], dtype=torch.int64, device=self._dev)
         tdist.broadcast(n, 0)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.main else torch.empty(int(n), dtype=torch.uint8)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._dev) if self.main else torch.empty(int(n), dtype=torch.uint8, device=self._dev)
         tdist.broadcast(buf, 0)
-        return json.loads(bytes(buf.tolist()).decode())
+        return json.loads(bytes(buf.cpu().tolist()).decode())
 
     def gather_rows(self, t: torch.Tensor, n: int) -> torch.Tensor:
         """The full (n, ...) tensor from each rank's contiguous chunk (see :func:`shard_range`), on every rank."""
         if not self.on:
             return t
         size = -(-n // self.world)
-        pad = torch.zeros((size, *t.shape[1:]), dtype=t.dtype)
+        pad = torch.zeros((size, *t.shape[1:]), dtype=t.dtype, device=self._dev)
         pad[: len(t)] = t
         parts = [torch.empty_like(pad) for _ in range(self.world)]
         tdist.all_gather(parts, pad)
-        return torch.cat([p[: e - s] for p, (s, e) in zip(parts, (shard_range(n, r, self.world) for r in range(self.world)))])
+        return torch.cat([p[: e - s].to(t.device) for p, (s, e) in zip(parts, (shard_range(n, r, self.world) for r in range(self.world)))])
 
     @torch.no_grad()
     def average_buffers(self, model: nn.Module) -> None:
@@ -157,7 +168,7 @@ class Dist:
         if not self.on:
             return ""
         digest = state_digest(model, opt)
-        mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
+        mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self._dev)
         parts = [torch.empty_like(mine) for _ in range(self.world)]
         tdist.all_gather(parts, mine)
         differ = [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
@@ -207,7 +218,7 @@ def current(timeout_s: float = 1800.0) -> Dist:
     if tdist.is_available() and tdist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", tdist.get_rank()))
         if _CURRENT is None or (_CURRENT.rank, _CURRENT.world) != (tdist.get_rank(), tdist.get_world_size()):
-            _CURRENT = Dist(tdist.get_rank(), tdist.get_world_size(), local)
+            _CURRENT = Dist(tdist.get_rank(), tdist.get_world_size(), local, str(tdist.get_backend()))
         return _CURRENT
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
@@ -222,5 +233,5 @@ def current(timeout_s: float = 1800.0) -> Dist:
         tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:
         raise BonsaiError(f"cannot join the torchrun job as rank {rank} of {world}: {e}") from None
-    _CURRENT = Dist(rank, world, local)
+    _CURRENT = Dist(rank, world, local, backend)
     return _CURRENT

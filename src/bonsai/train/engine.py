@@ -327,12 +327,10 @@ class Engine:
 
     def _signalled(self) -> bool:
         """Whether a stop signal arrived on any rank; all ranks then stop at the same step."""
-        if not self.dist.on:
-            return self._signal is not None
-        code = self.dist.max({None: 0, "sigint": 1, "sigterm": 2}[self._signal])[0]
-        if code and self._signal is None:
-            self._signal = "sigint" if code == 1 else "sigterm"
-        return bool(code)
+        got = self.dist.signal(self._signal)
+        if self._signal is None:
+            self._signal = got  # another rank's: this rank stops with the same reason
+        return got is not None
 
     @property
     def peak_lr(self) -> float:
