@@ -278,11 +278,20 @@ def _cmd_demo(ns) -> int:
 
     from bonsai import api
     from bonsai.data.demo import extract_demo
+    from bonsai.train import distributed
 
+    dist = distributed.current()  # under torchrun: rank 0 names the run and unpacks, the others wait for it
     out = Path(ns.out) if ns.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    data = extract_demo(out.parent / "demo-data")
-    print(f"demo: 5,000 CIFAR-10 training images (500 per class) and 1,000 labeled test images in {data}")
+    out = Path(dist.broadcast_json(str(out)))
+    if dist.main:
+        data = extract_demo(out.parent / "demo-data")
+        print(f"demo: 5,000 CIFAR-10 training images (500 per class) and 1,000 labeled test images in {data}")
+    dist.barrier()
+    if not dist.main:
+        data = extract_demo(out.parent / "demo-data")  # there already
     run = api.fit(data, budget=ns.budget, out=str(out), quiet=ns.quiet)
+    if run is None:  # a rank other than 0
+        return 0
     _print_summary(run)
     return _exit_code(run)
 
