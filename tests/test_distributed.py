@@ -64,7 +64,12 @@ def test_evaluation_ranks_hold_contiguous_chunks_in_order():
     assert [len(p) for p in parts] == [8, 8, 7]
 
 
-def test_a_streaming_rank_decodes_only_its_own_files(tmp_path: Path):
+def test_a_streaming_rank_decodes_only_its_own_files(tmp_path: Path, monkeypatch):
+    from bonsai.data import loader as loader_mod
+
+    decoded = []
+    real = loader_mod._FileImages.__getitem__
+    monkeypatch.setattr(loader_mod._FileImages, "__getitem__", lambda self, i: decoded.append(i) or real(self, i))
     files = []
     for i in range(12):
         a = np.zeros((8, 8, 3), dtype=np.uint8)
@@ -75,9 +80,11 @@ def test_a_streaming_rank_decodes_only_its_own_files(tmp_path: Path):
     kw = dict(batch_size=4, device=torch.device("cpu"), train=True, seed=1, channels_last=False, size=8)
     memory = _numbered_split(12)
     for r in range(2):
+        decoded.clear()
         streamed = [[v // 10 for v in b] for b in _ids(Loader(split, rank=r, world=2, **kw))]
         assert streamed == _ids(Loader(memory, rank=r, world=2, **kw))  # same order and shard as in memory
         assert all(len(b) == 2 for b in streamed)
+        assert sorted(decoded) == sorted(sum(streamed, []))  # no other rank's file was read
 
 
 def test_one_process_communicates_nothing():
@@ -99,10 +106,11 @@ def test_state_digest_sees_weights_buffers_and_momentum():
     opt.step()
     base = state_digest(model, opt)
     assert base == state_digest(model, opt)
-    p = next(model.parameters())
-    opt.state[p]["momentum_buffer"].view(-1)[0] += 1e-7  # one momentum entry, one ulp-sized change
+    buf = opt.state[next(model.parameters())]["momentum_buffer"].view(-1)
+    old = buf[0].clone()
+    buf[0] = torch.nextafter(old, old + 1)  # one momentum entry, one ulp
     assert state_digest(model, opt) != base
-    opt.state[p]["momentum_buffer"].view(-1)[0] -= 1e-7
+    buf[0] = old
     assert state_digest(model, opt) == base
     next(b for b in model.buffers() if b.is_floating_point()).view(-1)[0] += 1.0
     assert state_digest(model, opt) != base
@@ -126,6 +134,7 @@ def _two_ranks(rank: int, store: str, q) -> None:
         out["mean"] = d.mean(float(rank))
         out["json"] = d.broadcast_json({"rank": rank, "keep": [1, 2]})
         out["signal"] = d.signal("sigterm" if rank == 1 else None)
+        out["both_signals"] = d.signal("sigterm" if rank == 1 else "sigint")
         out["no_signal"] = d.signal(None)
         start, end = shard_range(5, rank, 2)  # chunks of 3 and 2 rows
         out["gathered"] = d.gather_rows(torch.arange(start, end, dtype=torch.float32)[:, None].repeat(1, 2), 5).tolist()
@@ -162,6 +171,7 @@ def test_two_ranks_agree_on_every_decision_input_and_catch_diverged_weights(tmp_
         assert r["max"] == [1.0, 0.0] and r["any"] is True and r["min_int"] == 100 and r["mean"] == 0.5
         assert r["json"] == {"rank": 0, "keep": [1, 2]}  # rank 0's
         assert r["signal"] == "sigterm" and r["no_signal"] is None  # rank 1's signal stops rank 0 too
+        assert r["both_signals"] == "sigterm"  # one reason on every rank
         assert r["gathered"] == [[float(i)] * 2 for i in range(5)]
         assert len(r["digest"]) == 64 and r["digest"] == results[0]["digest"]  # agreed at first
         assert r["error"] and "ranks [1] hold different weights from rank 0 after a test" in r["error"]
@@ -201,8 +211,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "rank0": _tensors(root / "two" / "checkpoint.safetensors"),
     }
     _torchrun("--resume", "two", "epochs=5", "train.rank_dir=ranks", cwd=root)
+    # the budget clock: every rank stops at the same step when the (synchronized) budget runs out
+    _torchrun(str(root / "d.npz"), "--arch", str(root / "arch.json"), "--budget", "6s", "--prune", "batch_size=16", "--quiet", "--out", "budget", "train.rank_dir=ranks_budget", cwd=root)
     subprocess.run([sys.executable, "-m", "bonsai", "fit", *common, "--out", "one"], cwd=root, check=True, capture_output=True, timeout=300)
-    return {"root": root, "two": root / "two", "one": root / "one", "rank1": root / "ranks" / "rank1", "first": first}
+    return {"root": root, "two": root / "two", "one": root / "one", "rank1": root / "ranks" / "rank1", "first": first, "budget": root / "budget", "budget1": root / "ranks_budget" / "rank1"}
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -221,6 +233,16 @@ def test_both_ranks_end_with_bit_identical_weights_and_momentum(runs):
             assert torch.equal(rank0[k], rank1[k]), k
     best0, best1 = _tensors(runs["two"] / "model.safetensors"), _tensors(runs["rank1"] / "model.safetensors")
     assert all(torch.equal(best0[k], best1[k]) for k in best0)
+
+
+def test_a_budget_run_stops_every_rank_at_the_same_step(runs):
+    summary = json.loads((runs["budget"] / "summary.json").read_text())
+    assert summary["stop_reason"] == "budget" and summary["world_size"] == 2 and summary["epochs"] >= 1
+    m0, m1 = _lines(runs["budget"] / "metrics.jsonl"), _lines(runs["budget1"] / "metrics.jsonl")
+    assert [m["epoch"] for m in m0] == [m["epoch"] for m in m1]
+    assert [m["lr"] for m in m0] == [m["lr"] for m in m1]  # the LR of the budget schedule came from one clock
+    c0, c1 = _tensors(runs["budget"] / "checkpoint.safetensors"), _tensors(runs["budget1"] / "checkpoint.safetensors")
+    assert c0.keys() == c1.keys() and all(torch.equal(c0[k], c1[k]) for k in c0)
 
 
 def test_the_two_process_run_prunes_and_grows_in_lockstep(runs):
@@ -253,8 +275,11 @@ def test_the_two_process_run_matches_one_process_with_the_same_global_batch(runs
 def test_only_rank_0_writes_the_run_directory(runs):
     two = runs["two"]
     assert {"arch.json", "model.safetensors", "checkpoint.safetensors", "predictions.csv", "summary.json", "report.html"} <= {p.name for p in two.iterdir()}
-    assert not [p for p in runs["root"].rglob("*") if "rank" in p.name and runs["root"] / "ranks" not in p.parents and p.name != "ranks"]
+    assert not [p for run in (two, runs["budget"]) for p in run.rglob("*") if "rank" in p.name]
     assert not (runs["rank1"] / "summary.json").exists()  # rank 1 trains, rank 0 alone finishes
+    # rank 1 wrote its own copy, and not into rank 0's files (whose metrics hold one line per epoch)
+    assert len(_lines(runs["rank1"] / "metrics.jsonl")) == 1  # the resumed epoch (a resume starts its copy afresh)
+    assert (runs["rank1"] / "checkpoint.safetensors").is_file() and (runs["rank1"] / "events.jsonl").is_file()
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs"] == 5
     assert len((two / "predictions.csv").read_text().splitlines()) == 1 + 12

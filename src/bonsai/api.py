@@ -244,7 +244,7 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
         data = cfg.data.path
     if data is None:
         raise BonsaiError("fit needs a dataset: give DATA (or a config that names data.path)")
-    dist = distributed.current()
+    dist = distributed.current(cfg.train.device)
     progress = not cfg.quiet and dist.main
     if not dist.main:  # rank 0 speaks for the job
         log.setLevel(logging.ERROR)
@@ -255,24 +255,35 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
         raise BonsaiError(f"{out}: already holds a run; use --resume {out} to continue it or choose another --out")
     _check_writable(out)
     ds = read_dataset(data, cfg, progress)
+    if dist.on:  # every rank read the data itself: they must have read the same
+        mine = {"fingerprint": ds.fingerprint(), "train": len(ds.train), "test": 0 if ds.test is None else len(ds.test)}
+        rank0 = dist.broadcast_json(mine)
+        if dist.any(mine != rank0):
+            raise DatasetError(f"{ds.source}: the ranks read different datasets ({rank0} on rank 0); every machine needs the same files")
     if ds.kind != "arrays":
         cfg.data.path = str(ds.source.resolve())
     cfg.out = str(out)
     device = dist.device(resolve_device(cfg.train.device))
+    if dist.on:  # precision=auto resolves per machine; rank 0's choice holds for all
+        names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        cfg.train.precision = dist.broadcast_json(names[resolve_precision(cfg.train.precision, device)])
     teacher = _teacher(cfg, ds, device)  # before anything is written: a wrong teacher leaves no run behind
+    # a batch size given on resuming replaces the one the run had reached (after pruning or an out-of-memory cut)
+    new_batch = resume is not None and any(k.split(".")[-1] == "batch_size" for k in overrides)
+    args = (cfg, ds, device, teacher, resume, progress, dist, new_batch)
     if dist.main:
         _make_run_dir(out)
-        return _fit(out, out, cfg, ds, device, teacher, resume, progress, dist)
+        return _fit(out, out, *args)
     if cfg.train.rank_dir is not None:  # ranks other than 0 keep their own copy of the run (see train.rank_dir)
         work = Path(cfg.train.rank_dir) / f"rank{dist.rank}"
         _make_run_dir(work)
         (work / CHECKPOINT).unlink(missing_ok=True)  # a copy from an earlier run would be a wrong rollback point
-        return _fit(work, out, cfg, ds, device, teacher, resume, progress, dist)
+        return _fit(work, out, *args)
     with tempfile.TemporaryDirectory(prefix=f"bonsai-rank{dist.rank}-") as tmp:
-        return _fit(Path(tmp), out, cfg, ds, device, teacher, resume, progress, dist)
+        return _fit(Path(tmp), out, *args)
 
 
-def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, resume, progress: bool, dist: distributed.Dist) -> Run | None:
+def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, resume, progress: bool, dist: distributed.Dist, new_batch: bool) -> Run | None:
     """fit, once the run directory ``out`` is chosen: ``work`` is where this process writes (``out`` on rank 0)."""
 
     torch.manual_seed(cfg.seed)
@@ -311,6 +322,8 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     ckpt_tensors = None
     if resume is not None:
         spec, state, model_t, opt_t = read_checkpoint(out / CHECKPOINT)
+        if new_batch:
+            state.batch_size = None
         model = ResNet(spec)
         ckpt_tensors = (model_t, opt_t)
         for name in ("metrics.jsonl", "events.jsonl"):  # lines of the epoch that is about to be replayed go

@@ -14,16 +14,21 @@ How a distributed fit works (``torchrun --nproc-per-node N -m bonsai fit DATA ..
   itself, as in a single process.
 * **Data**: ``train.batch_size`` is the global batch. Every rank draws the same shuffled order and takes every
   N-th image of each global batch (DistributedSampler's semantics, on the in-memory and the streaming path alike:
-  a streaming rank decodes only its own images); its augmentation draws from its own generator. The LR follows
-  the global batch, so N processes train like one process with the same batch. Validation and test images are
-  split into N contiguous chunks and the class probabilities gathered.
+  while training, a streaming rank decodes only its own images); its augmentation draws from its own generator.
+  Each rank's loss is weighted by its share of the batch, so that DDP's average over ranks is the batch mean even
+  when the batch does not divide evenly; the LR follows the global batch, so N processes train like one process
+  with the same batch. Validation and test images are split into N contiguous chunks and the class
+  probabilities gathered. Rank 0's dataset (its fingerprint and sizes) and resolved precision hold for all; a
+  rank that reads a different dataset stops the run.
 * **BatchNorm** normalizes with each rank's own share of the batch (as DDP does); the running statistics are
   averaged over the ranks at the end of every epoch, before validation.
 * **Only rank 0 writes the run directory.** The other ranks write their copy (checkpoints, events) to a private
   folder, a temporary one unless ``train.rank_dir`` names one, so that a rollback restores the same state on every
   rank; ``--resume`` reads rank 0's run directory on every rank.
-* An out-of-memory error cannot be recovered in lockstep: under torchrun it ends the run (torchrun stops the other
-  ranks); the checkpoint of the last epoch stays for ``--resume`` with a smaller batch.
+* An error on one rank (an out-of-memory error included: it cannot be recovered in lockstep) ends that process;
+  torchrun then stops the others. The checkpoint of the last epoch stays for ``--resume`` (with a smaller
+  ``batch_size``, which a resume then takes over the one the run had reached). In a process group started by other
+  means, the other ranks wait for the group's timeout instead.
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ class Dist:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         p = next(model.parameters())
         ids = [p.device.index] if p.device.type == "cuda" else None
-        # gradients live in the all-reduce buckets (no copy); the build still copies rank 0's buffers
+        # gradients as views into the all-reduce buckets (DDP's memory saving); building the wrapper copies rank 0's
+        # weights and buffers to the others, so agreement is checked before it (Engine._after_surgery)
         ddp = DDP(model, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
         ddp.register_comm_hook(self, _counting_allreduce)
         return ddp
@@ -157,10 +163,11 @@ class Dist:
         """BatchNorm running statistics averaged over the ranks (each saw its own images this epoch)."""
         if not self.on:
             return
-        for b in model.buffers():
-            if b.is_floating_point():
-                tdist.all_reduce(b, op=tdist.ReduceOp.SUM)
-                b.div_(self.world)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for b in (m.running_mean, m.running_var):
+                    tdist.all_reduce(b, op=tdist.ReduceOp.SUM)
+                    b.div_(self.world)
 
     def check_same(self, model: nn.Module, opt: torch.optim.Optimizer, what: str) -> str:
         """SHA-256 of the parameters, buffers and optimizer state; raises BonsaiError on every rank when the ranks
@@ -192,9 +199,9 @@ def state_digest(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> 
 
     add(model.state_dict().items())
     if opt is not None:
-        names = {id(p): n for n, p in model.named_parameters()}
-        for p, s in opt.state.items():
-            add((f"{names.get(id(p), '?')}.{k}", v) for k, v in sorted(s.items()) if torch.is_tensor(v))
+        for name, p in model.named_parameters():  # by name: the optimizer's own order depends on its history
+            state = opt.state.get(p, {})
+            add((f"{name}.{k}", v) for k, v in sorted(state.items()) if torch.is_tensor(v))
     return h.hexdigest()
 
 
@@ -210,10 +217,10 @@ def _counting_allreduce(state, bucket):  # no annotations: DDP checks them again
 _CURRENT: Dist | None = None
 
 
-def current(timeout_s: float = 1800.0) -> Dist:
+def current(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
     """This process's place in the job: from the process group when one is up, else from torchrun's variables
-    (WORLD_SIZE, RANK, LOCAL_RANK), starting the group (gloo, or NCCL when CUDA is there) the first time; a plain
-    process is rank 0 of 1."""
+    (WORLD_SIZE, RANK, LOCAL_RANK), starting the group the first time (NCCL when ``device`` resolves to CUDA,
+    else gloo); a plain process is rank 0 of 1."""
     global _CURRENT
     if tdist.is_available() and tdist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", tdist.get_rank()))
@@ -226,7 +233,9 @@ def current(timeout_s: float = 1800.0) -> Dist:
     if not tdist.is_available():
         raise BonsaiError("WORLD_SIZE is set but this PyTorch build has no torch.distributed")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    from bonsai.train.engine import resolve_device
+
+    backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
     try:

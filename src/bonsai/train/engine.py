@@ -328,8 +328,8 @@ class Engine:
     def _signalled(self) -> bool:
         """Whether a stop signal arrived on any rank; all ranks then stop at the same step."""
         got = self.dist.signal(self._signal)
-        if self._signal is None:
-            self._signal = got  # another rank's: this rank stops with the same reason
+        if got is not None:
+            self._signal = got  # every rank stops with the same reason, whichever rank received it
         return got is not None
 
     @property
@@ -406,7 +406,12 @@ class Engine:
                     if self.dist.any(not bool(torch.isfinite(loss))):
                         raise Diverged(f"loss {float(loss.detach())} at step {st.step + 1}")
                     opt.zero_grad(set_to_none=True)
-                    self.scaler.scale(loss).backward()
+                    if self.dist.on and len(yb) * self.dist.world != self.train_loader.batch_size:
+                        # DDP averages the ranks' mean losses with equal weight: a rank holding more of an uneven
+                        # batch counts for more, so that the gradient is the batch mean's
+                        self.scaler.scale(loss * (len(yb) * self.dist.world / self.train_loader.batch_size)).backward()
+                    else:
+                        self.scaler.scale(loss).backward()
                     if check_grads:
                         norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
                         if not bool(torch.isfinite(norm)):
@@ -661,12 +666,15 @@ class Engine:
         loader = self.train_loader
         capped = fit_batch(self.model.spec, loader.batch_size, self.dtype is not None, count_params(self.model), available_memory(self.device))
         capped = self.dist.min_int(capped)
+        if capped < self.dist.world:
+            raise BonsaiError(f"{self.run_dir}: the network after the surgery leaves memory for a batch of {capped}, fewer than the {self.dist.world} ranks")
         if capped < loader.batch_size:
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": self.state.epoch, "event": "batch_capped", "batch_size_wanted": loader.batch_size, "batch_size": capped})
             loader.batch_size = capped
         self.state.batch_size = loader.batch_size
-        self._wrap()
-        self.dist.check_same(self.model, self.opt, f"the surgery after epoch {self.state.epoch}")
+        if self.dist.on:  # checked before the new wrapper copies rank 0's weights over the others'
+            self.dist.check_same(self.model, self.opt, f"the surgery after epoch {self.state.epoch}")
+            self._wrap()
 
     def _morph(self, epoch: int, progress: bool) -> None:
         """Scale every width by the largest factor that keeps FLOPs within prune.target_flops and top it up
@@ -742,7 +750,7 @@ class Engine:
                 if not is_out_of_memory(e):
                     raise
                 if self.dist.on:  # the other ranks are not retrying with it
-                    raise BonsaiError(f"{self.run_dir}: out of memory evaluating at batch {loader.batch_size}; resume with a smaller train.eval_batch_size") from None
+                    raise BonsaiError(f"rank {self.dist.rank}: out of memory evaluating at batch {loader.batch_size}; resume the run under torchrun with --resume and a smaller train.eval_batch_size") from None
                 if loader.batch_size <= 1:
                     raise BonsaiError(f"{self.run_dir}: out of memory evaluating even at batch size 1") from None
             if self.device.type == "cuda":
@@ -810,7 +818,9 @@ class Engine:
         st.stop_reason = ""  # a reason saved with the checkpoint (budget, plateau) was re-checked when resuming
         if st.batch_size is not None:  # else the loader keeps the batch it was given (capped to the data)
             self.train_loader.batch_size = st.batch_size
-        self._wrap()
+        if self.dist.on:  # every rank read its own copy of the checkpoint
+            self.dist.check_same(self.model, self.opt, f"restoring {path.name}")
+            self._wrap()
 
     def _rollback(self, epoch: int, clock: Clock, reason: str) -> bool:
         """Back to the last checkpoint with a lower LR after a divergence; False once the retries are spent."""
@@ -833,7 +843,7 @@ class Engine:
             torch.cuda.empty_cache()
         before = loader.batch_size
         if self.dist.on:  # not recoverable in lockstep: the other ranks are waiting in a collective
-            raise BonsaiError(f"{self.run_dir}: out of memory in a training step at batch {before}; resume with a smaller batch: bonsai fit --resume {self.run_dir} batch_size={before // 2}")
+            raise BonsaiError(f"rank {self.dist.rank}: out of memory in a training step at batch {before}; resume the run under torchrun with --resume and batch_size={before // 2}")
         if before <= 1:
             raise BonsaiError(f"{self.run_dir}: out of memory in a training step even at batch size 1; use a smaller arch or data.image_size")
         self._restore_last_checkpoint(clock, batch_size=before // 2)
