@@ -130,6 +130,12 @@ def test_end_to_end_prune_run_removes_channels_and_keeps_training(tmp_path):
     # the pruned checkpoint resumes: its arch, momentum buffers, batch size and lambda come back
     more = bonsai.fit(None, resume=run.dir, epochs=5)
     assert more.summary["epochs"] == 5
+    metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["batch_size"] == events[-1]["batch_size"] > 16  # the batch the run had reached
+    # a batch size given on resuming replaces it (e.g. after an out-of-memory error under torchrun)
+    bonsai.fit(None, resume=run.dir, epochs=6, batch_size=8)
+    metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["epoch"] == 6 and metrics[-1]["batch_size"] == 8
 
 
 def test_prox_is_the_group_soft_threshold_and_clears_momentum_of_zeroed_groups():
