@@ -60,6 +60,17 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path: Path):
         load_yaml(p)
 
 
+def test_yes_and_no_mean_the_words_where_a_word_is_expected(tmp_path: Path):
+    """YAML reads yes/no as booleans; data.in_memory takes the words (its documented values)."""
+    assert apply_overrides(FitConfig(), ["data.in_memory=no"]).data.in_memory == "no"
+    assert apply_overrides(FitConfig(), ["in_memory=yes"]).data.in_memory == "yes"
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  in_memory: no\n")
+    assert load_yaml(p).data.in_memory == "no"
+    with pytest.raises(ConfigError, match="train.precision must be"):
+        apply_overrides(FitConfig(), ["precision=true"]).resolved()
+
+
 def test_int_is_accepted_where_float_is_expected():
     assert from_dict(to_dict(FitConfig()) | {"seed": 3}).seed == 3
     assert set_value(FitConfig(), "lr", 1).train.lr == 1.0

@@ -269,7 +269,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and key.endswith("_flops"):  # prune.target_flops=40M, as --flops takes it
             return parse_count(value, f"config key {key}:")
     elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads yes/no as booleans: data.in_memory=no means the word
+            return "yes" if value else "no"
+        if isinstance(value, (str, int, float)):
             return str(value)
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"config key {key}: expected {name}, got {value!r}")
