@@ -9,7 +9,8 @@ cores no speed-up is expected: the point is that the distributed path is correct
 noise) and what it costs. Reported: training throughput (images/s over the time spent in training steps), test
 accuracy of the final network, the widths after pruning, and the gradient bytes each rank all-reduces per step
 (counted by bonsai's DDP communication hook) in the first epoch and after the last reconfiguration. Writes
-benchmarks/results/distributed.json and distributed.png. Use --limit to smoke-test on a subset.
+benchmarks/results/<name>.json and <name>.png (--name, default distributed). Use --limit to smoke-test on a
+subset.
 """
 
 from __future__ import annotations
@@ -62,13 +63,14 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config for both runs")
     ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke test)")
     ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
+    ap.add_argument("--name", default="distributed", help="results/<name>.json and .png (a repeat can keep the first)")
     a = ap.parse_args()
     runs = Path(a.runs)
     with tempfile.TemporaryDirectory() as tmp:
         data = _subset(a.data, a.limit, Path(tmp)) if a.limit else a.data
         args = ["--epochs", str(a.epochs), "--arch", a.arch, "--prune", f"prune.lpr={a.lpr}", *a.set]
-        one = _fit(data, runs / "ddp_1proc", args, nproc=1)
-        two = _fit(data, runs / "ddp_2proc", args, nproc=2)
+        one = _fit(data, runs / f"{a.name}_1proc", args, nproc=1)
+        two = _fit(data, runs / f"{a.name}_2proc", args, nproc=2)
     comm = two["comm_bytes_per_step"]
     summary = {
         "throughput_ratio_2v1": round(two["images_per_s"] / one["images_per_s"], 3),
@@ -84,13 +86,13 @@ def main() -> None:
         "flops_reduction_2proc": round(1 - two["flops_last"] / two["flops_first"], 3),
     }
     details = {"arch": a.arch, "epochs": a.epochs, "lpr": a.lpr, "limit": a.limit, "one_process": one, "two_processes": two}
-    path = write_result("distributed", summary, details, "python benchmarks/distributed.py " + portable(sys.argv[1:]))
+    path = write_result(a.name, summary, details, "python benchmarks/distributed.py " + portable(sys.argv[1:]))
     print(json.dumps(summary, indent=1))
     print("wrote", path)
-    _plot(one, two)
+    _plot(one, two, a.name)
 
 
-def _plot(one: dict, two: dict) -> None:
+def _plot(one: dict, two: dict, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +117,7 @@ def _plot(one: dict, two: dict) -> None:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "distributed.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
 
 
 if __name__ == "__main__":
