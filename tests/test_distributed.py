@@ -197,7 +197,8 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """A 2-process run (pruned and widened, then resumed for one more epoch) and its 1-process twin."""
+    """A 2-process run (pruned and widened, then resumed for one more epoch), its 1-process twin, and a 2-process
+    run under a time budget."""
     root = tmp_path_factory.mktemp("ddp")
     x, y = make_images(40)
     np.savez(root / "d.npz", x_train=x, y_train=y, x_test=x[:12], y_test=y[:12])
