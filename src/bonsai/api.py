@@ -352,8 +352,12 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     common = dict(device=device, channels_last=cfg.train.channels_last, size=ds.image_size, channels=ds.channels, workers=cfg.data.workers)
     shard = dict(rank=dist.rank, world=dist.world)
     train_loader = Loader(train_split, batch, train=True, translate=translate, flip=cfg.augment.flip, seed=cfg.seed, **common, **shard)
-    val_loader = Loader(val_split, cfg.train.eval_batch_size, **common, **shard)
-    test_loader = Loader(ds.test, cfg.train.eval_batch_size, **common, **shard) if ds.test is not None else None
+
+    def eval_loaders(**shard) -> tuple[Loader, Loader | None]:
+        val = Loader(val_split, cfg.train.eval_batch_size, **common, **shard)
+        return val, Loader(ds.test, cfg.train.eval_batch_size, **common, **shard) if ds.test is not None else None
+
+    val_loader, test_loader = eval_loaders(**shard)
 
     def write_predictions(probs: torch.Tensor) -> None:
         p = probs.numpy()
@@ -367,8 +371,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     if not dist.main:
         return None
     if dist.on:  # the final predictions are rank 0's alone, over whole splits
-        val_loader = Loader(val_split, cfg.train.eval_batch_size, **common)
-        test_loader = Loader(ds.test, cfg.train.eval_batch_size, **common) if ds.test is not None else None
+        val_loader, test_loader = eval_loaders()
     return _finish(out, cfg, ds, state, val_loader, test_loader, device, dist.world)
 
 

@@ -37,16 +37,14 @@ import datetime
 import hashlib
 import json
 import os
-from collections.abc import Iterable
-
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 
 from bonsai.errors import BonsaiError
-
 
 _SIGNALS = (None, "sigint", "sigterm")
 
@@ -88,9 +86,9 @@ class Dist:
         return device
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """``model`` in DistributedDataParallel (itself with one process). Called again after every surgery: DDP
-        fixes its parameter list and gradient buckets when it is built, copying rank 0's weights and buffers. Buffers are not synchronized at each step;
-        :meth:`average_buffers` averages them once an epoch."""
+        """``model`` in DistributedDataParallel (``model`` itself with one process). Called again after every
+        surgery: DDP fixes its parameter list and gradient buckets when it is built, copying rank 0's weights and
+        buffers. Buffers are not synchronized at each step; :meth:`average_buffers` averages them once an epoch."""
         if not self.on:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -270,6 +270,7 @@ class Engine:
         self.dtype = resolve_precision(cfg.train.precision, device)
         self.opt = opt or make_optimizer(model, cfg)
         self.state = state or TrainState()
+        self.step_fn: nn.Module | None = None  # what a training step calls; see _wrap
         self._wrap()
         fp16 = self.dtype == torch.float16
         init_scale = self.state.grad_scale or 2.0**16
@@ -313,7 +314,7 @@ class Engine:
     def _wrap(self) -> None:
         """The callable that training steps run: the model, in DDP when distributed, compiled when asked. Built
         again after every surgery (DDP fixes its parameters when it is built)."""
-        if self.dist.on and getattr(self, "step_fn", None) is not None:
+        if self.dist.on and self.step_fn is not None:
             # the old wrapper's reducer holds each parameter's gradient accumulator, which remembers the old shape:
             # it must be gone before the new wrapper asks for the accumulators, or backward fails after surgery
             self.step_fn = None
