@@ -165,6 +165,44 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     assert bonsai.load(tmp_path / "exp").predict(npz_data, tta=True).labels == run.predict(npz_data).labels
 
 
+@needs_onnx
+def test_compress_with_sparsity_and_a_teacher(npz_data: Path, tmp_path: Path, capsys):
+    """`bonsai compress --sparsity 0.5 --teacher RUN`: a sparse fp32 stage, then weight sharing of both the plain
+    and the sparse model; the sparse files keep their zeros and are the smaller ones. A teacher whose classes
+    differ is refused naming it."""
+    import bonsai
+    from bonsai.cli import main
+    from bonsai.compress.sharing import unpack_shared
+
+    run = bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
+    args = ["compress", str(run.dir), "--calibration", "16", "--share-bits", "4", "--sparsity", "0.5", "--finetune-epochs", "0.5"]
+    assert main([*args, "--share-finetune-epochs", "0.5", "--teacher", str(run.dir)]) == 0
+    record = json.loads((run.dir / "compression.json").read_text())
+    names = [s["stage"] for s in record["stages"]]
+    assert names[4:] == [
+        "PyTorch k-means 4-bit + Huffman", "PyTorch k-means 4-bit fine-tuned + Huffman", "PyTorch fp32 sparse 50%",
+        "PyTorch sparse 50% k-means 4-bit + Huffman", "PyTorch sparse 50% k-means 4-bit fine-tuned + Huffman",
+    ]
+    assert record["teacher"] == str(run.dir.resolve()) and record["sparsity"] == 0.5
+    by = {s["stage"]: s for s in record["stages"]}
+    assert by["PyTorch sparse 50% k-means 4-bit + Huffman"]["size_bytes"] < by["PyTorch k-means 4-bit + Huffman"]["size_bytes"]
+    assert "distilled from the teacher" in by["PyTorch fp32 sparse 50%"]["note"]
+    model = unpack_shared((run.dir / "compressed" / by["PyTorch sparse 50% k-means 4-bit fine-tuned + Huffman"]["file"]).read_bytes())
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1:]
+    assert all(abs(float((w == 0).float().mean()) - 0.5) < 0.01 for w in convs)
+    assert "PyTorch sparse 50% k-means 4-bit fine-tuned + Huffman" in capsys.readouterr().out
+
+    other = tmp_path / "other.npz"
+    d = dict(np.load(npz_data))
+    d["y_train"], d["y_test"], d["classes"] = d["y_train"] % 2, d["y_test"] % 2, d["classes"][:2]  # two classes, not three
+    np.savez(other, **d)
+    teacher = bonsai.fit(other, epochs=1, out=str(tmp_path / "t"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
+    assert main([*args, "--teacher", str(teacher.dir)]) == 2
+    assert f"{teacher.dir}: the teacher's classes differ" in capsys.readouterr().err
+    assert main([*args[:-4], "--sparsity", "1"]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
 # ---- low-rank factorization ----------------------------------------------------------------------------------
 
 
@@ -322,3 +360,91 @@ def test_damaged_weight_shared_file_is_a_clear_error():
     for bad in (b"XXXX" + packed[4:], packed[: len(packed) // 2], packed[:20]):
         with pytest.raises(BonsaiError, match="weight-shared|damaged"):
             unpack_shared(bad, "m.bsw")
+
+
+def test_sparsify_zeros_the_smallest_share_of_each_layer_and_training_keeps_them_zero():
+    from bonsai.compress.lowrank import finetune_
+    from bonsai.compress.sharing import sparsify_, unshare_
+    from conftest import make_images
+
+    torch.manual_seed(0)
+    model = build(preset("resnet8", 3, 3, 16), zero_init_residual=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sparsify_(model, 0.5)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    stem, rest = layers[0], layers[1:]
+    assert torch.count_nonzero(stem.weight) == stem.weight.numel()  # the stem conv is left whole
+    for m in rest:
+        w = m.weight.detach()
+        zero = w == 0
+        assert int(zero.sum()) == w.numel() // 2
+        orig = before[[k for k, v in model.named_modules() if v is m][0] + ".weight"]
+        assert float(orig[zero].abs().max()) <= float(orig[~zero].abs().min())  # the smallest ones went
+    x, y = make_images(30)
+    x, y = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y)
+    masks = [m.weight.detach() == 0 for m in rest]
+    finetune_(model, x, y, epochs=2, lr=0.05, batch=16)
+    unshare_(model)
+    assert not any("parametrizations" in n for n in model.state_dict())
+    changed = 0
+    for m, zero in zip(rest, masks, strict=True):
+        assert torch.equal(m.weight == 0, zero)  # the same entries, still exactly zero
+        changed += not torch.equal(m.weight, before[[k for k, v in model.named_modules() if v is m][0] + ".weight"] * ~zero)
+    assert changed == len(rest)
+    with pytest.raises(BonsaiError, match="sparsity"):
+        sparsify_(model, 1.0)
+
+
+@pytest.mark.parametrize("bits", [3, 5])
+def test_sparse_weight_sharing_keeps_exact_zeros_and_codes_them_cheaply(bits: int):
+    """Pruned weights keep a zero centroid (index 0) through k-means, codebook fine-tuning and pack/unpack, and a
+    half-zero model's indices cost fewer bits than the dense model's."""
+    from bonsai.compress.sharing import codebook, finetune_shared_, pack_shared, sparsify_, unpack_shared, unshare_
+    from conftest import make_images
+
+    c, idx = codebook(np.array([0.5, 0.0, -0.25, 0.0], dtype=np.float32), 4)
+    assert c[0] == 0 and (idx == 0).tolist() == [False, True, False, True] and c[idx].tolist() == [0.5, 0.0, -0.25, 0.0]
+    torch.manual_seed(0)
+    dense = build(preset("resnet8", 3, 3, 16), zero_init_residual=False).eval()
+    model = unshare_(sparsify_(copy.deepcopy(dense), 0.5)).eval()
+    x, y = make_images(30)
+    x, y = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y)
+    tuned = finetune_shared_(copy.deepcopy(model), bits, x, y, epochs=2, lr=0.05, batch=16)
+    packed, stats = pack_shared(tuned, bits)
+    back = unpack_shared(packed).state_dict()
+    for name, w in model.state_dict().items():
+        if name.endswith("weight") and w.ndim >= 2:
+            assert torch.equal(back[name] == 0, w == 0), name
+            assert torch.equal(back[name], tuned.state_dict()[name]), name  # fine-tuned values stored exactly
+            assert len(torch.unique(back[name])) <= 2**bits
+    assert stats["index_bits_per_weight"] < pack_shared(dense, bits)[1]["index_bits_per_weight"] - 0.5
+
+
+def test_index_pairs_round_trip_and_reject_a_wrong_count():
+    from bonsai.compress.sharing import _pair, _unpair
+
+    for n in (0, 1, 2, 7):
+        idx = np.random.default_rng(n).integers(0, 16, n).astype(np.uint8)
+        assert np.array_equal(_unpair(_pair(idx), n), idx)
+    with pytest.raises(BonsaiError, match="pairs"):
+        _unpair(_pair(np.zeros(4, dtype=np.uint8)), 7)
+
+
+def test_batchnorm_is_stored_as_scale_and_shift_with_the_same_outputs():
+    from bonsai.compress.sharing import _folded_bn, pack_shared, unpack_shared
+
+    torch.manual_seed(0)
+    model = build(preset("resnet8", 3, 3, 16), zero_init_residual=False).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.1, 3), m.weight.data.uniform_(0.5, 2), m.bias.data.uniform_(-1, 1)
+    folded = copy.deepcopy(model)
+    folded.load_state_dict({k: torch.full_like(model.state_dict()[k], v) if isinstance(v, float) else v for k, v in _folded_bn(model).items()})
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+        back = unpack_shared(pack_shared(model, 8)[0])
+        assert all(float(m.running_mean.abs().max()) == 0 for m in back.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        ref = model(x)
+        err = float((back(x) - ref).abs().max())
+    assert err < 0.05 * float(ref.abs().max())  # 8-bit codebooks and float16 scale and shift

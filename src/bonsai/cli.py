@@ -114,12 +114,18 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--calibration", type=int, default=512, help="training images used to calibrate int8 ranges (default 512)")
     k.add_argument("--out", help="folder for the artifacts (default RUN/compressed)")
     k.add_argument("--lowrank", type=float, metavar="ENERGY", help="also measure SVD low-rank convs keeping this share of energy, e.g. 0.9")
-    k.add_argument("--finetune-epochs", type=float, default=1.0, help="fine-tuning of the low-rank model on the training images (default 1)")
+    k.add_argument("--finetune-epochs", type=float, default=1.0, help="fine-tuning of the low-rank and sparse models on the training images (default 1)")
     k.add_argument("--share-bits", default="5,4", help="weight sharing: codebook sizes in bits, comma-separated (default 5,4; 0: none)")
     k.add_argument(
         "--share-finetune-epochs", type=float, default=1.0,
         help="fine-tuning of each weight-shared model's codebooks on the training images, indices fixed (default 1; 0: skip)",
     )
+    k.add_argument(
+        "--sparsity", type=float, default=0.0, metavar="S",
+        help="also zero the smallest S of each layer's weights (e.g. 0.5), fine-tune the rest for --finetune-epochs, "
+        "and weight-share that model too (Deep Compression's pruning; zeros cost under a bit each)",
+    )
+    k.add_argument("--teacher", metavar="RUN", help="every fine-tune also learns this run's (or exported model's) soft targets")
 
     p = sub.add_parser("predict", help="classify images with a trained run")
     p.add_argument("run", help="a run directory (arch.json + model.safetensors + dataset.json)")
@@ -240,11 +246,15 @@ def _cmd_compress(ns) -> int:
         raise BonsaiError(f"--share-bits {ns.share_bits!r}: expected comma-separated integers from 1 to 8") from None
     if any(not 1 <= b <= 8 for b in bits):
         raise BonsaiError(f"--share-bits {ns.share_bits!r}: each must be from 1 to 8")
-    r = compress(ns.run, ns.data, ns.calibration, ns.out, lowrank=ns.lowrank, finetune_epochs=ns.finetune_epochs, share_bits=bits, share_finetune_epochs=ns.share_finetune_epochs)
-    print(f"{'stage':44s} {'size':>10s} {'val acc':>8s} {'test acc':>8s} {'b1 ms':>7s} {'b64 ms':>7s}")
+    r = compress(
+        ns.run, ns.data, ns.calibration, ns.out, lowrank=ns.lowrank, finetune_epochs=ns.finetune_epochs, share_bits=bits, share_finetune_epochs=ns.share_finetune_epochs,
+        sparsity=ns.sparsity, teacher=ns.teacher,
+    )
+    w = max(len(st["stage"]) for st in r["stages"])
+    print(f"{'stage':{w}s} {'size':>10s} {'val acc':>8s} {'test acc':>8s} {'b1 ms':>7s} {'b64 ms':>7s}")
     for st in r["stages"]:
         test = "-" if st["test_acc"] is None else f"{st['test_acc']:.2%}"
-        print(f"{st['stage']:44s} {st['size_bytes'] / 1024:8.1f}KB {st['val_acc']:8.2%} {test:>8s} {st['latency_b1_ms']:7.2f} {st['latency_b64_ms']:7.1f}")
+        print(f"{st['stage']:{w}s} {st['size_bytes'] / 1024:8.1f}KB {st['val_acc']:8.2%} {test:>8s} {st['latency_b1_ms']:7.2f} {st['latency_b64_ms']:7.1f}")
     print(
         f"final: {r['final_stage']} (the smallest within 0.5 points of fp32 on validation), "
         f"{r['size_reduction_vs_fp32']}x smaller than model.safetensors; wrote {Path(ns.run) / 'compression.json'}"

@@ -98,15 +98,30 @@ def factorize(model: nn.Module, example: torch.Tensor, energy: float = 0.9, batc
     return model, records
 
 
-def finetune_(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float = 1.0, lr: float = 0.02, batch: int = 256, seed: int = 0) -> nn.Module:
+def finetune_(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float = 1.0, lr: float = 0.02, batch: int = 256, seed: int = 0,
+    translate: int | None = None, teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.5,
+) -> nn.Module:
     """A short fine-tune after factorizing, in place: SGD (Nesterov momentum 0.9, weight decay 5e-4) with the LR
-    falling from ``lr`` to 0 on a cosine, label smoothing 0.1, random horizontal flips, bf16 autocast where the
-    CPU has it. ``x``: uint8 NCHW training images (never the validation or test images)."""
+    falling from ``lr`` to 0 on a cosine, label smoothing 0.1, bf16 autocast where the CPU has it. ``x``: uint8
+    NCHW training images (never the validation or test images).
+
+    The augmentation is bonsai's training one, a random shift of up to ``translate`` pixels (zero padded; default
+    image size // 8, as ``bonsai fit``) and a random mirror. It has to match the training's: BatchNorm re-estimates
+    its statistics from these batches, and statistics from unshifted images cost a trained CIFAR-10 resnet32 two
+    points of validation accuracy within 17 steps at LR 0. ``teacher``: also learn its soft targets
+    (:func:`bonsai.train.distill.distillation_loss` with ``temperature`` and ``alpha``)."""
     import math
 
     from torch.nn import functional as F
 
+    from bonsai.data.augment import augment_batch
+    from bonsai.train.distill import distillation_loss
     from bonsai.train.engine import _cpu_has_bf16
+
+    if teacher is not None:
+        teacher.eval()
+    translate = x.shape[-1] // 8 if translate is None else translate
 
     g = torch.Generator().manual_seed(seed)
     steps = max(1, int(epochs * len(x) // batch))
@@ -116,12 +131,17 @@ def finetune_(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float 
     for step in range(steps):
         idx = order[step * batch : (step + 1) * batch]
         xb, yb = x[idx], y[idx]
-        flip = torch.rand(len(xb), generator=g) < 0.5
-        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+        xb = augment_batch(xb, translate, True, g)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         with torch.autocast("cpu", torch.bfloat16, enabled=_cpu_has_bf16()), torch.enable_grad():
-            loss = F.cross_entropy(model(xb).float(), yb, label_smoothing=0.1)
+            out = model(xb).float()
+            if teacher is None:
+                loss = F.cross_entropy(out, yb, label_smoothing=0.1)
+            else:
+                with torch.no_grad():
+                    soft = teacher(xb).float()
+                loss = distillation_loss(out, soft, yb, temperature, alpha, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()

@@ -65,7 +65,24 @@ def _data(run, data: str | Path | None):
     if ds.test is not None and ds.test.y is not None:
         test = (_images(ds.test, run.image_size, run.channels), ds.test.y)
     tr_t, va_t = torch.as_tensor(tr), torch.as_tensor(va)
-    return (x[tr_t], ds.train.y[tr_t]), x[va_t], ds.train.y[va_t], test, cfg.seed
+    translate = cfg.augment.translate if cfg.augment.translate is not None else run.image_size // 8
+    return (x[tr_t], ds.train.y[tr_t]), x[va_t], ds.train.y[va_t], test, cfg.seed, translate
+
+
+def _teacher(path: str | Path | None, run):
+    """The distillation teacher (a run directory or exported model) for ``run``'s fine-tunes, frozen; or None."""
+    if path is None:
+        return None
+    from bonsai.api import load
+
+    teacher = load(path)
+    for what in ("classes", "channels", "image_size"):
+        if getattr(teacher, what) != getattr(run, what):
+            raise BonsaiError(f"{path}: the teacher's {what.replace('_', ' ')} differ from {run.dir}'s")
+    model = teacher.model.float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def _acc(logits: np.ndarray, y: torch.Tensor) -> float:
@@ -116,7 +133,7 @@ def _latencies(runners: list, x: torch.Tensor, repeats: int, warmup: int = 3) ->
             for (row, _), t in zip(group, times, strict=True):
                 row[f"latency_b{b}_ms"] = round(1000 * float(np.median(t)), 3)
     for row, _ in runners:
-        log.info("%-38s %8.1f KB  val %.2f%%  b1 %.2f ms  b64 %.1f ms", row["stage"], row["size_bytes"] / 1024, 100 * row["val_acc"], row["latency_b1_ms"], row["latency_b64_ms"])
+        log.info("%-54s %8.1f KB  val %.2f%%  b1 %.2f ms  b64 %.1f ms", row["stage"], row["size_bytes"] / 1024, 100 * row["val_acc"], row["latency_b1_ms"], row["latency_b64_ms"])
 
 
 def _module_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -131,19 +148,34 @@ def _module_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 def compress(
     run_dir: str | Path, data: str | Path | None = None, calibration: int = 512, out: str | Path | None = None, repeats: int = 20,
     lowrank: float | None = None, finetune_epochs: float = 1.0, share_bits: tuple[int, ...] = (5, 4), share_finetune_epochs: float = 1.0,
+    sparsity: float = 0.0, teacher: str | Path | None = None,
 ) -> dict:
     """Run every stage on ``run_dir``'s best model; write the artifacts to ``out`` (default RUN/compressed) and
     ``RUN/compression.json``; return the record. ``lowrank``: also measure the SVD-factorized fp32 model keeping
     this share of each kernel's energy, before and after ``finetune_epochs`` of fine-tuning (a side branch: the
     int8 stages start from the unfactorized model). ``share_bits``: weight sharing at each of these codebook sizes
     (k-means, then Huffman; decoded to a PyTorch fp32 model to be scored and timed), each also after
-    ``share_finetune_epochs`` of fine-tuning its codebooks on the training images (0: skip)."""
+    ``share_finetune_epochs`` of fine-tuning its codebooks on the training images (0: skip). ``sparsity``: also
+    zero this share of the smallest weights of each layer (:func:`~bonsai.compress.sharing.sparsify_`), fine-tune
+    the rest for ``finetune_epochs``, and share that model's weights at each of ``share_bits`` (plain and
+    fine-tuned). ``teacher``: a run directory or exported model whose soft targets every fine-tune learns too
+    (knowledge distillation; the run's own ``distill.temperature`` and ``distill.alpha``)."""
     from bonsai.api import load
 
     run = load(run_dir)
     out = Path(out) if out else run.dir / "compressed"
     out.mkdir(parents=True, exist_ok=True)
-    (train_x, train_y), xv, yv, test, seed = _data(run, data)
+    (train_x, train_y), xv, yv, test, seed, translate = _data(run, data)
+    if not 0 <= sparsity < 1:
+        raise BonsaiError(f"sparsity must be in [0, 1), got {sparsity}")
+    t_model = _teacher(teacher, run)
+    distill = {"translate": translate, "teacher": t_model}
+    if t_model is not None:
+        from bonsai import config
+
+        dcfg = config.load_yaml(run.dir / "config.yaml", run=True).distill
+        distill |= {"temperature": dcfg.temperature, "alpha": dcfg.alpha}
+    how = "" if t_model is None else ", distilled from the teacher"
     g = torch.Generator().manual_seed(seed)
     calib = train_x[torch.randperm(len(train_x), generator=g)[:calibration]]
     model = run.model.float().eval()
@@ -165,11 +197,11 @@ def compress(
         stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), flops_small, runners))
         stages[-1]["note"] = f"{n_small}; no fine-tuning; a side branch"
         if finetune_epochs > 0:
-            finetune_(small, train_x, train_y, finetune_epochs, seed=seed)
+            finetune_(small, train_x, train_y, finetune_epochs, seed=seed, **distill)
             atomic_write_bytes(path, state_bytes(small))
             name = f"{name} + fine-tune"
             stages.append(_measure(name, path, lambda x: _torch_logits(small, x), val, test, count_params(small), flops_small, runners))
-            stages[-1]["note"] = f"{n_small}; fine-tuned {finetune_epochs:g} epoch(s) on the training images; a side branch"
+            stages[-1]["note"] = f"{n_small}; fine-tuned {finetune_epochs:g} epoch(s) on the training images{how}; a side branch"
 
     fp32 = ox.export_onnx(model, out / "model.onnx")
     s32 = ox.session(fp32)
@@ -188,21 +220,43 @@ def compress(
     stages.append(_measure("ONNX int8 + Huffman", packed_path, lambda x: ox.ort_logits(sh, x), val, test, params, flops, runners))
 
     sharing = {}
-    for bits in share_bits:
-        blob, sharing[bits] = pack_shared(model, bits)
-        path = out / f"model.shared{bits}.bsw"
-        atomic_write_bytes(path, blob)
-        shared = unpack_shared(path.read_bytes(), str(path))
-        stages.append(_measure(f"PyTorch k-means {bits}-bit + Huffman", path, lambda x, m=shared: _torch_logits(m, x), val, test, params, flops, runners))
-        stages[-1]["note"] = f"{2**bits} shared values per layer, indices at {sharing[bits]['index_bits_per_weight']:.2f} bits per weight; decoded to fp32 to run"
-        if share_finetune_epochs > 0:
-            tuned = finetune_shared_(copy.deepcopy(model), bits, train_x, train_y, share_finetune_epochs, seed=seed)
-            blob, sharing[f"{bits}_finetuned"] = pack_shared(tuned, bits)
-            path = out / f"model.shared{bits}.tuned.bsw"
+    for tag in ("", f" sparse {sparsity:.0%}"):
+        base_model = model
+        if tag and sparsity <= 0:
+            break
+        if tag:
+            from bonsai.compress.lowrank import finetune_
+            from bonsai.compress.sharing import sparsify_, unshare_
+
+            sparse = sparsify_(copy.deepcopy(model), sparsity)
+            if finetune_epochs > 0:
+                finetune_(sparse, train_x, train_y, finetune_epochs, seed=seed, **distill)
+            base_model = sparse = unshare_(sparse).eval()
+            path = out / f"model.sparse{sparsity:g}.safetensors"
+            atomic_write_bytes(path, state_bytes(sparse))
+            stages.append(_measure(f"PyTorch fp32{tag}", path, lambda x, m=sparse: _torch_logits(m, x), val, test, params, flops, runners))
+            tuned = f", then fine-tuned {finetune_epochs:g} epoch(s){how}" if finetune_epochs > 0 else ""
+            stages[-1]["note"] = f"the smallest {sparsity:.0%} of each layer's weights (stem conv aside) set to zero{tuned}; zeros stored densely"
+        for bits in share_bits:
+            key = f"{tag.strip().replace(' ', '_')}_{bits}" if tag else bits
+            blob, sharing[key] = pack_shared(base_model, bits)
+            path = out / f"model{tag.strip().replace(' ', '').replace('%', '')}.shared{bits}.bsw"
             atomic_write_bytes(path, blob)
             shared = unpack_shared(path.read_bytes(), str(path))
-            stages.append(_measure(f"PyTorch k-means {bits}-bit fine-tuned + Huffman", path, lambda x, m=shared: _torch_logits(m, x), val, test, params, flops, runners))
-            stages[-1]["note"] = f"codebooks fine-tuned {share_finetune_epochs:g} epoch(s) on the training images, indices fixed; decoded to fp32 to run"
+            name = f"PyTorch{tag} k-means {bits}-bit"
+            stages.append(_measure(f"{name} + Huffman", path, lambda x, m=shared: _torch_logits(m, x), val, test, params, flops, runners))
+            stages[-1]["note"] = f"{2**bits} shared values per layer, indices at {sharing[key]['index_bits_per_weight']:.2f} bits per weight; decoded to fp32 to run"
+            if share_finetune_epochs > 0:
+                tuned = finetune_shared_(copy.deepcopy(base_model), bits, train_x, train_y, share_finetune_epochs, seed=seed, **distill)
+                blob, sharing[f"{key}_finetuned"] = pack_shared(tuned, bits)
+                path = path.with_suffix(".tuned.bsw")
+                atomic_write_bytes(path, blob)
+                shared = unpack_shared(path.read_bytes(), str(path))
+                stages.append(_measure(f"{name} fine-tuned + Huffman", path, lambda x, m=shared: _torch_logits(m, x), val, test, params, flops, runners))
+                stages[-1]["note"] = (
+                    f"codebooks fine-tuned {share_finetune_epochs:g} epoch(s) on the training images{how}, indices fixed; "
+                    f"indices at {sharing[f'{key}_finetuned']['index_bits_per_weight']:.2f} bits per weight; decoded to fp32 to run"
+                )
 
     _latencies(runners, xv, repeats)
     base = stages[0]
@@ -216,6 +270,8 @@ def compress(
     record = {
         "run": str(run.dir),
         "calibration_images": len(calib),
+        "teacher": None if teacher is None else str(Path(teacher).resolve()),
+        "sparsity": sparsity,
         "onnx_parity_max_abs_logit_diff": parity,
         "huffman": stats,
         "weight_sharing": sharing,
