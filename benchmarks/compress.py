@@ -1,20 +1,24 @@
 """Deep Compression's chain on CIFAR-10 models: dense fp32 -> pruned -> int8 -> + Huffman, and weight sharing
-(k-means, 5, 4 and 3 bits, each also with its codebooks fine-tuned for an epoch) + Huffman, each stage measured,
-plus an SVD low-rank side branch.
+(k-means, 5, 4 and 3 bits, each also with its codebooks fine-tuned for an epoch) + Huffman, then the same after
+magnitude pruning (half of each layer's weights set to zero, the rest fine-tuned for two epochs), each stage
+measured, plus an SVD low-rank side branch.
 
     python benchmarks/compress.py [--dense RUN] [--pruned RUN] [--repeats 20] [--lowrank 0.9] [--share-bits 5,4,3]
+                                  [--sparsity 0.5] [--finetune-epochs 2] [--teacher RUN]
 
 The inputs are run directories of `benchmarks/prunetrain.py` (full CIFAR-10, 10 epochs; defaults: the resnet32
 dense run and the resnet32 run pruned at LPR 0.42 of `prunetrain.py --archs resnet32 --lpr 0.5,0.42 --name
-prunetrain_repeat`, the pruned run within a point of the dense one). Each run goes through `bonsai compress` (PyTorch fp32, ONNX
-fp32, ONNX int8 with per-channel weights calibrated on 512 training images, int8 + Huffman), which measures size
-on disk, batch-1 and batch-64 latency (median of --repeats calls, onnxruntime / PyTorch on this CPU's 2 cores,
-timed round-robin across the stages of one runtime so that the host's noise falls on all of them alike),
-and validation and test accuracy. The low-rank branch factorizes each conv whose SVD rank at 90% energy saves
-multiply-adds and runs faster at its own shape, measured before and after one epoch of fine-tuning. Summary:
+prunetrain_repeat`, the pruned run within a point of the dense one). Each run goes through `bonsai compress`
+(PyTorch fp32, ONNX fp32, ONNX int8 with per-channel weights calibrated on 512 training images, int8 + Huffman,
+weight sharing; then `--sparsity` and weight sharing of the sparse model), which measures size on disk, batch-1
+and batch-64 latency (median of --repeats calls, onnxruntime / PyTorch on this CPU's 2 cores, timed round-robin
+across the stages of one runtime so that the host's noise falls on all of them alike), and validation and test
+accuracy. Every fine-tune uses the runs' own augmentation; with `--teacher` the pruned model's also distill. The
+low-rank branch factorizes each conv whose SVD rank at 90% energy saves multiply-adds and runs faster at its own
+shape, measured before and after --finetune-epochs of fine-tuning. Summary:
 - size_reduction: dense fp32 `model.safetensors` size / the final artifact's size (x), where the final artifact is
   the smallest stage of the pruned chain whose validation accuracy is within 0.5 points of the pruned fp32 model's
-  (weight sharing, plain or fine-tuned, or int8 + Huffman);
+  (weight sharing of the pruned or the sparse model, plain or fine-tuned, or int8 + Huffman);
 - acc_drop_points: dense fp32 test accuracy - the final artifact's test accuracy (points);
 - int8_latency_ratio: int8 / fp32 batch-64 latency in onnxruntime, for the pruned model (and the dense one).
 Writes benchmarks/results/compress.json and compress.png.
@@ -70,6 +74,9 @@ def main() -> None:
     ap.add_argument("--share-bits", default="5,4,3", help="weight-sharing codebook sizes (each also fine-tuned)")
     ap.add_argument("--share-finetune-epochs", type=float, default=1.0)
     ap.add_argument("--lowrank", type=float, default=0.9, help="energy kept by the low-rank side branch (0: skip it)")
+    ap.add_argument("--sparsity", type=float, default=0.5, help="share of each layer's weights set to zero before sharing (0: skip)")
+    ap.add_argument("--finetune-epochs", type=float, default=2.0, help="fine-tuning of the low-rank and the sparse model")
+    ap.add_argument("--teacher", help="distill the pruned model's fine-tunes from this run, e.g. the dense one (default: none)")
     args = ap.parse_args()
     args.lowrank = args.lowrank or None
     for d in (args.dense, args.pruned):
@@ -86,6 +93,7 @@ def main() -> None:
         name: compress(
             d, calibration=args.calibration, repeats=args.repeats, lowrank=args.lowrank,
             share_bits=tuple(int(b) for b in args.share_bits.split(",")), share_finetune_epochs=args.share_finetune_epochs,
+            sparsity=args.sparsity, finetune_epochs=args.finetune_epochs, teacher=args.teacher if name == "pruned" else None,
         )
         for name, d in (("dense", args.dense), ("pruned", args.pruned))
     }
@@ -104,7 +112,13 @@ def main() -> None:
         "dense_fp32_bytes": dense_fp32["size_bytes"],
         "final_bytes": final["size_bytes"],
         "int8_quantization_test_acc_drop_points_pruned": round(100 * (st["pruned"]["ONNX fp32"]["test_acc"] - st["pruned"]["ONNX int8"]["test_acc"]), 2),
+        "pruned_fp32_test_acc": st["pruned"]["PyTorch fp32"]["test_acc"],
+        "acc_drop_points_from_pruning": round(100 * (dense_fp32["test_acc"] - st["pruned"]["PyTorch fp32"]["test_acc"]), 2),
         "lowrank_energy": args.lowrank,
+        "sparsity": args.sparsity,
+        "finetune_epochs": args.finetune_epochs,
+        "share_finetune_epochs": args.share_finetune_epochs,
+        "teacher": args.teacher and portable([args.teacher]),
         "targets": {"size_reduction": ">= 20", "acc_drop_points": "<= 1", "int8_latency_ratio": "<= 0.5"},
         "wall_s": round(time.time() - t0, 1),
     }
