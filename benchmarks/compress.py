@@ -21,7 +21,7 @@ shape, measured before and after --finetune-epochs of fine-tuning. Summary:
   (weight sharing of the pruned or the sparse model, plain or fine-tuned, or int8 + Huffman);
 - acc_drop_points: dense fp32 test accuracy - the final artifact's test accuracy (points);
 - int8_latency_ratio: int8 / fp32 batch-64 latency in onnxruntime, for the pruned model (and the dense one).
-Writes benchmarks/results/compress.json and compress.png.
+Writes benchmarks/results/compress.json and compress.png (or --name's).
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ def main() -> None:
     ap.add_argument("--lowrank", type=float, default=0.9, help="energy kept by the low-rank side branch (0: skip it)")
     ap.add_argument("--sparsity", type=float, default=0.5, help="share of each layer's weights set to zero before sharing (0: skip)")
     ap.add_argument("--finetune-epochs", type=float, default=2.0, help="fine-tuning of the low-rank and the sparse model")
+    ap.add_argument(
+        "--dense-chain", choices=("full", "quick"), default="full",
+        help="quick: only the dense model's fp32, ONNX and int8 stages (the summary needs no more)",
+    )
+    ap.add_argument("--name", default="compress", help="results file name (default compress: results/compress.json)")
     ap.add_argument("--teacher", help="distill the pruned model's fine-tunes from this run, e.g. the dense one (default: none)")
     args = ap.parse_args()
     args.lowrank = args.lowrank or None
@@ -89,11 +94,13 @@ def main() -> None:
     from bonsai.compress.pipeline import compress
 
     t0 = time.time()
+    bits = tuple(int(b) for b in args.share_bits.split(","))
+    quick = {"lowrank": None, "share_bits": (), "sparsity": 0.0}  # --dense-chain quick: the dense model's baseline stages only
     records = {
         name: compress(
-            d, calibration=args.calibration, repeats=args.repeats, lowrank=args.lowrank,
-            share_bits=tuple(int(b) for b in args.share_bits.split(",")), share_finetune_epochs=args.share_finetune_epochs,
-            sparsity=args.sparsity, finetune_epochs=args.finetune_epochs, teacher=args.teacher if name == "pruned" else None,
+            d, calibration=args.calibration, repeats=args.repeats, share_finetune_epochs=args.share_finetune_epochs,
+            finetune_epochs=args.finetune_epochs, teacher=args.teacher if name == "pruned" else None,
+            **(quick if name == "dense" and args.dense_chain == "quick" else {"lowrank": args.lowrank, "share_bits": bits, "sparsity": args.sparsity}),
         )
         for name, d in (("dense", args.dense), ("pruned", args.pruned))
     }
@@ -128,10 +135,10 @@ def main() -> None:
         "int8_latency_ratio": summary["int8_latency_ratio"] <= 0.5,
     }
     details = {k: {kk: vv for kk, vv in r.items() if kk != "run"} | {"run": portable([r["run"]])} for k, r in records.items()}
-    out = write_result("compress", summary, details, portable([Path(sys.executable).name, *sys.argv]))
-    plot(chains, RESULTS / "compress.png")
+    out = write_result(args.name, summary, details, portable([Path(sys.executable).name, *sys.argv]))
+    plot(chains, RESULTS / f"{args.name}.png")
     print(summary)
-    print(f"wrote {out} and {RESULTS / 'compress.png'}")
+    print(f"wrote {out} and {RESULTS / f'{args.name}.png'}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from bonsai.errors import BonsaiError
 from conftest import trained_looking
 from bonsai.models.arch import preset
 from bonsai.models.resnet import build, count_params, load_state
-from bonsai.surgery.depth import branch_params, dead_blocks, remove_blocks_
+from bonsai.surgery.depth import branch_constant, branch_params, dead_blocks, remove_blocks_, stuck
 from bonsai.surgery.prune import GroupLasso
 
 
@@ -105,6 +105,44 @@ def test_dead_blocks_keep_one_block_per_stage_and_use_absolute_values():
     assert dead_blocks(model, 1e-4) == [(0, 1), (0, 2)]  # all of stage 0 is dead: its first block stays
 
 
+@pytest.mark.parametrize("dead", ["writers", "readers"])
+def test_a_stuck_block_adds_a_constant_and_removing_it_drops_exactly_that(dead: str):
+    """Inner channels all dead (conv1's filters with bn1, or conv2's input columns) but bn2's shift alive: the
+    branch adds branch_constant whatever the input; dead_blocks lists the block only with constant=True, and
+    removing it changes the output exactly as zeroing that constant does. A stuck block gets no gradient."""
+    model = _trained_looking().eval()
+    block = model.stages[1][1]
+    with torch.no_grad():
+        if dead == "writers":
+            for p in (block.conv1.weight, block.bn1.weight, block.bn1.bias):
+                p.zero_()
+        else:
+            block.conv2.weight.zero_()
+    assert stuck(block, 0.0) and not stuck(model.stages[1][2], 0.0)
+    assert dead_blocks(model, 0.0) == [] and dead_blocks(model, 0.0, constant=True) == [(1, 1)]
+    c = branch_constant(block)
+    assert float(c.abs().max()) > 0.01  # a trained-looking BN: the constant is not small
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        h = model.stages[1][0](model.stages[0](model.stem((x.float() - model.mean) / model.std)))  # the block's input
+        branch = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(h)))))
+        torch.testing.assert_close(branch, c.view(1, -1, 1, 1).expand_as(branch))
+    model.train()
+    model(x).sum().backward()
+    assert float(block.conv1.weight.grad.abs().max()) == 0 and float(block.bn1.weight.grad.abs().max()) == 0
+    model.eval()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():  # the same network with the constant zeroed: bn2's shift cancels its mean term
+        b2 = ref.stages[1][1].bn2
+        b2.bias.copy_(b2.weight * b2.running_mean / torch.sqrt(b2.running_var + b2.eps))
+        expected = ref(x)
+        changed = float((model(x) - expected).abs().max())
+    remove_blocks_(model, [(1, 1)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert changed > 1e-3  # the constant mattered: the surgery is not the identity
+
+
 def test_the_block_prox_zeroes_a_branch_whose_channels_alone_would_survive():
     """FLOP weighting makes a whole branch weigh (both convs' cost) more than its norm grows: a branch dies as a
     whole where none of its channel groups would die alone."""
@@ -172,6 +210,7 @@ def test_end_to_end_prune_run_removes_blocks_keeps_training_and_resumes(tmp_path
     # s1b0 has a projection; stage 0's two identity blocks can lose only one (a stage keeps a block)
     assert removed and set(removed) <= {"s0b0", "s0b1", "s1b1"} and len(removed) == len(set(removed))
     assert sum(b.startswith("s0") for b in removed) <= 1
+    assert all(e["dropped_constant"] >= 0 for e in events if e["event"] == "prune")
     metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(m["train_loss"]) for m in metrics)
     assert metrics[0]["block_ids"] == [[0, 1], [0, 1]] and sum(map(len, metrics[-1]["block_ids"])) == 4 - len(removed)

@@ -105,9 +105,10 @@ def _parser() -> argparse.ArgumentParser:
         "compress",
         help="int8-quantize and Huffman-code a run's model, measuring size, latency and accuracy",
         description="The run's best model through PyTorch fp32 -> ONNX fp32 -> ONNX int8 -> int8 + Huffman, and "
-        "weight sharing (k-means codebooks per layer + Huffman-coded indices; then with the codebooks fine-tuned), each measured on this CPU (size on "
-        "disk, batch-1/64 latency, validation and test accuracy on the run's own split). Writes RUN/compressed/ "
-        "and RUN/compression.json.",
+        "weight sharing (k-means codebooks per layer + Huffman-coded indices; then with the codebooks fine-tuned), and with "
+        "--sparsity the same after zeroing the smallest weights, each measured on this CPU (size on disk, batch-1/64 "
+        "latency, validation and test accuracy on the run's own split). Fine-tunes use the run's own augmentation. "
+        "Writes RUN/compressed/ and RUN/compression.json.",
     )
     k.add_argument("run", help="a run directory")
     k.add_argument("--data", help="the dataset (default: data.path from the run's config.yaml)")

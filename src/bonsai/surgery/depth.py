@@ -7,6 +7,14 @@ previous block's), so ``relu(x) == x``: the block is the identity and removing i
 unchanged. Blocks with a projection shortcut (where a stage changes stride or width) are never removed, and every
 stage keeps at least one block.
 
+A block can also be stuck: every inner channel dead (conv1's filters with bn1's scale and shift, or conv2's input
+columns, at ``max |w| <= threshold``) while bn2's shift is not. Its branch then outputs a per-channel constant
+``c = bn2.bias - bn2.weight * running_mean / sqrt(running_var + eps)`` whatever the input, and no gradient reaches
+its weights again (bn1's zero scale and ReLU's zero slope at 0 stop them), so it costs a block's time for ever and
+learns nothing. Channel pruning alone keeps it at ``prune.min_width`` zero channels. With ``constant=True``,
+:func:`dead_blocks` lists such blocks too; removing one changes the function by exactly dropping ``c`` from the
+block's sum (``relu(x + c)`` becomes ``x``), which :func:`branch_constant` gives for the event log.
+
 On this CPU a block costs more time than its FLOPs suggest (batch norm, ReLU and the residual add are memory-bound
 and do not shrink with the inner width), so removing blocks shortens training far more than thinning them:
 ``benchmarks/prune_costs.py`` measures it.
@@ -32,16 +40,35 @@ def branch_params(block: BasicBlock) -> list[torch.Tensor]:
     return [block.conv1.weight, block.bn1.weight, block.bn1.bias, block.conv2.weight, block.bn2.weight, block.bn2.bias]
 
 
+def _small(t: torch.Tensor, threshold: float) -> bool:
+    return t.numel() == 0 or float(t.detach().abs().max()) <= threshold
+
+
+def stuck(block: BasicBlock, threshold: float) -> bool:
+    """Whether every inner channel of ``block`` is dead, so that its branch outputs a constant (module docstring)."""
+    writers = _small(block.conv1.weight, threshold) and _small(block.bn1.weight, threshold) and _small(block.bn1.bias, threshold)
+    return writers or _small(block.conv2.weight, threshold)
+
+
 @torch.no_grad()
-def dead_blocks(model: ResNet, threshold: float) -> list[tuple[int, int]]:
-    """(stage, block) of the blocks whose residual branch has ``max |w| <= threshold`` everywhere, that can be
-    removed while every stage keeps at least one block (when all of a stage's blocks are dead, its first stays)."""
+def branch_constant(block: BasicBlock) -> torch.Tensor:
+    """The per-channel constant a :func:`stuck` block's branch outputs in eval mode."""
+    bn = block.bn2
+    return bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+
+
+@torch.no_grad()
+def dead_blocks(model: ResNet, threshold: float, constant: bool = False) -> list[tuple[int, int]]:
+    """(stage, block) of the blocks whose residual branch has ``max |w| <= threshold`` everywhere (and, if
+    ``constant``, of the :func:`stuck` ones), that can be removed while every stage keeps at least one block (when
+    all of a stage's blocks qualify, its first stays)."""
     out = []
     for s, stage in enumerate(model.stages):
         dead = [
             b
             for b, block in enumerate(stage)
-            if block.shortcut is None and all(float(p.abs().max()) <= threshold for p in branch_params(block) if p.numel())
+            if block.shortcut is None
+            and (all(_small(p, threshold) for p in branch_params(block)) or (constant and stuck(block, threshold)))
         ]
         if len(dead) == len(stage):
             dead = dead[1:]

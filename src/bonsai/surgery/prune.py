@@ -19,7 +19,9 @@ Lym et al., "PruneTrain: Fast Neural Network Training by Dynamic Sparse Model Re
 * **Blocks** (``depth``, on by default): the whole residual branch of every block with an identity shortcut (both
   convs, both BNs' scales and shifts) is one more group. When the proximal step drives it to zero the block is the
   identity, and :func:`bonsai.surgery.depth.remove_blocks_` removes it; on this CPU a removed block saves far more
-  time than thinning it (memory-bound BN, ReLU and add do not shrink with the inner width).
+  time than thinning it (memory-bound BN, ReLU and add do not shrink with the inner width). A block whose inner
+  channels all died while bn2's shift did not is stuck (its branch adds a constant and can no longer learn); it is
+  removed too, dropping the constant (:mod:`bonsai.surgery.depth`).
 * **Group weights** (``weighting``): ``flops`` (the default) weighs each group by the multiply-adds per image that
   removing it saves (a channel: its share of its conv; a block: both its convs), so the penalty is a convex
   stand-in for the network's FLOPs; ``size`` by the square root of the group's size; ``none`` by 1.
