@@ -198,7 +198,7 @@ def test_compress_with_sparsity_and_a_teacher(npz_data: Path, tmp_path: Path, ca
     np.savez(other, **d)
     teacher = bonsai.fit(other, epochs=1, out=str(tmp_path / "t"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
     assert main([*args, "--teacher", str(teacher.dir)]) == 2
-    assert f"{teacher.dir}: the teacher's classes differ" in capsys.readouterr().err
+    assert f"{teacher.dir}: this teacher and the run {run.dir} differ in classes" in capsys.readouterr().err
     assert main([*args[:-4], "--sparsity", "1"]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
 

@@ -78,7 +78,7 @@ def _teacher(path: str | Path | None, run):
     teacher = load(path)
     for what in ("classes", "channels", "image_size"):
         if getattr(teacher, what) != getattr(run, what):
-            raise BonsaiError(f"{path}: the teacher's {what.replace('_', ' ')} differ from {run.dir}'s")
+            raise BonsaiError(f"{path}: this teacher and the run {run.dir} differ in {what.replace('_', ' ')}")
     model = teacher.model.float().eval()
     for p in model.parameters():
         p.requires_grad_(False)
