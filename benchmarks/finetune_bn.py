@@ -35,11 +35,12 @@ def main() -> None:
 
     from bonsai.api import load
     from bonsai.compress.lowrank import finetune_
-    from bonsai.compress.pipeline import _acc, _data, _torch_logits
+    from bonsai.compress.pipeline import _acc, _data, _torch_logits, finetune_kwargs
 
     t0 = time.time()
     run = load(args.run)
-    (tx, ty), xv, yv, _, seed, translate = _data(run, None)
+    (tx, ty), xv, yv, _, cfg, ds = _data(run, None)
+    seed, translate = cfg.seed, finetune_kwargs(cfg, ds, run.image_size)["translate"]
     model = run.model.float().eval()
     epochs = args.steps * 256 / len(tx)
 

@@ -44,7 +44,8 @@ def _images(split, size: int, channels: int) -> torch.Tensor:
 
 
 def _data(run, data: str | Path | None):
-    """(calibration candidates, val images, val labels, test images, test labels or None) as the run saw them."""
+    """((train images, labels), val images, val labels, (test images, labels) or None, the run's config, the
+    dataset) as the run saw them."""
     from bonsai import api, config
     from bonsai.data.sources import split_validation
 
@@ -65,24 +66,20 @@ def _data(run, data: str | Path | None):
     if ds.test is not None and ds.test.y is not None:
         test = (_images(ds.test, run.image_size, run.channels), ds.test.y)
     tr_t, va_t = torch.as_tensor(tr), torch.as_tensor(va)
-    translate = cfg.augment.translate if cfg.augment.translate is not None else run.image_size // 8
-    return (x[tr_t], ds.train.y[tr_t]), x[va_t], ds.train.y[va_t], test, cfg.seed, translate
+    return (x[tr_t], ds.train.y[tr_t]), x[va_t], ds.train.y[va_t], test, cfg, ds
 
 
-def _teacher(path: str | Path | None, run):
-    """The distillation teacher (a run directory or exported model) for ``run``'s fine-tunes, frozen; or None."""
-    if path is None:
-        return None
-    from bonsai.api import load
+def finetune_kwargs(cfg, ds, image_size: int, teacher: str | Path | None = None) -> dict:
+    """The fine-tunes' settings from the run's config: its augmentation's shift, and with ``teacher`` (a run
+    directory or exported model, checked against the dataset as ``bonsai fit --teacher`` checks it) the frozen
+    teacher with the run's ``distill.temperature`` and ``distill.alpha``."""
+    out = {"translate": cfg.augment.translate if cfg.augment.translate is not None else image_size // 8, "teacher": None}
+    if teacher is not None:
+        from bonsai.api import _teacher
 
-    teacher = load(path)
-    for what in ("classes", "channels", "image_size"):
-        if getattr(teacher, what) != getattr(run, what):
-            raise BonsaiError(f"{path}: this teacher and the run {run.dir} differ in {what.replace('_', ' ')}")
-    model = teacher.model.float().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+        cfg.distill.teacher = str(teacher)
+        out |= {"teacher": _teacher(cfg, ds, torch.device("cpu")).float(), "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha}
+    return out
 
 
 def _acc(logits: np.ndarray, y: torch.Tensor) -> float:
@@ -165,17 +162,12 @@ def compress(
     run = load(run_dir)
     out = Path(out) if out else run.dir / "compressed"
     out.mkdir(parents=True, exist_ok=True)
-    (train_x, train_y), xv, yv, test, seed, translate = _data(run, data)
+    (train_x, train_y), xv, yv, test, cfg, ds = _data(run, data)
     if not 0 <= sparsity < 1:
         raise BonsaiError(f"sparsity must be in [0, 1), got {sparsity}")
-    t_model = _teacher(teacher, run)
-    distill = {"translate": translate, "teacher": t_model}
-    if t_model is not None:
-        from bonsai import config
-
-        dcfg = config.load_yaml(run.dir / "config.yaml", run=True).distill
-        distill |= {"temperature": dcfg.temperature, "alpha": dcfg.alpha}
-    how = "" if t_model is None else ", distilled from the teacher"
+    seed = cfg.seed
+    distill = finetune_kwargs(cfg, ds, run.image_size, teacher)
+    how = "" if teacher is None else ", distilled from the teacher"
     g = torch.Generator().manual_seed(seed)
     calib = train_x[torch.randperm(len(train_x), generator=g)[:calibration]]
     model = run.model.float().eval()
@@ -220,23 +212,9 @@ def compress(
     stages.append(_measure("ONNX int8 + Huffman", packed_path, lambda x: ox.ort_logits(sh, x), val, test, params, flops, runners))
 
     sharing = {}
-    for tag in ("", f" sparse {sparsity:.0%}"):
-        base_model = model
-        if tag and sparsity <= 0:
-            break
-        if tag:
-            from bonsai.compress.lowrank import finetune_
-            from bonsai.compress.sharing import sparsify_, unshare_
 
-            sparse = sparsify_(copy.deepcopy(model), sparsity)
-            if finetune_epochs > 0:
-                finetune_(sparse, train_x, train_y, finetune_epochs, seed=seed, **distill)
-            base_model = sparse = unshare_(sparse).eval()
-            path = out / f"model.sparse{sparsity:g}.safetensors"
-            atomic_write_bytes(path, state_bytes(sparse))
-            stages.append(_measure(f"PyTorch fp32{tag}", path, lambda x, m=sparse: _torch_logits(m, x), val, test, params, flops, runners))
-            tuned = f", then fine-tuned {finetune_epochs:g} epoch(s){how}" if finetune_epochs > 0 else ""
-            stages[-1]["note"] = f"the smallest {sparsity:.0%} of each layer's weights (stem conv aside) set to zero{tuned}; zeros stored densely"
+    def share_stages(base_model, tag: str) -> None:
+        """Weight sharing of ``base_model`` at each of ``share_bits``, plain and with its codebooks fine-tuned."""
         for bits in share_bits:
             key = f"{tag.strip().replace(' ', '_')}_{bits}" if tag else bits
             blob, sharing[key] = pack_shared(base_model, bits)
@@ -258,6 +236,23 @@ def compress(
                     f"indices at {sharing[f'{key}_finetuned']['index_bits_per_weight']:.2f} bits per weight; decoded to fp32 to run"
                 )
 
+    share_stages(model, "")
+    if sparsity > 0:
+        from bonsai.compress.lowrank import finetune_
+        from bonsai.compress.sharing import sparsify_, unshare_
+
+        tag = f" sparse {sparsity:.0%}"
+        sparse = sparsify_(copy.deepcopy(model), sparsity)
+        if finetune_epochs > 0:
+            finetune_(sparse, train_x, train_y, finetune_epochs, seed=seed, **distill)
+        sparse = unshare_(sparse).eval()
+        path = out / f"model.sparse{sparsity:g}.safetensors"
+        atomic_write_bytes(path, state_bytes(sparse))
+        stages.append(_measure(f"PyTorch fp32{tag}", path, lambda x: _torch_logits(sparse, x), val, test, params, flops, runners))
+        tuned = f", then fine-tuned {finetune_epochs:g} epoch(s){how}" if finetune_epochs > 0 else ""
+        stages[-1]["note"] = f"the smallest {sparsity:.0%} of each layer's weights (stem conv aside) set to zero{tuned}; zeros stored densely"
+        share_stages(sparse, tag)
+
     _latencies(runners, xv, repeats)
     base = stages[0]
     by_name = {st["stage"]: st for st in stages}
@@ -270,7 +265,7 @@ def compress(
     record = {
         "run": str(run.dir),
         "calibration_images": len(calib),
-        "teacher": None if teacher is None else str(Path(teacher).resolve()),
+        "teacher": cfg.distill.teacher if teacher is not None else None,
         "sparsity": sparsity,
         "onnx_parity_max_abs_logit_diff": parity,
         "huffman": stats,

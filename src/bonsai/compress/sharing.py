@@ -220,11 +220,11 @@ def _unpair(sym: np.ndarray, count: int) -> np.ndarray:
     return idx[:count]
 
 
-def _folded_bn(model: torch.nn.Module) -> dict:
-    """The state dict with each BatchNorm's four vectors as two: eval-mode BN is ``x * a + b`` with
-    ``a = weight / sqrt(running_var + eps)`` and ``b = bias - running_mean * a``, so the weight becomes ``a``, the
-    bias ``b``, the running mean 0 and the running variance ``1 - eps`` (given as floats: stored as a constant)."""
-    state = dict(model.state_dict())
+def _folded_bn(model: torch.nn.Module, state: dict) -> dict:
+    """``state`` (the model's state dict) with each BatchNorm's four vectors as two: eval-mode BN is ``x * a + b``
+    with ``a = weight / sqrt(running_var + eps)`` and ``b = bias - running_mean * a``, so the weight becomes ``a``,
+    the bias ``b``, the running mean 0 and the running variance ``1 - eps`` (given as floats: stored as a constant)."""
+    state = dict(state)
     for prefix, m in model.named_modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.affine:
             p = f"{prefix}." if prefix else ""
@@ -240,11 +240,10 @@ def pack_shared(model: ResNet, bits: int = 4) -> tuple[bytes, dict]:
         raise BonsaiError(f"weight sharing: bits must be in [1, 8], got {bits}")
     entries, codebooks, raws, indices = [], [], [], []
     n_shared = 0
-    state = _folded_bn(model)
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    for name, t in state.items():
+    plain = model.state_dict()
+    for name, t in _folded_bn(model, plain).items():
         if isinstance(t, float):
-            entries.append({"name": name, "shape": shapes[name], "kind": "fill", "value": t})
+            entries.append({"name": name, "shape": list(plain[name].shape), "kind": "fill", "value": t})
             continue
         a = t.detach().cpu()
         if _shared(name, a):

@@ -27,7 +27,7 @@ from bonsai.models.arch import ArchSpec
 from bonsai.models.resnet import ResNet, count_flops, count_params, load_state, save_model
 from bonsai.report.log import append_jsonl
 from bonsai.surgery.channels import channel_groups, remove_channels_
-from bonsai.surgery.depth import branch_constant, dead_blocks, layout, remove_blocks_, stuck
+from bonsai.surgery.depth import branch_constant, dead_blocks, layout, remove_blocks_
 from bonsai.surgery.grow import deepen_, widen_
 from bonsai.surgery.morphnet import fit_widths, resize_, set_field, spec_flops
 from bonsai.train.controller import Decision, Rule, Signals, decide
@@ -530,11 +530,8 @@ class Engine:
         channels_before = _stage_channels(self.model.spec)
         ids = st.block_ids or [list(range(d)) for d in depths_before]
         removed_ids = [f"s{s}b{ids[s][b]}" for s, b in blocks]  # named as in the starting network
-        # a stuck block's branch added a constant; removing it drops that constant (0 for an all-zero branch)
-        dropped = max(
-            (float(branch_constant(self.model.stages[s][b]).abs().max()) for s, b in blocks if stuck(self.model.stages[s][b], p.threshold)),
-            default=0.0,
-        )
+        # a stuck block's branch added a constant; removing it drops that constant (about 0 for an all-zero branch)
+        dropped = max((float(branch_constant(self.model.stages[s][b]).abs().max()) for s, b in blocks), default=0.0)
         remove_blocks_(self.model, blocks, self.opt)
         if blocks:
             if not st.block_next:  # the first removal: ids so far are the starting network's
@@ -566,7 +563,7 @@ class Engine:
             "peak_lr": self.peak_lr,
             "removed": {name: group_widths[name] - len(idx) for name, idx in keep.items()},
             "blocks_removed": removed_ids,
-            "dropped_constant": dropped,  # the largest |constant| a removed stuck block's branch was adding
+            "dropped_constant": dropped,  # the largest |constant| a removed block's branch was adding (stuck blocks)
             "depths_before": depths_before,
             "depths_after": [s.depth for s in self.model.spec.stages],
         }
