@@ -395,6 +395,42 @@ def test_sparsify_zeros_the_smallest_share_of_each_layer_and_training_keeps_them
         sparsify_(model, 1.0)
 
 
+def test_gradual_sparsity_rises_on_its_schedule_to_the_target_and_keeps_every_zero():
+    from bonsai.compress import sharing
+    from conftest import make_images
+
+    levels = sharing.sparsity_levels(0.8, 8)
+    assert levels[-1] == pytest.approx(0.8) and all(b > a for a, b in zip(levels, levels[1:]))
+    assert levels[0] == pytest.approx(0.8 * (1 - (7 / 8) ** 3))
+    torch.manual_seed(0)
+    model = build(preset("resnet8", 3, 3, 16), zero_init_residual=False)
+    x, y = make_images(64)
+    x, y = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y)
+    rest = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))][1:]
+    seen: list[list[torch.Tensor]] = []
+    real = sharing._keep
+
+    def spy(w, s):  # each mask update: the zeros so far must stay among the zeros
+        seen.append([(m.weight == 0).clone() for m in rest])
+        return real(w, s)
+
+    sharing._keep = spy
+    try:
+        sharing.sparsify_gradually_(model, 0.8, x, y, epochs=4, ramp=0.5, updates=4, lr=0.05, batch=16)
+    finally:
+        sharing._keep = real
+    sharing.unshare_(model)
+    assert len(seen) == 4 * len(rest)  # the first level at the start, three updates within the ramp
+    final = [m.weight == 0 for m in rest]
+    for m, zero in zip(rest, final, strict=True):
+        assert int(zero.sum()) == int(0.8 * m.weight.numel())
+    for before in seen:
+        for z0, z1 in zip(before, final, strict=True):
+            assert bool((z1 | ~z0).all())  # no zero came back
+    with pytest.raises(BonsaiError, match="ramp"):
+        sharing.sparsify_gradually_(model, 0.5, x, y, epochs=1, ramp=0.0)
+
+
 @pytest.mark.parametrize("bits", [3, 5])
 def test_sparse_weight_sharing_keeps_exact_zeros_and_codes_them_cheaply(bits: int):
     """Pruned weights keep a zero centroid (index 0) through k-means, codebook fine-tuning and pack/unpack, and a

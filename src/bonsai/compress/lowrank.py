@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -101,6 +102,7 @@ def factorize(model: nn.Module, example: torch.Tensor, energy: float = 0.9, batc
 def finetune_(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float = 1.0, lr: float = 0.02, batch: int = 256, seed: int = 0,
     translate: int | None = None, teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.5,
+    hook: Callable[[int, int], None] | None = None,
 ) -> nn.Module:
     """A short fine-tune after factorizing, in place: SGD (Nesterov momentum 0.9, weight decay 5e-4) with the LR
     falling from ``lr`` to 0 on a cosine, label smoothing 0.1, bf16 autocast where the CPU has it. ``x``: uint8
@@ -110,7 +112,8 @@ def finetune_(
     image size // 8, as ``bonsai fit``) and a random mirror. It has to match the training's: BatchNorm re-estimates
     its statistics from these batches, and statistics from unshifted images cost a trained CIFAR-10 resnet32 two
     points of validation accuracy within 17 steps at LR 0. ``teacher``: also learn its soft targets
-    (:func:`bonsai.train.distill.distillation_loss` with ``temperature`` and ``alpha``)."""
+    (:func:`bonsai.train.distill.distillation_loss` with ``temperature`` and ``alpha``). ``hook(step, steps)`` runs
+    before each step (gradual pruning sets its masks there)."""
     import math
 
     from torch.nn import functional as F
@@ -129,6 +132,8 @@ def finetune_(
     model.train()
     order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(math.ceil(steps * batch / len(x)) + 1)])
     for step in range(steps):
+        if hook is not None:
+            hook(step, steps)
         idx = order[step * batch : (step + 1) * batch]
         xb, yb = x[idx], y[idx]
         xb = augment_batch(xb, translate, True, g)

@@ -24,6 +24,8 @@ pair of zeros costs as little as one bit). Decoding gives a ResNet whose conv/li
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -150,13 +152,61 @@ def sparsify_(model: torch.nn.Module, sparsity: float) -> torch.nn.Module:
         raise BonsaiError(f"sparsity must be in [0, 1), got {sparsity}")
     for module in _prunable(model):
         w = module.weight.detach()
-        drop = int(sparsity * w.numel())
-        if drop == 0:
+        if int(sparsity * w.numel()) == 0:
             continue
-        keep = torch.ones(w.numel(), dtype=w.dtype, device=w.device)
-        keep[w.abs().reshape(-1).argsort(stable=True)[:drop]] = 0
-        parametrize.register_parametrization(module, "weight", Mask(keep.reshape(w.shape)), unsafe=True)
+        parametrize.register_parametrization(module, "weight", Mask(_keep(w, sparsity)), unsafe=True)
     return model
+
+
+def _keep(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """1 for the entries of ``w`` a ``sparsity`` share of zeros keeps (the largest magnitudes), 0 elsewhere."""
+    keep = torch.ones(w.numel(), dtype=w.dtype, device=w.device)
+    keep[w.abs().reshape(-1).argsort(stable=True)[: int(sparsity * w.numel())]] = 0
+    return keep.reshape(w.shape)
+
+
+def sparsity_levels(sparsity: float, updates: int) -> list[float]:
+    """Zhu & Gupta's gradual pruning schedule: ``updates`` sparsity levels rising on a cubic from a third of the
+    way (at ``updates`` = 8) to ``sparsity``, steep first, while the network has the most redundancy."""
+    return [sparsity * (1 - (1 - k / updates) ** 3) for k in range(1, updates + 1)]
+
+
+def sparsify_gradually_(
+    model: torch.nn.Module, sparsity: float, x: torch.Tensor, y: torch.Tensor, epochs: float, ramp: float = 0.5, updates: int = 8, **kw
+) -> torch.nn.Module:
+    """Deep Compression's pruning done gradually while fine-tuning, in place: the masks of :func:`sparsify_` are
+    recomputed ``updates`` times within the first ``ramp`` share of ``epochs`` of fine-tuning
+    (:func:`bonsai.compress.lowrank.finetune_`, ``kw`` goes to it), to the levels of :func:`sparsity_levels`; the
+    rest of the fine-tune trains at the final sparsity. Zeros are the smallest magnitudes, so each mask holds the
+    last one's zeros. One cut to a high sparsity removes weights the network still uses all at once; here the
+    remaining weights take over step by step. Undo the masks with :func:`unshare_`."""
+    from bonsai.compress.lowrank import finetune_
+
+    if not 0 <= sparsity < 1:
+        raise BonsaiError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not 0 < ramp <= 1 or updates < 1:
+        raise BonsaiError(f"gradual pruning: ramp must be in (0, 1] and updates >= 1, got {ramp} and {updates}")
+    levels = sparsity_levels(sparsity, updates)
+    sparsify_(model, levels[0])
+    masked = [m for m in _prunable(model) if _mask(m) is not None]
+
+    def hook(step: int, steps: int) -> None:
+        for k in range(1, updates):  # update k at its share of the ramp; on a short fine-tune several share a step
+            if step == math.ceil(k * ramp * steps / updates):
+                with torch.no_grad():
+                    for module in masked:
+                        _mask(module).copy_(_keep(module.weight, levels[k]))
+
+    finetune_(model, x, y, epochs, hook=hook, **kw)
+    return model
+
+
+def _mask(module: torch.nn.Module) -> torch.Tensor | None:
+    """The mask buffer :func:`sparsify_` put on ``module``'s weight, if any."""
+    for p in getattr(getattr(module, "parametrizations", None), "weight", []):
+        if isinstance(p, Mask):
+            return p.mask
+    return None
 
 
 def share_(model: torch.nn.Module, bits: int) -> torch.nn.Module:
