@@ -203,6 +203,36 @@ def test_compress_with_sparsity_and_a_teacher(npz_data: Path, tmp_path: Path, ca
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
 
 
+@needs_onnx
+def test_int8_pads_widths_to_16_and_measures_the_unpadded_model_too(npz_data: Path, tmp_path: Path):
+    """A network with widths that are not multiples of 16 (as pruning leaves them) is quantized with zero channels
+    padding them; the int8 model as trained is measured beside it, and both agree with fp32 about as well."""
+    import bonsai
+    from bonsai.compress.pipeline import compress
+
+    spec = preset("resnet8", num_classes=3, image_size=16)
+    spec.stages[1].width, spec.stages[1].inner = 24, [8]
+    (tmp_path / "arch.json").write_text(json.dumps(spec.to_dict()))
+    run = bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "r"), arch=str(tmp_path / "arch.json"), batch_size=16, quiet=True, precision="fp32", report=False)
+    record = compress(run.dir, calibration=16, repeats=1, share_bits=())
+    by = {s["stage"]: s for s in record["stages"]}
+    assert list(by) == ["PyTorch fp32", "ONNX fp32", "ONNX int8, widths as trained", "ONNX int8", "ONNX int8 + Huffman"]
+    assert "s1 24->32" in by["ONNX int8"]["note"] and "s1b0.inner 8->16" in by["ONNX int8"]["note"]
+    assert by["ONNX int8"]["params"] > by["ONNX int8, widths as trained"]["params"] == by["PyTorch fp32"]["params"]
+    import onnx
+
+    graph = onnx.load(run.dir / "compressed" / "model.int8.onnx").graph
+    shapes = [tuple(t.dims) for t in graph.initializer if len(t.dims) == 4 and t.dims[0] > 1]  # conv weights, not the mean/std
+    assert shapes and all(s[0] % 16 == 0 for s in shapes)
+    assert not (run.dir / "compressed" / "model.padded.onnx").exists()
+    xv = torch.as_tensor(np.load(npz_data)["x_train"][:16]).permute(0, 3, 1, 2).contiguous()
+    from bonsai.compress import onnx_export as ox
+
+    ref = ox.ort_logits(ox.session(run.dir / "compressed" / "model.onnx"), xv)
+    for f in ("model.int8.onnx", "model.int8.unpadded.onnx"):
+        assert np.abs(ox.ort_logits(ox.session(run.dir / "compressed" / f), xv) - ref).max() < 0.25 * np.abs(ref).max() + 0.05
+
+
 # ---- low-rank factorization ----------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from conftest import trained_looking
 from bonsai.models.arch import preset
 from bonsai.models.resnet import build, count_params, load_state
 from bonsai.surgery.channels import channel_groups
-from bonsai.surgery.grow import deepen_, widen_
+from bonsai.surgery.grow import deepen_, pad_widths_, widen_
 
 
 def _trained_looking(arch: str = "resnet20") -> nn.Module:
@@ -51,6 +51,28 @@ def test_widen_preserves_the_function(group: str, width: int, mode: str):
     rebuilt = build(model.spec)  # the spec describes the wider network exactly
     assert count_params(rebuilt) == count_params(model) > count_params(build(preset("resnet20")))
     load_state(rebuilt, model.state_dict(), "test")
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_padding_widths_with_zero_channels_keeps_the_function_exactly(mode: str):
+    from bonsai.surgery.channels import remove_channels_
+
+    model = _trained_looking()
+    keep = {"stem+s0": torch.arange(0, 16, 2)[:5], "s1b0.inner": torch.arange(20), "s2": torch.arange(0, 64, 3)}
+    remove_channels_(model, keep)  # a pruned network: widths 5, 20 and 22 among multiples of 16
+    before = _outputs(model, mode)
+    filters = {n: p.clone() for n, p in model.named_parameters()}
+    grown = pad_widths_(model, 16)
+    assert grown == {"stem+s0": (5, 16), "s1b0.inner": (20, 32), "s2": (22, 32)}
+    assert all(g.width % 16 == 0 for g in channel_groups(model))
+    torch.testing.assert_close(_outputs(model, mode), before, atol=1e-6, rtol=0)  # zeros add nothing (up to summation order)
+    for n, p in model.named_parameters():  # the existing weights are untouched
+        old = filters[n]
+        assert torch.equal(p[tuple(slice(0, k) for k in old.shape)], old)
+    load_state(build(model.spec), model.state_dict(), "test")
+    assert pad_widths_(model, 16) == {}
+    with pytest.raises(BonsaiError, match="multiple"):
+        pad_widths_(model, 0)
 
 
 def test_widen_with_noise_breaks_symmetry_but_stays_close():

@@ -13,6 +13,11 @@
   The alternative, Dirac kernels with BN undoing the statistics, would be exact only in eval mode: in training, BN
   renormalises by the batch's statistics. A zero last scale is exact in both modes, and the block trains because
   the gradient of that scale is not zero (the branch's convs are random, not zero).
+* :func:`pad_widths_` rounds every channel group's width up to a multiple (e.g. 16, for int8 kernels) with
+  channels that are exactly zero: zero filters, BN scale, shift and running mean zero (running variance one), and
+  zero input weights in every reader. A zero channel stays zero through BN and ReLU, in both modes, so the function
+  is kept exactly; unlike copies, it leaves the existing weights (and their quantization scales) untouched. For
+  inference only: the optimizer is not told.
 * **Optimizer state.** New parameters in an existing tensor get their momentum copied and scaled exactly like the
   weights (copied for a writer's new filters, divided by the copy count for a reader's inputs). The momentum is a
   velocity in weight space: scaled like the weights, the next step's momentum part moves the widened network's
@@ -153,3 +158,47 @@ def deepen_(model: ResNet, stage: int, index: int, inner: int | None = None, opt
             target = (decay or plain) if p.ndim > 1 else (plain or decay)
             target[0]["params"].append(p)
     return block
+
+
+@torch.no_grad()
+def pad_widths_(model: ResNet, multiple: int) -> dict[str, tuple[int, int]]:
+    """Round every channel group's width up to a multiple of ``multiple`` with zero channels, in place (see the
+    module docstring); returns ``{group: (old, new)}`` for the groups that grew. For inference: kernels such as
+    onnxruntime's int8 convolutions run full tiles only on multiples of 16 channels."""
+    if multiple < 1:
+        raise BonsaiError(f"pad_widths_: multiple must be >= 1, got {multiple}")
+
+    def pad(p: torch.Tensor, dim: int, extra: int, value: float = 0.0) -> None:
+        shape = list(p.shape)
+        shape[dim] = extra
+        fmt = torch.channels_last if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() else torch.contiguous_format
+        p.data = torch.cat([p.data, torch.full(shape, value, dtype=p.dtype, device=p.device)], dim=dim).contiguous(memory_format=fmt)
+
+    grown = {}
+    for g in channel_groups(model):
+        n = g.width
+        width = -(-n // multiple) * multiple
+        if width == n:
+            continue
+        for conv, bn in g.writers:
+            pad(conv.weight, 0, width - n)
+            conv.out_channels = width
+            for t, value in ((bn.weight, 0.0), (bn.bias, 0.0), (bn.running_mean, 0.0), (bn.running_var, 1.0)):
+                pad(t, 0, width - n, value)
+            bn.num_features = width
+        for r in g.readers:
+            pad(r.weight, 1, width - n)
+            if isinstance(r, nn.Conv2d):
+                r.in_channels = width
+            else:
+                r.in_features = width
+        for f in g.spec_fields:
+            if f[0] == "stem":
+                model.spec.stem = width
+            elif f[0] == "width":
+                model.spec.stages[f[1]].width = width
+            else:
+                model.spec.stages[f[1]].inner[f[2]] = width
+        grown[g.name] = (n, width)
+    model.spec.validate()
+    return grown
