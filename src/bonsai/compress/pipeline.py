@@ -209,13 +209,17 @@ def compress(
     padded = copy.deepcopy(model)
     grown = pad_widths_(padded, INT8_MULTIPLE)
     if grown:
-        s8u = ox.session(ox.quantize_int8(fp32, out / "model.int8.unpadded.onnx", calib))
-        stages.append(_measure("ONNX int8, widths as trained", out / "model.int8.unpadded.onnx", lambda x: ox.ort_logits(s8u, x), val, test, params, flops, runners))
+        unpadded = ox.quantize_int8(fp32, out / "model.int8.unpadded.onnx", calib)
+        s8u = ox.session(unpadded)
+        stages.append(_measure("ONNX int8, widths as trained", unpadded, lambda x: ox.ort_logits(s8u, x), val, test, params, flops, runners))
         stages[-1]["note"] = "a side branch: the int8 stages below pad the widths"
         src = ox.export_onnx(padded, out / "model.padded.onnx")
-    int8 = ox.quantize_int8(src if grown else fp32, out / "model.int8.onnx", calib)
-    if grown:
-        src.unlink()
+        try:
+            int8 = ox.quantize_int8(src, out / "model.int8.onnx", calib)
+        finally:
+            src.unlink(missing_ok=True)
+    else:
+        int8 = ox.quantize_int8(fp32, out / "model.int8.onnx", calib)
     s8 = ox.session(int8)
     p8, f8 = count_params(padded), count_flops(padded.spec)
     stages.append(_measure("ONNX int8", int8, lambda x: ox.ort_logits(s8, x), val, test, p8, f8, runners))

@@ -111,6 +111,13 @@ def widen_(
             r.in_channels = width
         else:
             r.in_features = width
+    _set_width(model, g, width)
+    model.spec.validate()
+    return src
+
+
+def _set_width(model: ResNet, g, width: int) -> None:
+    """Record channel group ``g``'s new width in every ArchSpec field that gives it."""
     for f in g.spec_fields:
         if f[0] == "stem":
             model.spec.stem = width
@@ -118,8 +125,6 @@ def widen_(
             model.spec.stages[f[1]].width = width
         else:
             model.spec.stages[f[1]].inner[f[2]] = width
-    model.spec.validate()
-    return src
 
 
 @torch.no_grad()
@@ -192,13 +197,7 @@ def pad_widths_(model: ResNet, multiple: int) -> dict[str, tuple[int, int]]:
                 r.in_channels = width
             else:
                 r.in_features = width
-        for f in g.spec_fields:
-            if f[0] == "stem":
-                model.spec.stem = width
-            elif f[0] == "width":
-                model.spec.stages[f[1]].width = width
-            else:
-                model.spec.stages[f[1]].inner[f[2]] = width
+        _set_width(model, g, width)
         grown[g.name] = (n, width)
     model.spec.validate()
     return grown
