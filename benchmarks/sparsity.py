@@ -44,6 +44,8 @@ def main() -> None:
     t0 = time.time()
     run = load(args.run)
     (tx, ty), xv, yv, test, cfg, ds = _data(run, None)
+    if test is None:
+        raise SystemExit(f"{args.run}: its dataset has no labelled test images to score on")
     kw = {"seed": cfg.seed, **finetune_kwargs(cfg, ds, run.image_size)}
     model = run.model.float().eval()
 
