@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path(__file__).resolve().parent / "runs"  # the benchmarks' run directories (not committed)
 
 
 def machine() -> dict:

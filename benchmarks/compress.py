@@ -33,9 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, portable, write_result  # noqa: E402
-
-RUNS = Path(__file__).resolve().parent / "runs"
+from _common import RESULTS, RUNS, portable, write_result  # noqa: E402
 
 
 def plot(chains: dict[str, list[dict]], path: Path) -> None:

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, portable, write_result  # noqa: E402
+from _common import RESULTS, RUNS, portable, write_result  # noqa: E402
 
-RUNS = Path(__file__).resolve().parent / "runs"
 DEFAULT = [
     "prunetrain_resnet32_pruned_lpr0.35", "prunetrain_resnet32_pruned_lpr0.5",
     "prunetrain_repeat_resnet32_pruned_lpr0.42", "prunetrain_repeat_resnet32_pruned",

@@ -425,7 +425,7 @@ def test_sparsify_zeros_the_smallest_share_of_each_layer_and_training_keeps_them
         sparsify_(model, 1.0)
 
 
-def test_gradual_sparsity_rises_on_its_schedule_to_the_target_and_keeps_every_zero():
+def test_gradual_sparsity_rises_on_its_schedule_to_the_target_and_keeps_every_zero(monkeypatch):
     from bonsai.compress import sharing
     from conftest import make_images
 
@@ -444,11 +444,9 @@ def test_gradual_sparsity_rises_on_its_schedule_to_the_target_and_keeps_every_ze
         seen.append([(m.weight == 0).clone() for m in rest])
         return real(w, s)
 
-    sharing._keep = spy
-    try:
-        sharing.sparsify_gradually_(model, 0.8, x, y, epochs=4, ramp=0.5, updates=4, lr=0.05, batch=16)
-    finally:
-        sharing._keep = real
+    monkeypatch.setattr(sharing, "_keep", spy)
+    sharing.sparsify_gradually_(model, 0.8, x, y, epochs=4, ramp=0.5, updates=4, lr=0.05, batch=16)
+    monkeypatch.undo()
     sharing.unshare_(model)
     assert len(seen) == 4 * len(rest)  # the first level at the start, three updates within the ramp
     final = [m.weight == 0 for m in rest]

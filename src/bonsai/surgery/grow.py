@@ -43,12 +43,17 @@ from bonsai.models.resnet import BasicBlock, ResNet
 from bonsai.surgery.channels import channel_groups
 
 
+def _memory_format(p: torch.Tensor) -> torch.memory_format:
+    """The layout a grown copy of ``p`` keeps: channels_last for a channels_last conv weight."""
+    cl = p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def _extend_(p: torch.Tensor, dim: int, idx: torch.Tensor, divide: torch.Tensor | None, opt, noise: float, gen) -> None:
     """Append ``p``'s entries ``idx`` along ``dim`` (and the same for its momentum buffer); then, if ``divide`` is
     given (one count per entry along ``dim`` after growing), divide every entry by its count. In place: the tensor
     object stays, so the optimizer keeps tracking it."""
-    cl = p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    fmt = _memory_format(p)
     idx = idx.to(p.device)
 
     def grow(t: torch.Tensor, add_noise: bool) -> torch.Tensor:
@@ -176,8 +181,8 @@ def pad_widths_(model: ResNet, multiple: int) -> dict[str, tuple[int, int]]:
     def pad(p: torch.Tensor, dim: int, extra: int, value: float = 0.0) -> None:
         shape = list(p.shape)
         shape[dim] = extra
-        fmt = torch.channels_last if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() else torch.contiguous_format
-        p.data = torch.cat([p.data, torch.full(shape, value, dtype=p.dtype, device=p.device)], dim=dim).contiguous(memory_format=fmt)
+        zeros = torch.full(shape, value, dtype=p.dtype, device=p.device)
+        p.data = torch.cat([p.data, zeros], dim=dim).contiguous(memory_format=_memory_format(p))
 
     grown = {}
     for g in channel_groups(model):
