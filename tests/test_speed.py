@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bonsai
-from bonsai.data.augment import resize_batch
+from bonsai.data.augment import resize_batch, shift_batch
 from bonsai.data.loader import Loader
 from bonsai.data.sources import Split
 from bonsai.models.arch import ArchSpec, preset
@@ -53,6 +53,36 @@ def test_tta_averages_an_image_and_its_mirror():
     plain, flipped = predict_probs(model, loader, None), predict_probs(model, mirrored, None)
     assert not torch.allclose(plain, flipped, atol=1e-4)
     torch.testing.assert_close(predict_probs(model, loader, None, tta=True), (plain + flipped) / 2)
+
+
+def test_shift_batch_is_a_zero_filled_crop_of_the_padded_image():
+    x = torch.randint(1, 256, (3, 2, 7, 9), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for dy, dx in ((1, 1), (-1, -1), (2, -1), (0, 0), (-2, 2)):
+        # shifting down-right by (dy, dx) is the crop of the padded image starting at (2 - dy, 2 - dx)
+        torch.testing.assert_close(shift_batch(x, dy, dx), padded[..., 2 - dy : 9 - dy, 2 - dx : 11 - dx])
+    assert shift_batch(x, 1, 1).is_contiguous(memory_format=torch.channels_last)
+    assert int(shift_batch(x, 7, 0).sum()) == 0, "shifted out entirely: nothing left"
+
+
+def test_tta_shift_averages_the_shifted_views_half_and_half():
+    torch.manual_seed(0)
+    model = build(ArchSpec.resnet((16,), 1, num_classes=3), zero_init_residual=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+
+    def probs(images: torch.Tensor, tta: bool, shift: int = 0) -> torch.Tensor:
+        split = Split(names=[str(i) for i in range(len(images))], y=None, x=images.contiguous())
+        return predict_probs(model, Loader(split, 4, torch.device("cpu"), size=16, channels=3), None, tta, shift)
+
+    for tta in (False, True):
+        want = 0.5 * probs(x, tta) + 0.25 * (probs(shift_batch(x, 2, 2), tta) + probs(shift_batch(x, -2, -2), tta))
+        got = probs(x, tta, shift=2)
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, probs(x, tta), atol=1e-4), "the shifted views change the prediction"
 
 
 def test_scaled_widths_are_multiples_of_16_and_never_below():
@@ -121,6 +151,13 @@ def test_run_predict_uses_the_runs_tta_setting(npz_data: Path, tmp_path: Path):
     x = np.load(npz_data)["x_test"]
     with_tta, without = run.predict(x), run.predict(x, tta=False)
     assert not np.allclose(with_tta.probs, without.probs)
+    # the final predictions add the one-pixel shifts to the mirror; the summary's accuracies are with them too
+    assert run.tta_shift == 1 and run.summary["tta_shift"] == 1
+    mirror_only = run.predict(x, tta_shift=0)
+    assert not np.allclose(with_tta.probs, mirror_only.probs)
+    np.testing.assert_allclose(run.predict(x, tta=True, tta_shift=1).probs, with_tta.probs)
+    y = np.load(npz_data)["y_test"]
+    assert run.summary["test_acc"] == pytest.approx(float((with_tta.probs.argmax(1) == y).mean()))
     # predictions.csv holds what the run predicts by default
     lines = (tmp_path / "r" / "predictions.csv").read_text().splitlines()[1:]
     first = [float(v) for v in lines[0].split(",")[2:]]
@@ -169,9 +206,9 @@ def test_a_run_written_before_low_res_and_tta_keeps_training_and_predicting_with
     path = tmp_path / "config.yaml"
     save_yaml(FitConfig(), path)
     d = yaml.safe_load(path.read_text())
-    del d["train"]["low_res"], d["train"]["tta"]
+    del d["train"]["low_res"], d["train"]["tta"], d["train"]["tta_shift"]
     path.write_text(yaml.safe_dump(d))
     old = load_yaml(path, run=True)
-    assert old.train.low_res == 1.0 and old.train.tta is False
+    assert old.train.low_res == 1.0 and old.train.tta is False and old.train.tta_shift == 0
     fresh = load_yaml(path)  # a user's config file: missing keys take today's defaults
-    assert fresh.train.low_res == 0.5 and fresh.train.tta is True
+    assert fresh.train.low_res == 0.5 and fresh.train.tta is True and fresh.train.tta_shift == 1

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bonsai import config as _config
-from bonsai.config import FitConfig
+from bonsai.config import FitConfig, TrainConfig
 from bonsai.data.loader import Loader
 from bonsai.data.sources import (
     IMAGE_EXTS,
@@ -101,17 +101,22 @@ class Run:
         run_cfg = _config.load_yaml(cfg_path, run=True) if cfg_path.is_file() else None
         self.precision = run_cfg.train.precision if run_cfg else "auto"
         self.tta = bool(run_cfg and run_cfg.train.tta and run_cfg.augment.flip)
+        self.tta_shift = run_cfg.tta_shift(self.image_size) if run_cfg else 0
+        self._configured = run_cfg is not None
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r}, test_acc={self.summary.get('test_acc')})"
 
     def predict(
-        self, images: Any, batch_size: int = 256, device: str = "auto", precision: str | None = None, tta: bool | None = None
+        self, images: Any, batch_size: int = 256, device: str = "auto", precision: str | None = None, tta: bool | None = None,
+        tta_shift: int | None = None,
     ) -> Predictions:
         """Classify images: a uint8 array (N,H,W[,C]), an image file, a folder of images, or a list of files.
 
-        ``tta`` (average with the mirrored image) defaults to what the run validated with; an exported model
-        folder has no config and predicts without it unless asked.
+        ``tta`` (average with the mirrored image) and ``tta_shift`` (average half and half with the image shifted
+        this many pixels both ways diagonally) default to what the run's final predictions used; an exported model
+        folder has no config and predicts without either unless asked (``tta=True``: the mirror and the default
+        ``train.tta_shift``). ``tta=False`` switches both off.
 
         >>> run = load("runs/demo")  # doctest: +SKIP
         >>> run.predict("photo.jpg").labels  # doctest: +SKIP
@@ -121,7 +126,17 @@ class Run:
         loader = Loader(split, batch_size, dev, size=self.image_size, channels=self.channels)
         model = self.model.to(dev, memory_format=torch.channels_last)
         dtype = resolve_precision(precision or self.precision, dev)
-        probs = predict_probs(model, loader, dtype, self.tta if tta is None else tta).numpy()
+        if tta is False:
+            shift = 0
+        elif tta_shift is not None:
+            shift = tta_shift
+        elif tta and not self._configured:  # an exported model asked for TTA: the default views
+            shift = TrainConfig.tta_shift
+        else:
+            shift = self.tta_shift
+        if shift < 0:
+            raise BonsaiError(f"predict: tta_shift must be >= 0 pixels, got {shift}")
+        probs = predict_probs(model, loader, dtype, self.tta if tta is None else tta, shift).numpy()
         return Predictions(split.names, [self.classes[i] for i in probs.argmax(1)], probs, self.classes)
 
     def _as_split(self, images: Any) -> Split:
@@ -348,7 +363,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     if batch < dist.world:
         raise BonsaiError(f"batch {batch} is smaller than the {dist.world} ranks: each rank needs at least one image per step")
 
-    translate = cfg.augment.translate if cfg.augment.translate is not None else ds.image_size // 8
+    translate = cfg.augment.pixels(ds.image_size)
     common = dict(device=device, channels_last=cfg.train.channels_last, size=ds.image_size, channels=ds.channels, workers=cfg.data.workers)
     shard = dict(rank=dist.rank, world=dist.world)
     train_loader = Loader(train_split, batch, train=True, translate=translate, flip=cfg.augment.flip, seed=cfg.seed, **common, **shard)
@@ -446,12 +461,13 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
     run = Run(out)
     model = run.model.to(device, memory_format=torch.channels_last)
     dtype = resolve_precision(cfg.train.precision, device)
-    tta = run.tta
+    tta, shift = run.tta, run.tta_shift
     summary = {
         "stop_reason": state.stop_reason,
         "epochs": state.epoch,
         "best_epoch": state.best_epoch,
-        "val_acc": state.best_val,
+        "val_acc": state.best_val,  # replaced below by the best model's accuracy with the final predictions' views
+        "best_epoch_val_acc": state.best_val,  # as measured after that epoch (with the mirror only)
         "test_acc": None,
         "train_time_s": round(state.train_time_s, 2),
         "clock_s": round(state.clock_s, 2),
@@ -460,6 +476,7 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
         # distilling), at the size each step used, over the time spent in training steps
         "train_gflops_per_s": round(state.train_flops / max(state.train_time_s, 1e-9) / 1e9, 2),
         "tta": tta,
+        "tta_shift": shift,
         "flops_per_image": count_flops(model.spec),
         "params": count_params(model),
         "arch": model.spec.name,
@@ -470,10 +487,13 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
         "threads": torch.get_num_threads(),
         "world_size": world,  # processes that trained (torchrun); threads is per process
     }
-    confusion = {"classes": ds.classes, "val": _confusion(predict_probs(model, val_loader, dtype, tta), val_loader.split.y, len(ds.classes))}
+    probs_v = predict_probs(model, val_loader, dtype, tta, shift)
+    if len(val_loader.split):
+        summary["val_acc"] = accuracy(probs_v, val_loader.split.y)
+    confusion = {"classes": ds.classes, "val": _confusion(probs_v, val_loader.split.y, len(ds.classes))}
     if test_loader is not None:
         t0 = time.perf_counter()
-        probs_t = predict_probs(model, test_loader, dtype, tta)
+        probs_t = predict_probs(model, test_loader, dtype, tta, shift)
         probs = probs_t.numpy()
         summary["predict_s"] = round(time.perf_counter() - t0, 2)
         preds = Predictions(ds.test.names, [ds.classes[i] for i in probs.argmax(1)], probs, ds.classes)

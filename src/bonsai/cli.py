@@ -23,7 +23,8 @@ validation accuracy has not improved for P epochs); with none of them, 20 epochs
 Speed: with --budget and neither --arch nor --epochs, bonsai measures a few training steps of its default network at several
 widths and trains the widest one expected to fit train.plan_epochs (32) epochs into the budget. Training starts
 on images at half the working size, growing to full size over the first half (train.low_res=1 switches this
-off); predictions average each image with its mirror (train.tta=false switches this off).
+off); predictions average each image with its mirror and, for the final model, with copies shifted one pixel
+(train.tta_shift=0 drops the shifts, train.tta=false all test-time augmentation).
 
 Shape: --prune removes channels and whole blocks that a FLOP-weighted group lasso drives to zero (prune.lpr,
 default 0.2, is its strength; 10-epoch runs need about 0.35-0.5). --flops 40M then scales every width to that
@@ -134,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write a CSV here (file,label,<class probabilities>); default: print to stdout")
     p.add_argument(
         "--tta", choices=("auto", "on", "off"), default="auto",
-        help="average each image's prediction with its mirror; auto: as the run validated (an exported model: off)",
+        help="average each image's prediction with its mirror and shifted copies; auto: as the run's final "
+        "predictions did (an exported model: off); on: the mirror plus the run's shifts (an exported model: train.tta_shift's default)",
     )
 
     i = sub.add_parser("info", help="show what bonsai finds in a dataset")

@@ -39,6 +39,10 @@ class AugmentConfig:
     flip: bool = True  # random horizontal flip (switch off for digits or text)
     translate: int | None = None  # random shift in pixels, zero padded; None: image_size // 8
 
+    def pixels(self, image_size: int) -> int:
+        """The random translation's range in pixels for images of ``image_size``."""
+        return self.translate if self.translate is not None else image_size // 8
+
 
 @dataclass
 class ModelConfig:
@@ -73,6 +77,10 @@ class TrainConfig:
     low_res: float = 0.5
     low_res_share: float = 0.5
     tta: bool = True  # test-time augmentation: average each image's prediction with its mirror (needs augment.flip)
+    # ... and, for the final model's predictions only (not the per-epoch validation, to keep the budget clock
+    # cheap), half and half with the image shifted this many pixels down-right and up-left (needs train.tta and a
+    # training translation, augment.translate > 0); 0: off
+    tta_shift: int = 1
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto: bf16 where the CPU/GPU supports it, else fp32
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays off only for long runs)
@@ -152,6 +160,11 @@ class FitConfig:
     anytime_predictions: bool = True  # rewrite predictions.csv whenever validation accuracy improves
     log: str = ""  # extra loggers, comma-separated: tensorboard (scalars in RUN/tensorboard/)
 
+    def tta_shift(self, image_size: int) -> int:
+        """Pixels of the shifted views in the final predictions: ``train.tta_shift`` where test-time augmentation is
+        on and training translated images; else 0."""
+        return self.train.tta_shift if self.train.tta and self.augment.pixels(image_size) > 0 else 0
+
     def validate(self) -> "FitConfig":
         t, d = self.train, self.data
         _check(t.epochs is None or t.epochs >= 1, "train.epochs must be >= 1")
@@ -174,6 +187,7 @@ class FitConfig:
         _check(0 <= t.warmup < 1, "train.warmup must be in [0, 1)")
         _check(0.25 <= t.low_res <= 1, "train.low_res must be in [0.25, 1]")
         _check(0 <= t.low_res_share < 1, "train.low_res_share must be in [0, 1)")
+        _check(t.tta_shift >= 0, "train.tta_shift must be >= 0 (pixels; 0: off)")
         _check(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32")
         _check(0 < d.val_fraction < 1, "data.val_fraction must be in (0, 1)")
         _check(d.image_size is None or 4 <= d.image_size <= 1024, "data.image_size must be in [4, 1024]")
@@ -304,6 +318,7 @@ def from_dict(d: dict) -> FitConfig:
 RUN_DEFAULTS_BEFORE = {
     ("train", "low_res"): 1.0,
     ("train", "tta"): False,
+    ("train", "tta_shift"): 0,
     ("prune", "depth"): False,
     ("prune", "prox_every"): 1,
     ("prune", "until"): 1.0,

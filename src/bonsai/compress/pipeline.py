@@ -77,7 +77,7 @@ def finetune_kwargs(cfg, ds, image_size: int, teacher: str | Path | None = None)
     """The fine-tunes' settings from the run's config: its augmentation's shift, and with ``teacher`` (a run
     directory or exported model, checked against the dataset as ``bonsai fit --teacher`` checks it) the frozen
     teacher with the run's ``distill.temperature`` and ``distill.alpha``."""
-    out = {"translate": cfg.augment.translate if cfg.augment.translate is not None else image_size // 8, "teacher": None}
+    out = {"translate": cfg.augment.pixels(image_size), "teacher": None}
     if teacher is not None:
         from bonsai.api import _teacher
 

@@ -24,6 +24,23 @@ def translate_batch(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Te
     return xp[batch, chan, rows, cols]
 
 
+def shift_batch(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift every image of a batch by the same ``dy`` rows and ``dx`` columns (down/right when positive), filling
+    with zeros: one fixed view of what :func:`translate_batch` draws at random.
+
+    >>> shift_batch(torch.arange(1, 5).reshape(1, 1, 2, 2), 1, 0).flatten().tolist()
+    [0, 0, 1, 2]
+    """
+    h, w = x.shape[-2:]
+    if dy == 0 and dx == 0:
+        return x
+    if abs(dy) >= h or abs(dx) >= w:
+        return torch.zeros_like(x)
+    out = torch.zeros_like(x)
+    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
+    return out
+
+
 def flip_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the images left-right."""
     mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)[:, None, None, None]

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bonsai.config import FitConfig
-from bonsai.data.augment import resize_batch
+from bonsai.data.augment import resize_batch, shift_batch
 from bonsai.data.loader import Loader
 from bonsai.errors import BonsaiError
 from bonsai.models.arch import ArchSpec
@@ -203,20 +203,35 @@ def restore(model: ResNet, opt: torch.optim.Optimizer, model_t: dict, opt_t: dic
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, loader: Loader, dtype: torch.dtype | None, tta: bool = False) -> torch.Tensor:
-    """Softmax probabilities (N, classes), float32 on the CPU, in the loader's order. With ``tta``, each image's
-    probabilities are averaged with its left-right mirror's (test-time augmentation; twice the work)."""
+def predict_probs(model: nn.Module, loader: Loader, dtype: torch.dtype | None, tta: bool = False, shift: int = 0) -> torch.Tensor:
+    """Softmax probabilities (N, classes), float32 on the CPU, in the loader's order.
+
+    Test-time augmentation: with ``tta``, each image's probabilities are averaged with its left-right mirror's
+    (twice the work). With ``shift`` > 0, the result is averaged half and half with the same prediction for the
+    image shifted by ``shift`` pixels down-right and up-left (zero filled, as training's random translation fills),
+    as in airbench's flip-and-translate TTA: three times the work again.
+    """
     was_training = model.training
     model.eval()
     out = []
+
+    def views(xb: torch.Tensor) -> torch.Tensor:
+        p = F.softmax(model(xb).float(), dim=1)
+        return 0.5 * (p + F.softmax(model(xb.flip(3)).float(), dim=1)) if tta else p
+
     for xb, _ in loader.batches():
         with autocast(loader.device, dtype):
-            p = F.softmax(model(xb).float(), dim=1)
-            if tta:
-                p = 0.5 * (p + F.softmax(model(xb.flip(3)).float(), dim=1))
+            p = views(xb)
+            if shift > 0:
+                p = 0.5 * p + 0.25 * (views(shift_batch(xb, shift, shift)) + views(shift_batch(xb, -shift, -shift)))
             out.append(p.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.spec.num_classes)
+
+
+def tta_views(tta: bool, shift: int) -> int:
+    """Forward passes per image that :func:`predict_probs` makes with these settings."""
+    return (2 if tta else 1) * (3 if shift > 0 else 1)
 
 
 def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
@@ -309,7 +324,9 @@ class Engine:
         self._last_size = model.spec.image_size  # the input size of the last training step
         self._comm_per_step = 0.0  # gradient bytes all-reduced per step in the last epoch (distributed)
         # test-time augmentation mirrors images, so it is only right for data trained with random flips
-        self.tta = cfg.train.tta and cfg.augment.flip
+        self.tta = cfg.train.tta and cfg.augment.flip  # per-epoch validation: the mirror only
+        # the final predictions add the shifted views (bonsai.api._finish); the budget keeps back time for them
+        self._final_cost = tta_views(self.tta, cfg.tta_shift(model.spec.image_size)) / tta_views(self.tta, 0)
 
     def _wrap(self) -> None:
         """The callable that training steps run: the model, in DDP when distributed, compiled when asked. Built
@@ -915,8 +932,9 @@ class Engine:
                 v0 = self._now(clock)
                 val_acc = self._evaluate(self.val_loader)
                 val_s = self._now(clock) - v0
-            # keep back enough budget to predict the test set once at the end (measured, plus 2%)
-            st.reserve_s = val_s / max(len(self.val_loader.split), 1) * n_test + 0.02 * (self.budget or 0)
+            # keep back enough budget to predict the test set once at the end (measured, scaled to the final
+            # predictions' views, plus 2%)
+            st.reserve_s = val_s / max(len(self.val_loader.split), 1) * n_test * self._final_cost + 0.02 * (self.budget or 0)
             self._test_probs = None
             test_acc = self._evaluate(self.test_loader) if cfg.test_each_epoch else None
             st.epoch = epoch
