@@ -16,7 +16,8 @@ Runs, one after another on the same data and split (the host is shared: compare 
 - ``fashion_mnist``: ``bonsai fit ../shared/data/fashion_mnist --budget 5m``, no dataset-specific settings.
 
 Test accuracy is measured after every epoch for the curves only (it never steers training); each curve ends with
-the best model's final predictions (with every test-time view) at the run's last budget-clock time. Times are the budget
+the best model's final predictions (with every test-time view) at the run's last budget-clock time plus the time
+those test-set predictions took. Times are the budget
 clock (training steps + validation + checkpoints; data loading, the planner's probe, per-epoch test evaluation and
 the final prediction excluded). A bf16 matmul peak is measured at the start and end of the benchmark; the
 default's achieved training FLOP/s is reported as a share of it. Writes benchmarks/results/time_to_accuracy.json
@@ -67,8 +68,9 @@ def fit(ds, name: str, runs: Path, quiet: bool, reuse: bool = False, **kw) -> di
     plan = [e for e in read_jsonl(out / "events.jsonl") if e.get("event") == "plan"]
     s = run.summary
     # the final predictions of the best model (with the shifted views that per-epoch evaluation leaves out), placed
-    # at the end of the budget clock; predicting the test set is off the clock for every run alike
-    curve.append({"epoch": "final", "train_time_s": s["train_time_s"], "clock_s": s["clock_s"], "val_acc": s["val_acc"], "test_acc": s["test_acc"]})
+    # at the end of the budget clock plus the time they took: for every run, their cost is counted
+    end = round(s["clock_s"] + s.get("predict_s", 0.0), 3)
+    curve.append({"epoch": "final", "train_time_s": s["train_time_s"], "clock_s": end, "val_acc": s["val_acc"], "test_acc": s["test_acc"]})
     print(f"{name}: test {s['test_acc']:.4f}, {s['epochs']} epochs, clock {s['clock_s']:.0f}s, arch {s['arch']}", flush=True)
     return {"config": kw, "summary": s, "curve": curve, "plan": plan[0] if plan else None, "wall_s": wall, "run": run}
 

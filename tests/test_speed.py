@@ -16,7 +16,7 @@ from bonsai.models.arch import ArchSpec, preset
 from bonsai.models.resnet import build
 from bonsai.report.log import read_jsonl
 from bonsai.train.engine import predict_probs
-from bonsai.train.plan import expected_epochs, plan_arch, scaled
+from bonsai.train.plan import expected_epochs, plan_arch, required_epochs, scaled
 from bonsai.train.schedule import train_size
 
 
@@ -85,6 +85,45 @@ def test_tta_shift_averages_the_shifted_views_half_and_half():
         assert not torch.allclose(got, probs(x, tta), atol=1e-4), "the shifted views change the prediction"
 
 
+def test_the_planner_asks_for_enough_epochs_to_see_plan_images_images():
+    assert required_epochs(32, 1e6, 50_000) == pytest.approx(20)
+    assert required_epochs(32, 1e6, 1_000) == 32, "small datasets: plan_epochs caps it"
+    assert required_epochs(32, 1e6, 10_000_000) == 1, "large datasets: at least one epoch"
+    assert required_epochs(32, 2e6, 50_000) > required_epochs(32, 1e6, 50_000)
+
+
+def test_fit_hands_the_planner_the_required_epochs(npz_data: Path, tmp_path: Path, monkeypatch):
+    import bonsai.api as api_mod
+
+    class Planned(Exception):
+        pass
+
+    seen = []
+
+    def plan_arch(*args, **kwargs):
+        seen.append(args[-1])
+        raise Planned
+
+    monkeypatch.setattr(api_mod, "plan_arch", plan_arch)
+    for images, want in (("1", 1.0), ("1M", 32)):  # one image: at least one epoch; a million: plan_epochs caps it
+        with pytest.raises(Planned):
+            bonsai.fit(npz_data, budget="20s", out=str(tmp_path / images), quiet=True, plan_images=images)
+        assert seen[-1] == want
+
+
+def test_the_final_predictions_views_are_reserved_from_the_budget():
+    from bonsai.config import FitConfig
+    from bonsai.train.engine import tta_views
+
+    assert (tta_views(False, 0), tta_views(True, 0), tta_views(False, 1), tta_views(True, 2)) == (1, 2, 3, 6)
+    cfg = FitConfig()
+    assert cfg.tta_shift(32) == 1
+    cfg.augment.translate = 0
+    assert cfg.tta_shift(32) == 0, "no shifted views for a model trained without translations"
+    cfg.augment.translate, cfg.train.tta = None, False
+    assert cfg.tta_shift(32) == 0 and cfg.augment.pixels(32) == 4
+
+
 def test_scaled_widths_are_multiples_of_16_and_never_below():
     base = preset("bonsai")
     for mult in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0):
@@ -129,6 +168,7 @@ def test_budget_fit_plans_the_network_and_trains_at_growing_sizes(npz_data: Path
     run = bonsai.fit(npz_data, budget="20s", out=str(out), quiet=True, plan_epochs=4, low_res=0.5, low_res_share=0.5)
     events = read_jsonl(out / "events.jsonl")
     assert events[0]["event"] == "plan" and events[0]["widths"] == run.model.spec.widths()
+    assert events[0]["required_epochs"] == 4, "a tiny dataset needs more than plan_images allows: plan_epochs caps it"
     assert events[0]["candidates"] and all(c["images_per_s"] > 0 for c in events[0]["candidates"])
     sizes = [r["train_image_size"] for r in read_jsonl(out / "metrics.jsonl")]
     assert sizes[-1] == 16 and min(sizes) < 16, sizes
@@ -158,12 +198,18 @@ def test_run_predict_uses_the_runs_tta_setting(npz_data: Path, tmp_path: Path):
     np.testing.assert_allclose(run.predict(x, tta=True, tta_shift=1).probs, with_tta.probs)
     y = np.load(npz_data)["y_test"]
     assert run.summary["test_acc"] == pytest.approx(float((with_tta.probs.argmax(1) == y).mean()))
+    assert "best_epoch_val_acc" in run.summary and 0 <= run.summary["val_acc"] <= 1
     # predictions.csv holds what the run predicts by default
     lines = (tmp_path / "r" / "predictions.csv").read_text().splitlines()[1:]
     first = [float(v) for v in lines[0].split(",")[2:]]
     np.testing.assert_allclose(first, with_tta.probs[0], atol=2e-6)
     off = bonsai.fit(npz_data, epochs=1, arch="resnet8", out=str(tmp_path / "s"), quiet=True, flip=False)
     assert not off.tta, "no mirrored predictions for data trained without flips"
+    plain = bonsai.fit(npz_data, epochs=1, arch="resnet8", out=str(tmp_path / "t"), quiet=True, tta=False)
+    assert not plain.tta and plain.tta_shift == 0
+    # asked explicitly, a run trained without TTA predicts with the mirror and the default shifts
+    np.testing.assert_allclose(plain.predict(x, tta=True).probs, plain.predict(x, tta=True, tta_shift=1).probs)
+    assert not np.allclose(plain.predict(x, tta=True).probs, plain.predict(x, tta=True, tta_shift=0).probs)
 
 
 def test_the_planners_probes_do_not_change_the_seeded_start(npz_data: Path, tmp_path: Path, monkeypatch):

@@ -38,7 +38,7 @@ from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_o
 from bonsai.report.html import write_report, write_samples
 from bonsai.report.log import append_jsonl, truncate_jsonl
 from bonsai.train import distributed
-from bonsai.train.plan import plan_arch
+from bonsai.train.plan import plan_arch, required_epochs
 from bonsai.train.resources import available_memory, check_disk, fit_batch, run_dir_bytes, train_memory_bytes
 from bonsai.utils import STOP_SIGNALS, atomic_write_text, existing_ancestor
 
@@ -102,7 +102,12 @@ class Run:
         self.precision = run_cfg.train.precision if run_cfg else "auto"
         self.tta = bool(run_cfg and run_cfg.train.tta and run_cfg.augment.flip)
         self.tta_shift = run_cfg.tta_shift(self.image_size) if run_cfg else 0
-        self._configured = run_cfg is not None
+        # the shifts an explicit tta=True asks for: the run's own where it translated; an exported model (no
+        # config) cannot tell, so it takes the default
+        if run_cfg is None:
+            self._asked_shift = TrainConfig.tta_shift
+        else:
+            self._asked_shift = run_cfg.train.tta_shift if run_cfg.augment.pixels(self.image_size) > 0 else 0
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r}, test_acc={self.summary.get('test_acc')})"
@@ -115,8 +120,9 @@ class Run:
 
         ``tta`` (average with the mirrored image) and ``tta_shift`` (average half and half with the image shifted
         this many pixels both ways diagonally) default to what the run's final predictions used; an exported model
-        folder has no config and predicts without either unless asked (``tta=True``: the mirror and the default
-        ``train.tta_shift``). ``tta=False`` switches both off.
+        folder has no config and predicts without either unless asked. ``tta=True`` asks for the mirror and the
+        run's ``train.tta_shift`` (where it trained with translations; an exported model: the default shift);
+        ``tta=False`` switches both off.
 
         >>> run = load("runs/demo")  # doctest: +SKIP
         >>> run.predict("photo.jpg").labels  # doctest: +SKIP
@@ -130,8 +136,8 @@ class Run:
             shift = 0
         elif tta_shift is not None:
             shift = tta_shift
-        elif tta and not self._configured:  # an exported model asked for TTA: the default views
-            shift = TrainConfig.tta_shift
+        elif tta:
+            shift = self._asked_shift
         else:
             shift = self.tta_shift
         if shift < 0:
@@ -323,7 +329,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
         plan = plan_arch(
             preset(DEFAULT_ARCH, len(ds.classes), ds.channels, ds.image_size), len(train_split), cfg.budget_s,
             t.batch_size, device, resolve_precision(t.precision, device), t.channels_last, t.low_res, t.low_res_share,
-            t.plan_epochs,
+            required_epochs(t.plan_epochs, t.plan_images, len(train_split)),
         )
         spec = plan.spec
         if dist.on:  # each rank timed its own probes; rank 0's plan holds for all

@@ -20,11 +20,12 @@ or a .npz (x_train, y_train[, x_test, y_test, classes]) or a folder of *_partKof
 Stopping: --epochs N, --budget 10m (training + validation must end inside it), or train.patience=P (stop when
 validation accuracy has not improved for P epochs); with none of them, 20 epochs.
 
-Speed: with --budget and neither --arch nor --epochs, bonsai measures a few training steps of its default network at several
-widths and trains the widest one expected to fit train.plan_epochs (32) epochs into the budget. Training starts
-on images at half the working size, growing to full size over the first half (train.low_res=1 switches this
-off); predictions average each image with its mirror and, for the final model, with copies shifted one pixel
-(train.tta_shift=0 drops the shifts, train.tta=false all test-time augmentation).
+Speed: with --budget and neither --arch nor --epochs, bonsai measures a few training steps of its default network
+at several widths and trains the widest one expected to fit enough epochs to see train.plan_images (1 M) training
+images, but at most train.plan_epochs (32) and at least one. Training starts on images at half the working size,
+growing to full size over the first half (train.low_res=1 switches this off); predictions average each image with
+its mirror and, for the final model, with copies shifted one pixel (train.tta_shift=0 drops the shifts,
+train.tta=false all test-time augmentation).
 
 Shape: --prune removes channels and whole blocks that a FLOP-weighted group lasso drives to zero (prune.lpr,
 default 0.2, is its strength; 10-epoch runs need about 0.35-0.5). --flops 40M then scales every width to that

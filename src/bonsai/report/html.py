@@ -318,7 +318,8 @@ def _pct(v) -> str:
 def _summary_rows(run: dict) -> list[list]:
     s = run["summary"] or {}
     return [
-        ["validation accuracy (best epoch)", _pct(s.get("val_acc"))],
+        ["validation accuracy (best model, every test-time view)", _pct(s.get("val_acc"))],
+        ["validation accuracy after the best epoch (mirror only)", _pct(s.get("best_epoch_val_acc", s.get("val_acc")))],
         ["test accuracy", _pct(s.get("test_acc"))],
         ["epochs (best)", f"{s.get('epochs', '-')} ({s.get('best_epoch', '-')})"],
         ["stopped by", s.get("stop_reason", "-")],

@@ -932,9 +932,10 @@ class Engine:
                 v0 = self._now(clock)
                 val_acc = self._evaluate(self.val_loader)
                 val_s = self._now(clock) - v0
-            # keep back enough budget to predict the test set once at the end (measured, scaled to the final
-            # predictions' views, plus 2%)
-            st.reserve_s = val_s / max(len(self.val_loader.split), 1) * n_test * self._final_cost + 0.02 * (self.budget or 0)
+            # keep back enough budget to predict the validation and test sets once at the end with the final
+            # predictions' views, on one process (measured on this epoch's validation, plus 2%)
+            per_image = val_s / max(len(self.val_loader.split), 1) * self._final_cost * self.dist.world
+            st.reserve_s = per_image * (n_test + len(self.val_loader.split)) + 0.02 * (self.budget or 0)
             self._test_probs = None
             test_acc = self._evaluate(self.test_loader) if cfg.test_each_epoch else None
             st.epoch = epoch
