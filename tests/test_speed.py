@@ -111,7 +111,7 @@ def test_fit_hands_the_planner_the_required_epochs(npz_data: Path, tmp_path: Pat
         assert seen[-1] == want
 
 
-def test_the_final_predictions_views_are_reserved_from_the_budget():
+def test_tta_views_and_the_shift_need_tta_and_a_training_translation():
     from bonsai.config import FitConfig
     from bonsai.train.engine import tta_views
 
@@ -168,7 +168,7 @@ def test_budget_fit_plans_the_network_and_trains_at_growing_sizes(npz_data: Path
     run = bonsai.fit(npz_data, budget="20s", out=str(out), quiet=True, plan_epochs=4, low_res=0.5, low_res_share=0.5)
     events = read_jsonl(out / "events.jsonl")
     assert events[0]["event"] == "plan" and events[0]["widths"] == run.model.spec.widths()
-    assert events[0]["required_epochs"] == 4, "a tiny dataset needs more than plan_images allows: plan_epochs caps it"
+    assert events[0]["required_epochs"] == 4, "a tiny dataset: plan_epochs caps the epochs that plan_images asks for"
     assert events[0]["candidates"] and all(c["images_per_s"] > 0 for c in events[0]["candidates"])
     sizes = [r["train_image_size"] for r in read_jsonl(out / "metrics.jsonl")]
     assert sizes[-1] == 16 and min(sizes) < 16, sizes

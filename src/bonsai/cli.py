@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", choices=("auto", "on", "off"), default="auto",
         help="average each image's prediction with its mirror and shifted copies; auto: as the run's final "
-        "predictions did (an exported model: off); on: the mirror plus the run's shifts (an exported model: train.tta_shift's default)",
+        "predictions did (an exported model: off); on: the mirror plus the run's shifts (an exported model: "
+        "train.tta_shift's default)",
     )
 
     i = sub.add_parser("info", help="show what bonsai finds in a dataset")

@@ -285,7 +285,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and (key.endswith("_flops") or key.endswith("_images")):  # prune.target_flops=40M, as --flops takes it
+        # counts with a suffix, as --flops takes them: prune.target_flops=40M, train.plan_images=1M
+        if isinstance(value, str) and (key.endswith("_flops") or key.endswith("_images")):
             return parse_count(value, f"config key {key}:")
     elif tp is str:
         if isinstance(value, bool):  # YAML reads yes/no as booleans: data.in_memory=no means the word
