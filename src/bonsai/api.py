@@ -100,7 +100,7 @@ class Run:
         # predict with the precision and test-time augmentation the run trained and validated with
         run_cfg = _config.load_yaml(cfg_path, run=True) if cfg_path.is_file() else None
         self.precision = run_cfg.train.precision if run_cfg else "auto"
-        self.tta = bool(run_cfg and run_cfg.train.tta and run_cfg.augment.flip)
+        self.tta = bool(run_cfg and run_cfg.tta_mirror())
         self.tta_shift = run_cfg.tta_shift(self.image_size) if run_cfg else 0
         # the shifts an explicit tta=True asks for: the run's own where it translated; an exported model (no
         # config) cannot tell, so it takes the default
@@ -468,11 +468,13 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
     model = run.model.to(device, memory_format=torch.channels_last)
     dtype = resolve_precision(cfg.train.precision, device)
     tta, shift = run.tta, run.tta_shift
+    probs_v = predict_probs(model, val_loader, dtype, tta, shift)
     summary = {
         "stop_reason": state.stop_reason,
         "epochs": state.epoch,
         "best_epoch": state.best_epoch,
-        "val_acc": state.best_val,  # replaced below by the best model's accuracy with the final predictions' views
+        # the best model's accuracy with the final predictions' views
+        "val_acc": accuracy(probs_v, val_loader.split.y) if len(val_loader.split) else state.best_val,
         "best_epoch_val_acc": state.best_val,  # as measured after that epoch (with the mirror only)
         "test_acc": None,
         "train_time_s": round(state.train_time_s, 2),
@@ -493,9 +495,6 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
         "threads": torch.get_num_threads(),
         "world_size": world,  # processes that trained (torchrun); threads is per process
     }
-    probs_v = predict_probs(model, val_loader, dtype, tta, shift)
-    if len(val_loader.split):
-        summary["val_acc"] = accuracy(probs_v, val_loader.split.y)
     confusion = {"classes": ds.classes, "val": _confusion(probs_v, val_loader.split.y, len(ds.classes))}
     if test_loader is not None:
         t0 = time.perf_counter()

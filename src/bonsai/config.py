@@ -164,6 +164,10 @@ class FitConfig:
     anytime_predictions: bool = True  # rewrite predictions.csv whenever validation accuracy improves
     log: str = ""  # extra loggers, comma-separated: tensorboard (scalars in RUN/tensorboard/)
 
+    def tta_mirror(self) -> bool:
+        """Whether predictions average in the mirrored image: test-time augmentation on, and training flipped."""
+        return self.train.tta and self.augment.flip
+
     def tta_shift(self, image_size: int) -> int:
         """Pixels of the shifted views in the final predictions: ``train.tta_shift`` where test-time augmentation is
         on and training translated images; else 0."""

@@ -32,12 +32,9 @@ def shift_batch(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     [0, 0, 1, 2]
     """
     h, w = x.shape[-2:]
-    if dy == 0 and dx == 0:
-        return x
-    if abs(dy) >= h or abs(dx) >= w:
-        return torch.zeros_like(x)
     out = torch.zeros_like(x)
-    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
+    if abs(dy) < h and abs(dx) < w:  # else every pixel is shifted out
+        out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
     return out
 
 

@@ -324,7 +324,7 @@ class Engine:
         self._last_size = model.spec.image_size  # the input size of the last training step
         self._comm_per_step = 0.0  # gradient bytes all-reduced per step in the last epoch (distributed)
         # test-time augmentation mirrors images, so it is only right for data trained with random flips
-        self.tta = cfg.train.tta and cfg.augment.flip  # per-epoch validation: the mirror only
+        self.tta = cfg.tta_mirror()  # per-epoch validation: the mirror only
         # the final predictions add the shifted views (bonsai.api._finish); the budget keeps back time for them
         self._final_cost = tta_views(self.tta, cfg.tta_shift(model.spec.image_size)) / tta_views(self.tta, 0)
 
