@@ -173,3 +173,19 @@ def test_resume_refuses_different_data_and_extends_a_finished_run(npz_data: Path
     more = bonsai.fit(None, resume=run.dir, epochs=2)
     assert more.summary["epochs"] == 2
     assert [json.loads(x)["epoch"] for x in (run.dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("source", ["npz", "folder"])
+def test_fit_whitens_the_stem_from_the_training_images_when_asked(source: str, npz_data: Path, folder_data: Path, tmp_path: Path, monkeypatch):
+    from bonsai.data import loader as loader_mod
+
+    masks = []
+    real = loader_mod.alternating_flips
+    monkeypatch.setattr(loader_mod, "alternating_flips", lambda *a: masks.append(real(*a)) or masks[-1])
+    data = npz_data if source == "npz" else folder_data
+    run = bonsai.fit(data, epochs=2, out=str(tmp_path / "r"), whiten_stem=True, alternate_flip=True, **TINY)
+    events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines()]
+    assert [e for e in events if e["event"] == "whiten_stem"] == [{"event": "whiten_stem", "epoch": 0, "filters": 16}]
+    assert masks  # the loader flipped by the alternating rule
+    plain = bonsai.fit(data, epochs=2, out=str(tmp_path / "p"), **TINY)
+    assert not any(json.loads(x)["event"] == "whiten_stem" for x in (plain.dir / "events.jsonl").read_text().splitlines())

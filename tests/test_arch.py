@@ -122,3 +122,39 @@ def test_weights_that_disagree_with_arch_json(tmp_path: Path):
     spec.to_json(tmp_path / "arch.json")
     with pytest.raises(BonsaiError, match="weights do not match arch.json"):
         load_model(tmp_path)
+
+
+def test_whiten_stem_points_filters_along_decorrelating_axes_in_pairs():
+    import torch
+    from torch.nn import functional as F
+
+    from bonsai.models.resnet import build, whiten_stem_
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(200, 1, 10, 10, generator=g)
+    x = (torch.cat([base, 0.7 * base + 0.3 * torch.rand(200, 1, 10, 10, generator=g), torch.rand(200, 1, 10, 10, generator=g)], 1) * 255).to(torch.uint8)
+    model = build(ArchSpec.resnet((16,), 1, num_classes=3, stem=16), mean=(120.0,) * 3, std=(70.0,) * 3)
+    before = model.stem[0].weight.detach().clone()
+    assert whiten_stem_(model, x) == 16
+    w = model.stem[0].weight.detach()
+    assert torch.equal(w[8:], -w[:8])  # +/- pairs
+    dirs = w[:8].flatten(1)
+    torch.testing.assert_close(dirs @ dirs.T / dirs.norm(dim=1).mean() ** 2, torch.eye(8), atol=1e-5, rtol=0)  # orthogonal
+    torch.testing.assert_close(w.flatten(1).norm(dim=1).mean(), before.flatten(1).norm(dim=1).mean())  # init's length
+    out = F.conv2d((x.float() - model.mean) / model.std, w[:8].double().float()).transpose(0, 1).flatten(1).double()
+    cov = out @ out.T / out.shape[1]
+    off = cov - torch.diag(torch.diag(cov))
+    assert off.abs().max() < 1e-3 * cov.diag().max()  # the projections are decorrelated
+    assert (cov.diag()[:-1] >= cov.diag()[1:] - 1e-6).all()  # largest variance first
+
+
+def test_whiten_stem_fills_at_most_two_filters_per_patch_dimension():
+    import torch
+
+    from bonsai.models.resnet import build, whiten_stem_
+
+    model = build(ArchSpec.resnet((16,), 1, num_classes=3, in_channels=1, stem=32))  # 1 channel: 9-dim patches
+    before = model.stem[0].weight.detach().clone()
+    x = (torch.rand(20, 1, 8, 8) * 255).to(torch.uint8)
+    assert whiten_stem_(model, x) == 18
+    assert torch.equal(model.stem[0].weight[18:], before[18:])  # the rest keep their random init

@@ -19,7 +19,7 @@ import torch
 
 from bonsai import config as _config
 from bonsai.config import FitConfig, TrainConfig
-from bonsai.data.loader import Loader
+from bonsai.data.loader import Loader, FileImages
 from bonsai.data.sources import (
     IMAGE_EXTS,
     Dataset,
@@ -33,7 +33,7 @@ from bonsai.data.sources import (
 )
 from bonsai.errors import BonsaiError, DatasetError, Interrupted
 from bonsai.models.arch import DEFAULT_ARCH, ArchSpec, preset
-from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model
+from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model, whiten_stem_
 from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_optimizer, predict_probs, read_checkpoint, resolve_device, resolve_precision, restore
 from bonsai.report.html import write_report, write_samples
 from bonsai.report.log import append_jsonl, truncate_jsonl
@@ -304,6 +304,15 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
         return _fit(Path(tmp), out, *args)
 
 
+def _image_sample(split, n: int, ds: Dataset, seed: int) -> torch.Tensor:
+    """Up to ``n`` of ``split``'s images as one uint8 tensor: all in memory, or a random ``n`` decoded from files."""
+    if split.x is not None:
+        return split.x
+    pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    images = FileImages([split.files[i] for i in pick], ds.image_size, ds.channels)
+    return torch.stack([images[i] for i in range(len(images))])
+
+
 def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, resume, progress: bool, dist: distributed.Dist, new_batch: bool) -> Run | None:
     """fit, once the run directory ``out`` is chosen: ``work`` is where this process writes (``out`` on rank 0)."""
 
@@ -339,6 +348,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     else:
         spec = preset(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, len(ds.classes), ds.channels, ds.image_size)
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
+    whitened = whiten_stem_(model, _image_sample(train_split, 2000, ds, cfg.seed), seed=cfg.seed) if cfg.model.whiten_stem and resume is None else 0
     state = None
     ckpt_tensors = None
     if resume is not None:
@@ -358,6 +368,8 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
             atomic_write_text(work / name, "")
         if plan is not None:
             append_jsonl(work / "events.jsonl", plan.event())
+        if whitened:
+            append_jsonl(work / "events.jsonl", {"event": "whiten_stem", "epoch": 0, "filters": whitened})
     model = model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     opt = make_optimizer(model, cfg)
     if ckpt_tensors is not None:
@@ -372,7 +384,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     translate = cfg.augment.pixels(ds.image_size)
     common = dict(device=device, channels_last=cfg.train.channels_last, size=ds.image_size, channels=ds.channels, workers=cfg.data.workers)
     shard = dict(rank=dist.rank, world=dist.world)
-    train_loader = Loader(train_split, batch, train=True, translate=translate, flip=cfg.augment.flip, seed=cfg.seed, **common, **shard)
+    train_loader = Loader(train_split, batch, train=True, translate=translate, flip=cfg.augment.flip, alternate_flip=cfg.augment.alternate_flip, seed=cfg.seed, **common, **shard)
 
     def eval_loaders(**shard) -> tuple[Loader, Loader | None]:
         val = Loader(val_split, cfg.train.eval_batch_size, **common, **shard)

@@ -37,6 +37,9 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     flip: bool = True  # random horizontal flip (switch off for digits or text)
+    # mirror each image every other epoch (a random half in the first), as airbench does, instead of by chance;
+    # off: no gain measured on CIFAR-10 (README, "Alternating flips and a whitened stem")
+    alternate_flip: bool = False
     translate: int | None = None  # random shift in pixels, zero padded; None: image_size // 8
 
     def pixels(self, image_size: int) -> int:
@@ -52,6 +55,10 @@ class ModelConfig:
     # each block's last BN scale starts at 0 (blocks start as the identity); None: yes, except with --prune, where
     # a zero scale sits in the lasso's dead zone from the first step and whole blocks never come alive
     zero_init_residual: bool | None = None
+    # the stem's filters start along the principal axes of the training images' patches, in +/- pairs (a whitening
+    # first layer derived from the data; bonsai.models.resnet.whiten_stem_); off: random like every other conv
+    # (no gain measured on CIFAR-10, see the README)
+    whiten_stem: bool = False
 
 
 @dataclass

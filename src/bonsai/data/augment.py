@@ -38,21 +38,36 @@ def shift_batch(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
-def flip_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mirror a random half of the images left-right."""
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)[:, None, None, None]
-    return torch.where(mask, x.flip(3), x)
+def flip_batch(x: torch.Tensor, gen: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mirror the images left-right where ``mask`` (bool, one per image) is true; without a mask, a random half."""
+    if mask is None:
+        mask = torch.rand(x.shape[0], generator=gen) < 0.5
+    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(3), x)
 
 
-def augment_batch(x: torch.Tensor, translate: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random translate (zero padded) then random horizontal flip, on a uint8 batch.
+def alternating_flips(base: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Which images of a batch to mirror under alternating flips (airbench): image ``i`` is mirrored in the epochs
+    where ``base[i]`` (one random bit per image, drawn once per run) differs from the epoch's parity, so each image
+    is seen mirrored and unmirrored in turn, rather than by chance.
+
+    >>> alternating_flips(torch.tensor([True, False]), torch.tensor([0, 1]), 2).tolist()
+    [True, False]
+    >>> alternating_flips(torch.tensor([True, False]), torch.tensor([0, 1]), 3).tolist()
+    [False, True]
+    """
+    return base[idx.to(base.device)] ^ bool(epoch % 2)
+
+
+def augment_batch(x: torch.Tensor, translate: int, flip: bool, gen: torch.Generator, flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Random translate (zero padded) then horizontal flip, on a uint8 batch: of the images ``flip_mask`` names, or
+    of a random half without it.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> augment_batch(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), 1, True, g).shape
     torch.Size([4, 3, 8, 8])
     """
     x = translate_batch(x, translate, gen)
-    return flip_batch(x, gen) if flip else x
+    return flip_batch(x, gen, flip_mask) if flip else x
 
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonsai.data.augment import augment_batch
+from bonsai.data.augment import alternating_flips, augment_batch
 from bonsai.data.sources import Split, read_image
 
 
-class _FileImages(torch.utils.data.Dataset):
+class FileImages(torch.utils.data.Dataset):
+    """Image files decoded on demand to uint8 (C, H, W) tensors of the working size."""
+
     def __init__(self, files: list[Path], size: int, channels: int):
         self.files, self.size, self.channels = files, size, channels
 
@@ -42,6 +44,8 @@ class Loader:
             seen across epochs, as the order is reshuffled).
         train: shuffle and augment.
         translate, flip: augmentation (train only).
+        alternate_flip: mirror each image every other epoch (see :func:`bonsai.data.augment.alternating_flips`)
+            instead of by chance; which epochs is drawn once from ``seed``.
         size, channels: needed to decode files on the streaming path.
         rank, world: this process's share under data-parallel training. Training: every rank draws the same
             order and takes every ``world``-th image of each global batch of ``batch_size`` (its augmentation has
@@ -57,6 +61,7 @@ class Loader:
         train: bool = False,
         translate: int = 0,
         flip: bool = False,
+        alternate_flip: bool = False,
         seed: int = 0,
         channels_last: bool = True,
         size: int = 32,
@@ -67,6 +72,9 @@ class Loader:
     ):
         self.split, self.device, self.train = split, device, train
         self.translate, self.flip, self.seed = translate, flip, seed
+        self.flip_base = None
+        if train and flip and alternate_flip:
+            self.flip_base = torch.rand(len(split), generator=epoch_generator(seed + 104_729, 0)) < 0.5
         self.channels_last = channels_last
         n = len(split)
         self.batch_size = min(batch_size, n) if train else batch_size
@@ -88,7 +96,7 @@ class Loader:
         return torch.randperm(n, generator=gen) if self.train else torch.arange(n)
 
     def _batches_from_files(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        ds = _FileImages(self.split.files, self.size, self.channels)
+        ds = FileImages(self.split.files, self.size, self.channels)
         dl = torch.utils.data.DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers)
         for xb, idx in zip(dl, batches):
             yield xb.to(self.device, non_blocking=True), idx
@@ -117,7 +125,8 @@ class Loader:
             source = self._batches_from_files(self._index_batches(order))
         for xb, idx in source:
             if self.train and (self.translate or self.flip):
-                xb = augment_batch(xb, self.translate, self.flip, aug)
+                mask = None if self.flip_base is None else alternating_flips(self.flip_base, idx, epoch)
+                xb = augment_batch(xb, self.translate, self.flip, aug, mask)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = None if self.y is None else self.y[idx.to(self.device)]  # a no-op unless streaming to a GPU
