@@ -176,7 +176,7 @@ def test_resume_refuses_different_data_and_extends_a_finished_run(npz_data: Path
 
 
 @pytest.mark.parametrize("source", ["npz", "folder"])
-def test_fit_whitens_the_stem_from_the_training_images_when_asked(source: str, npz_data: Path, folder_data: Path, tmp_path: Path, monkeypatch):
+def test_fit_whitens_the_stem_and_alternates_flips_when_asked(source: str, npz_data: Path, folder_data: Path, tmp_path: Path, monkeypatch):
     from bonsai.data import loader as loader_mod
 
     masks = []

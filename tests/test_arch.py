@@ -141,11 +141,15 @@ def test_whiten_stem_points_filters_along_decorrelating_axes_in_pairs():
     dirs = w[:8].flatten(1)
     torch.testing.assert_close(dirs @ dirs.T / dirs.norm(dim=1).mean() ** 2, torch.eye(8), atol=1e-5, rtol=0)  # orthogonal
     torch.testing.assert_close(w.flatten(1).norm(dim=1).mean(), before.flatten(1).norm(dim=1).mean())  # init's length
-    out = F.conv2d((x.float() - model.mean) / model.std, w[:8].double().float()).transpose(0, 1).flatten(1).double()
+    out = F.conv2d((x.float() - model.mean) / model.std, w[:8]).transpose(0, 1).flatten(1).double()
     cov = out @ out.T / out.shape[1]
     off = cov - torch.diag(torch.diag(cov))
     assert off.abs().max() < 1e-3 * cov.diag().max()  # the projections are decorrelated
     assert (cov.diag()[:-1] >= cov.diag()[1:] - 1e-6).all()  # largest variance first
+    by_image = build(ArchSpec.resnet((16,), 1, num_classes=3, stem=16), mean=(120.0,) * 3, std=(70.0,) * 3)
+    whiten_stem_(by_image, x, chunk_values=1)  # one image per chunk: the same sums, so the same axes
+    unit = lambda v: v.flatten(1) / v.flatten(1).norm(dim=1, keepdim=True)  # noqa: E731
+    torch.testing.assert_close(unit(by_image.stem[0].weight.detach()).abs(), unit(w).abs(), atol=1e-4, rtol=0)  # up to sign
 
 
 def test_whiten_stem_fills_at_most_two_filters_per_patch_dimension():

@@ -19,7 +19,7 @@ import torch
 
 from bonsai import config as _config
 from bonsai.config import FitConfig, TrainConfig
-from bonsai.data.loader import Loader, FileImages
+from bonsai.data.loader import FileImages, Loader
 from bonsai.data.sources import (
     IMAGE_EXTS,
     Dataset,
@@ -304,8 +304,12 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
         return _fit(Path(tmp), out, *args)
 
 
-def _image_sample(split, n: int, ds: Dataset, seed: int) -> torch.Tensor:
-    """Up to ``n`` of ``split``'s images as one uint8 tensor: all in memory, or a random ``n`` decoded from files."""
+WHITEN_IMAGES = 2000  # images whose patches set the whitened stem (model.whiten_stem)
+
+
+def _image_sample(split: Split, n: int, ds: Dataset, seed: int) -> torch.Tensor:
+    """``split``'s images as one uint8 tensor, for :func:`whiten_stem_` to sample from: all of them when they are in
+    memory, else a random ``n`` decoded from their files."""
     if split.x is not None:
         return split.x
     pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].tolist()
@@ -348,7 +352,9 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     else:
         spec = preset(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, len(ds.classes), ds.channels, ds.image_size)
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
-    whitened = whiten_stem_(model, _image_sample(train_split, 2000, ds, cfg.seed), seed=cfg.seed) if cfg.model.whiten_stem and resume is None else 0
+    whitened = 0
+    if cfg.model.whiten_stem and resume is None:  # every rank computes the same filters from the same seed
+        whitened = whiten_stem_(model, _image_sample(train_split, WHITEN_IMAGES, ds, cfg.seed), WHITEN_IMAGES, cfg.seed)
     state = None
     ckpt_tensors = None
     if resume is not None:

@@ -37,8 +37,8 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     flip: bool = True  # random horizontal flip (switch off for digits or text)
-    # mirror each image every other epoch (a random half in the first), as airbench does, instead of by chance;
-    # off: no gain measured on CIFAR-10 (README, "Alternating flips and a whitened stem")
+    # with flip: mirror each image every other epoch (a random half in the first), as airbench does, instead of by
+    # chance; off: no gain measured on CIFAR-10 (README, "Alternating flips and a whitened stem")
     alternate_flip: bool = False
     translate: int | None = None  # random shift in pixels, zero padded; None: image_size // 8
 

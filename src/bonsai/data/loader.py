@@ -44,8 +44,9 @@ class Loader:
             seen across epochs, as the order is reshuffled).
         train: shuffle and augment.
         translate, flip: augmentation (train only).
-        alternate_flip: mirror each image every other epoch (see :func:`bonsai.data.augment.alternating_flips`)
-            instead of by chance; which epochs is drawn once from ``seed``.
+        alternate_flip: with ``flip``, mirror each image every other epoch (see
+            :func:`bonsai.data.augment.alternating_flips`) instead of by chance; which epochs is drawn once from
+            ``seed``, the same on every rank.
         size, channels: needed to decode files on the streaming path.
         rank, world: this process's share under data-parallel training. Training: every rank draws the same
             order and takes every ``world``-th image of each global batch of ``batch_size`` (its augmentation has
@@ -74,7 +75,7 @@ class Loader:
         self.translate, self.flip, self.seed = translate, flip, seed
         self.flip_base = None
         if train and flip and alternate_flip:
-            self.flip_base = torch.rand(len(split), generator=epoch_generator(seed + 104_729, 0)) < 0.5
+            self.flip_base = (torch.rand(len(split), generator=epoch_generator(seed + 104_729, 0)) < 0.5).to(device)
         self.channels_last = channels_last
         n = len(split)
         self.batch_size = min(batch_size, n) if train else batch_size

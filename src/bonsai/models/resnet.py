@@ -95,26 +95,33 @@ def build(spec: ArchSpec, zero_init_residual: bool = True, **norm) -> ResNet:
     return model
 
 
-def whiten_stem_(model: ResNet, images: torch.Tensor, max_images: int = 2000, seed: int = 0) -> int:
+def whiten_stem_(model: ResNet, images: torch.Tensor, max_images: int = 2000, seed: int = 0, chunk_values: int = 2_000_000) -> int:
     """Point the stem conv's filters along the principal axes of the data's k x k patches, in +/- pairs (a data-
     derived whitening first layer, as airbench initialises its first conv). Returns how many filters were set.
 
     The patches of up to ``max_images`` images (uint8 NCHW, a random sample drawn from ``seed``), normalized as the
-    network normalizes its input, give a covariance matrix; its eigenvectors, largest eigenvalue first, become
-    the filters ``v_1 .. v_n, -v_1 .. -v_n`` (``n`` = half the stem width, at most C*k*k). The stem's BatchNorm
-    then divides each projection by its standard deviation, so conv + BN compute the whitening transform
-    ``v_i^T x / sqrt(lambda_i)``; the pairs keep both signs of every component through the ReLU. Each filter keeps
-    the length the random init gave it on average, so the step sizes stay those of the usual init. Filters beyond
-    ``2 * C*k*k`` keep their random init.
+    network normalizes its input (so close to zero mean), give the second-moment matrix E[p p^T]; its
+    eigenvectors, largest eigenvalue first, become the filters ``v_1 .. v_n, -v_1 .. -v_n`` (``n`` = half the stem
+    width, rounded down, at most C*k*k). The stem's BatchNorm then divides each projection by its standard
+    deviation, so conv + BN compute the whitening transform ``v_i^T x / sqrt(lambda_i)``; the pairs keep both
+    signs of every component through the ReLU. The filters get the mean length of the random init's, so the step
+    sizes stay those of the usual init. Filters beyond ``2n`` (an odd width's last, or those beyond
+    ``2 * C*k*k``) keep their random init. The patches are summed in chunks of about ``chunk_values`` values (at
+    least one image), so memory stays flat whatever the image size.
     """
     conv = model.stem[0]
     c, k = conv.in_channels, conv.kernel_size[0]
     gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(images.shape[0], generator=gen)[:max_images]
-    x = (images[pick.to(images.device)].float().cpu() - model.mean.cpu()) / model.std.cpu()
-    patches = F.unfold(x, k).transpose(1, 2).reshape(-1, c * k * k).double()  # (patches, C*k*k)
-    cov = patches.T @ patches / max(patches.shape[0], 1)
-    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    pick = torch.randperm(images.shape[0], generator=gen)[:max_images].to(images.device)
+    per_image = c * k * k * max(images.shape[-2] - k + 1, 1) * max(images.shape[-1] - k + 1, 1)
+    chunk = max(1, chunk_values // per_image)
+    moment, count = torch.zeros(c * k * k, c * k * k, dtype=torch.float64), 0
+    for i in range(0, len(pick), chunk):
+        x = (images[pick[i : i + chunk]].float().cpu() - model.mean.cpu()) / model.std.cpu()
+        patches = F.unfold(x, k).transpose(1, 2).reshape(-1, c * k * k).double()  # (patches, C*k*k)
+        moment += patches.T @ patches
+        count += patches.shape[0]
+    _, vecs = torch.linalg.eigh(moment / max(count, 1))  # ascending eigenvalues
     n = min(conv.out_channels // 2, c * k * k)
     dirs = vecs.flip(1)[:, :n].T.float()  # (n, C*k*k), unit length, largest variance first
     w = conv.weight.data
