@@ -15,7 +15,8 @@ Runs, one after another on the same data and split (the host is shared: compare 
   (train.precision=fp32, which also leaves AMX/AVX-512 bf16 unused), ``no_plan`` (arch=bonsai: the 1x network
   whatever the budget), ``prune`` (--prune), and two tricks that are off by default switched on:
   ``alternate_flip`` (augment.alternate_flip=true) and ``whiten_stem`` (model.whiten_stem=true); ``no_tta``
-  re-evaluates ``default_short``'s best model without test-time augmentation and ``no_tta_shift`` with the mirror only, without the shifted views (no extra training);
+  re-evaluates ``default_short``'s best model without test-time augmentation and ``no_tta_shift`` with the
+  mirror only, without the shifted views (no extra training);
 - ``fashion_mnist``: ``bonsai fit ../shared/data/fashion_mnist --budget 5m``, no dataset-specific settings.
 
 Test accuracy is measured after every epoch for the curves only (it never steers training); each curve ends with
@@ -108,7 +109,7 @@ def main() -> None:
     plan = {
         "baseline": dict(arch="resnet20", epochs=args.baseline_epochs, low_res=1.0, tta=False),
         "default": dict(budget=args.budget),
-        "default_third": None,  # budget: a third of the baseline's clock, known once the baseline has run
+        "default_third": None,  # budget: a third of the baseline's time to its accuracy, known once it has run
         "default_short": dict(budget=args.short),
         "no_low_res": dict(budget=args.short, low_res=1.0),
         "no_label_smoothing": dict(budget=args.short, label_smoothing=0.0),

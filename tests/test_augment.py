@@ -36,6 +36,7 @@ def test_alternating_flips_mirror_each_image_in_every_other_epoch():
     x = torch.zeros(n, 1, 1, 4, dtype=torch.uint8)
     x[:, 0, 0, 0] = 1  # unflipped images have their marker on the left
     split = Split(names=[str(i) for i in range(n)], y=torch.arange(n), x=x)
+
     def flipped(loader: Loader, epoch: int) -> torch.Tensor:
         out = torch.zeros(n, dtype=torch.bool)
         seen = torch.zeros(n, dtype=torch.bool)
