@@ -68,8 +68,8 @@ def test_a_streaming_rank_decodes_only_its_own_files(tmp_path: Path, monkeypatch
     from bonsai.data import loader as loader_mod
 
     decoded = []
-    real = loader_mod.FileImages.__getitem__
-    monkeypatch.setattr(loader_mod.FileImages, "__getitem__", lambda self, i: decoded.append(i) or real(self, i))
+    real = loader_mod._FileImages.__getitem__
+    monkeypatch.setattr(loader_mod._FileImages, "__getitem__", lambda self, i: decoded.append(i) or real(self, i))
     files = []
     for i in range(12):
         a = np.zeros((8, 8, 3), dtype=np.uint8)

@@ -19,7 +19,7 @@ import torch
 
 from bonsai import config as _config
 from bonsai.config import FitConfig, TrainConfig
-from bonsai.data.loader import FileImages, Loader
+from bonsai.data.loader import Loader
 from bonsai.data.sources import (
     IMAGE_EXTS,
     Dataset,
@@ -29,6 +29,7 @@ from bonsai.data.sources import (
     load_dataset,
     read_files,
     resize_tensor,
+    sample_images,
     split_validation,
 )
 from bonsai.errors import BonsaiError, DatasetError, Interrupted
@@ -307,16 +308,6 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
 WHITEN_IMAGES = 2000  # images whose patches set the whitened stem (model.whiten_stem)
 
 
-def _image_sample(split: Split, n: int, ds: Dataset, seed: int) -> torch.Tensor:
-    """``split``'s images as one uint8 tensor, for :func:`whiten_stem_` to sample from: all of them when they are in
-    memory, else a random ``n`` decoded from their files."""
-    if split.x is not None:
-        return split.x
-    pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    images = FileImages([split.files[i] for i in pick], ds.image_size, ds.channels)
-    return torch.stack([images[i] for i in range(len(images))])
-
-
 def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, resume, progress: bool, dist: distributed.Dist, new_batch: bool) -> Run | None:
     """fit, once the run directory ``out`` is chosen: ``work`` is where this process writes (``out`` on rank 0)."""
 
@@ -354,7 +345,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
     whitened = 0
     if cfg.model.whiten_stem and resume is None:  # every rank computes the same filters from the same seed
-        whitened = whiten_stem_(model, _image_sample(train_split, WHITEN_IMAGES, ds, cfg.seed), WHITEN_IMAGES, cfg.seed)
+        whitened = whiten_stem_(model, sample_images(train_split, WHITEN_IMAGES, ds.image_size, ds.channels, cfg.seed), WHITEN_IMAGES, cfg.seed)
     state = None
     ckpt_tensors = None
     if resume is not None:

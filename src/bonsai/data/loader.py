@@ -17,9 +17,7 @@ from bonsai.data.augment import alternating_flips, augment_batch
 from bonsai.data.sources import Split, read_image
 
 
-class FileImages(torch.utils.data.Dataset):
-    """Image files decoded on demand to uint8 (C, H, W) tensors of the working size."""
-
+class _FileImages(torch.utils.data.Dataset):
     def __init__(self, files: list[Path], size: int, channels: int):
         self.files, self.size, self.channels = files, size, channels
 
@@ -97,7 +95,7 @@ class Loader:
         return torch.randperm(n, generator=gen) if self.train else torch.arange(n)
 
     def _batches_from_files(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        ds = FileImages(self.split.files, self.size, self.channels)
+        ds = _FileImages(self.split.files, self.size, self.channels)
         dl = torch.utils.data.DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers)
         for xb, idx in zip(dl, batches):
             yield xb.to(self.device, non_blocking=True), idx

@@ -609,17 +609,23 @@ def read_files(files: list[Path], root: Path | None, size: int, channels: int, p
     return split, skipped
 
 
+def sample_images(split: Split, n: int, size: int, channels: int, seed: int = 0) -> torch.Tensor:
+    """``split``'s images as one uint8 (N, C, H, W) tensor: all of them when they are in memory, else ``n`` files
+    drawn at random (from ``seed``) and decoded."""
+    if split.x is not None:
+        return split.x
+    idx = np.random.default_rng(seed).permutation(len(split.files))[:n]
+    return torch.from_numpy(np.stack([read_image(split.files[i], size, channels) for i in idx]).transpose(0, 3, 1, 2).copy())
+
+
 def _channel_stats(split: Split, channels: int, size: int) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of pixel values (0..255) over the training images (when streaming, from the sums
     gathered while decoding, else from a sample of 2,000 files)."""
-    if split.x is not None:
-        x = split.x
-    elif split.pixel_sums is not None:
+    if split.x is None and split.pixel_sums is not None:
         x = None
         s, s2, n = (torch.from_numpy(split.pixel_sums[0]), torch.from_numpy(split.pixel_sums[1]), split.pixel_sums[2])
     else:
-        idx = np.random.default_rng(0).permutation(len(split.files))[:2000]
-        x = torch.from_numpy(np.stack([read_image(split.files[i], size, channels) for i in idx]).transpose(0, 3, 1, 2).copy())
+        x = sample_images(split, 2000, size, channels)
     if x is not None:
         s = torch.zeros(channels, dtype=torch.float64)
         s2 = torch.zeros(channels, dtype=torch.float64)
