@@ -12,9 +12,9 @@ Runs, one after another on the same data and split (the host is shared: compare 
   tested directly on whatever machine runs the benchmark;
 - ``default_short``: the same with the short budget (6 minutes); the ablations below use it too:
   ``no_low_res`` (train.low_res=1), ``no_label_smoothing`` (train.label_smoothing=0), ``fp32``
-  (train.precision=fp32, which also leaves AMX/AVX-512 bf16 unused), ``no_plan`` (arch=bonsai: the 1x network
-  whatever the budget), ``prune`` (--prune), and two tricks that are off by default switched on:
-  ``alternate_flip`` (augment.alternate_flip=true) and ``whiten_stem`` (model.whiten_stem=true); ``no_tta``
+  (train.precision=fp32, which also leaves AMX/AVX-512 bf16 unused), ``no_plan`` (arch=bonsai model.pool=true:
+  the pooled 1x network whatever the budget), ``no_pool`` (model.pool=false: the planned network downsamples by
+  strided convs), ``prune`` (--prune), ``lookahead`` (train.lookahead=0.95, off by default, switched on); ``no_tta``
   re-evaluates ``default_short``'s best model without test-time augmentation and ``no_tta_shift`` with the
   mirror only, without the shifted views (no extra training);
 - ``fashion_mnist``: ``bonsai fit ../shared/data/fashion_mnist --budget 5m``, no dataset-specific settings.
@@ -44,6 +44,9 @@ from _common import RESULTS, matmul_peak, write_result  # noqa: E402
 import bonsai  # noqa: E402
 from bonsai.data.sources import load_dataset  # noqa: E402
 from bonsai.report.log import read_jsonl  # noqa: E402
+
+
+ABLATIONS = ("no_low_res", "no_label_smoothing", "fp32", "no_plan", "no_pool", "no_tta", "no_tta_shift", "prune", "lookahead")
 
 
 def time_to(curve: list[dict], target: float, key: str = "clock_s") -> float | None:
@@ -114,10 +117,10 @@ def main() -> None:
         "no_low_res": dict(budget=args.short, low_res=1.0),
         "no_label_smoothing": dict(budget=args.short, label_smoothing=0.0),
         "fp32": dict(budget=args.short, precision="fp32"),
-        "no_plan": dict(budget=args.short, arch="bonsai"),
+        "no_plan": {"budget": args.short, "arch": "bonsai", "model.pool": True},
         "prune": {"budget": args.short, "prune.enabled": True},
-        "alternate_flip": {"budget": args.short, "augment.alternate_flip": True},
-        "whiten_stem": {"budget": args.short, "model.whiten_stem": True},
+        "no_pool": {"budget": args.short, "model.pool": False},
+        "lookahead": {"budget": args.short, "train.lookahead": 0.95},
     }
     only = {x for x in args.only.split(",") if x}
     details = {}
@@ -157,7 +160,7 @@ def main() -> None:
     dflt = details["default"]["summary"]
     ablation = {
         k: {"test_acc": details[k]["summary"]["test_acc"], "delta_points": round(100 * (details[k]["summary"]["test_acc"] - details["default_short"]["summary"]["test_acc"]), 2)}
-        for k in ("no_low_res", "no_label_smoothing", "fp32", "no_plan", "no_tta", "no_tta_shift", "prune", "alternate_flip", "whiten_stem")
+        for k in ABLATIONS
     }
     summary = {
         "seconds_to_90": min(to90) if to90 else None,
@@ -214,7 +217,7 @@ def _plot(details: dict, target: float) -> None:
     ax.set_title("CIFAR-10 (JPEG q75 copy), 2-core CPU")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    names = ["default_short", "no_low_res", "no_label_smoothing", "fp32", "no_plan", "no_tta", "no_tta_shift", "prune", "alternate_flip", "whiten_stem"]
+    names = ["default_short", *ABLATIONS]
     names = [n for n in names if n in details]
     accs = [100 * details[n]["summary"]["test_acc"] for n in names]
     bars = bx.barh(names[::-1], accs[::-1], color=["tab:blue" if n == "default_short" else "tab:grey" for n in names[::-1]])

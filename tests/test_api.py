@@ -110,10 +110,12 @@ def _write_resume_data(tmp_path: Path) -> Path:
     return path
 
 
-def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path: Path):
+@pytest.mark.parametrize("lookahead", [0.0, 0.9], ids=["plain", "lookahead"])
+def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path: Path, lookahead: float):
     data = _write_resume_data(tmp_path)
-    opts = ["arch=resnet8", "batch_size=8", "precision=fp32", "--epochs", "4", "--quiet"]
-    reference = bonsai.fit(data, epochs=4, out=str(tmp_path / "ref"), arch="resnet8", batch_size=8, precision="fp32", quiet=True)
+    # lookahead every 5 of an epoch's 12 steps: the epoch's last step syncs the average
+    opts = ["arch=resnet8", "batch_size=8", "precision=fp32", f"lookahead={lookahead}", "--epochs", "4", "--quiet"]
+    reference = bonsai.fit(data, epochs=4, out=str(tmp_path / "ref"), arch="resnet8", batch_size=8, precision="fp32", lookahead=lookahead, quiet=True)
 
     run = tmp_path / "killed"
     # kill as soon as epoch 1 is logged: the process is then checkpointing or inside epoch 2

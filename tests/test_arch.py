@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from bonsai.errors import BonsaiError
-from bonsai.models.arch import PRESETS, ArchSpec, StageSpec, preset
+from bonsai.models.arch import PRESETS, ArchSpec, StageSpec, pooled, preset
+from conftest import trained_looking
 from bonsai.models.resnet import build, count_flops, count_params, load_model, save_model
 
 
@@ -93,6 +95,8 @@ def test_widths_are_multiples_of_16_in_the_default():
         ({"stages": [{"width": 8, "stride": 1, "inner": []}]}, r"stages\[0\].inner"),
         ({"stages": [{"width": 8, "stride": 1, "inner": [0]}]}, r"stages\[0\].inner\[0\]"),
         ({"num_classes": 1}, "num_classes"),
+        ({"stages": [{"width": 8, "stride": 1, "inner": [8], "pool": True}]}, r"stages\[0\].pool .* only with stride 2"),
+        ({"stages": [{"width": 8, "stride": 2, "inner": [8], "pool": "yes"}]}, r"stages\[0\].pool must be true or false"),
         ({"bogus": 1}, "unknown keys"),
     ],
 )
@@ -162,3 +166,31 @@ def test_whiten_stem_fills_at_most_two_filters_per_patch_dimension():
     x = (torch.rand(20, 1, 8, 8) * 255).to(torch.uint8)
     assert whiten_stem_(model, x) == 18
     assert torch.equal(model.stem[0].weight[18:], before[18:])  # the rest keep their random init
+
+
+def test_a_pooled_stage_max_pools_its_first_conv_and_its_shortcut_input():
+    spec = ArchSpec(3, 4, 8, [StageSpec(8, 1, [8]), StageSpec(16, 2, [12], pool=True)], image_size=9)
+    model = trained_looking(spec).eval()
+    block = model.stages[1][0]
+    assert block.conv1.stride == (1, 1) and block.shortcut[0].stride == (1, 1)
+    x = torch.randn(2, 8, 9, 9)
+    pool = lambda t: F.max_pool2d(t, 2, ceil_mode=True)  # noqa: E731
+    with torch.no_grad():
+        main = block.bn2(block.conv2(F.relu(block.bn1(pool(block.conv1(x))))))
+        want = F.relu(main + block.shortcut(pool(x)))
+        got = block(x)
+    assert got.shape[-1] == 5  # the strided conv's size: ceil(9 / 2)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # 4x the strided first conv's FLOPs: it runs at 9x9 instead of 5x5
+    strided = ArchSpec(3, 4, 8, [StageSpec(8, 1, [8]), StageSpec(16, 2, [12])], image_size=9)
+    assert count_flops(spec) - count_flops(strided) == 2 * 9 * 8 * 12 * (9 * 9 - 5 * 5)
+
+
+def test_older_arch_files_without_pool_load_strided_and_pooled_round_trips(tmp_path: Path):
+    d = _tiny().to_dict()
+    for st in d["stages"]:
+        del st["pool"]
+    assert not any(s.pool for s in ArchSpec.from_dict(d).stages)
+    spec = pooled(_tiny())
+    spec.to_json(tmp_path / "arch.json")
+    assert [s.pool for s in ArchSpec.from_json(tmp_path / "arch.json").stages] == [False, True]

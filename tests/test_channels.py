@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from bonsai.errors import BonsaiError
 from conftest import randomize_bn_
-from bonsai.models.arch import preset
+from bonsai.models.arch import pooled, preset
 from bonsai.models.resnet import build, count_params, load_state
 from bonsai.surgery.channels import channel_groups, remove_channels_
 
@@ -24,10 +24,17 @@ def _zero_channels_(group, idx: torch.Tensor) -> None:
             bn.bias[idx] = 0
 
 
-@pytest.mark.parametrize("arch", ["resnet20", "bonsai"])
+def _spec(arch: str, image_size: int = 32):
+    """A preset; ``NAME+pool``: its stride-2 stages downsample by max-pooling."""
+    name, _, pool = arch.partition("+")
+    spec = preset(name, image_size=image_size)
+    return pooled(spec) if pool else spec
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "bonsai", "resnet20+pool"])
 def test_removing_zero_channels_preserves_the_function_across_residual_unions(arch: str):
     torch.manual_seed(0)
-    model = build(preset(arch, image_size=16), zero_init_residual=False)
+    model = build(_spec(arch, 16), zero_init_residual=False)
     randomize_bn_(model)
     model.eval()
     keep = {}
@@ -44,7 +51,7 @@ def test_removing_zero_channels_preserves_the_function_across_residual_unions(ar
     torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-4)
     # the spec describes the smaller network exactly: a network built from it takes the weights as they are
     rebuilt = build(model.spec)
-    assert count_params(rebuilt) == count_params(model) < count_params(build(preset(arch)))
+    assert count_params(rebuilt) == count_params(model) < count_params(build(_spec(arch)))
     load_state(rebuilt, model.state_dict(), "test")
     torch.testing.assert_close(rebuilt.eval()(x), after, atol=0, rtol=0)
 

@@ -13,7 +13,7 @@ import torch
 
 from bonsai.compress.huffman import MAX_BITS, bits_per_value, canonical_codes, code_lengths, decode, encode
 from bonsai.errors import BonsaiError
-from bonsai.models.arch import preset
+from bonsai.models.arch import pooled, preset
 from bonsai.models.resnet import build
 
 
@@ -73,9 +73,10 @@ needs_onnx = pytest.mark.skipif(
 )
 
 
-def _trained_tiny():
+def _trained_tiny(pool: bool = False):
     torch.manual_seed(0)
-    model = build(preset("resnet8", 3, 3, 16), zero_init_residual=False)
+    spec = preset("resnet8", 3, 3, 16)
+    model = build(pooled(spec) if pool else spec, zero_init_residual=False)
     x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
     with torch.no_grad():  # non-trivial BN statistics, so that folding them into the convs is exercised
         model.train()
@@ -85,10 +86,11 @@ def _trained_tiny():
 
 
 @needs_onnx
-def test_onnx_export_matches_pytorch_at_any_batch(tmp_path: Path):
+@pytest.mark.parametrize("pool", [False, True], ids=["strided", "pooled"])
+def test_onnx_export_matches_pytorch_at_any_batch(tmp_path: Path, pool: bool):
     from bonsai.compress.onnx_export import export_onnx, ort_logits, session
 
-    model, x = _trained_tiny()
+    model, x = _trained_tiny(pool)
     sess = session(export_onnx(model, tmp_path / "m.onnx"))
     assert sess.get_inputs()[0].type == "tensor(uint8)"
     for n in (1, 7, 64):

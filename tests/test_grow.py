@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from bonsai.errors import BonsaiError
 from conftest import trained_looking
-from bonsai.models.arch import preset
+from bonsai.models.arch import pooled, preset
 from bonsai.models.resnet import build, count_params, load_state
 from bonsai.surgery.channels import channel_groups
 from bonsai.surgery.grow import deepen_, pad_widths_, widen_
@@ -81,6 +81,20 @@ def test_widen_with_noise_breaks_symmetry_but_stays_close():
     widen_(model, "s1", 48, noise=0.01, generator=torch.Generator().manual_seed(1))
     diff = (_outputs(model, "eval") - before).abs().max()
     assert 0 < diff < 0.5
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_widen_and_deepen_preserve_the_function_of_a_pooled_network(mode: str):
+    model = trained_looking(pooled(preset("resnet8", image_size=16)))
+    assert [b.pool for s in model.stages for b in s] == [False, True, True]
+    before = _outputs(model, mode)
+    widen_(model, "s1", 48)  # the residual stream of a pooled transition block
+    widen_(model, "s2b0.inner", 80)  # the inner width that is max-pooled before its BN
+    deepen_(model, stage=1, index=1)
+    torch.testing.assert_close(_outputs(model, mode), before, atol=1e-5, rtol=0)
+    rebuilt = build(model.spec)
+    load_state(rebuilt, model.state_dict(), "test")
+    assert [b.pool for s in rebuilt.stages for b in s] == [False, True, False, True]
 
 
 def test_deepen_preserves_the_function_in_every_stage():

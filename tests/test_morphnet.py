@@ -8,17 +8,17 @@ from torch import nn
 
 from bonsai.errors import BonsaiError
 from conftest import trained_looking
-from bonsai.models.arch import ArchSpec, StageSpec, preset
+from bonsai.models.arch import ArchSpec, StageSpec, pooled, preset
 from bonsai.models.resnet import build, count_flops, count_params, load_state
 from bonsai.surgery.morphnet import fit_multiplier, fit_widths, resize_, scaled_spec, spec_flops
 
 PRUNED = ArchSpec(3, 10, 24, [StageSpec(24, 1, [8, 16, 24]), StageSpec(40, 2, [16, 32, 8]), StageSpec(56, 2, [64, 24, 40])])
 
 
-SPECS = [preset("resnet20"), PRUNED, preset("bonsai"), preset("resnet8", image_size=27)]
+SPECS = [preset("resnet20"), PRUNED, preset("bonsai"), preset("resnet8", image_size=27), pooled(preset("bonsai", image_size=27))]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=["resnet20", "pruned", "bonsai", "resnet8-27px"])
+@pytest.mark.parametrize("spec", SPECS, ids=["resnet20", "pruned", "bonsai", "resnet8-27px", "bonsai-pooled-27px"])
 def test_flops_from_the_spec_equal_the_counted_ones(spec: ArchSpec):
     assert spec_flops(spec) == count_flops(spec)
     assert spec_flops(spec, 19) == count_flops(spec, 19)

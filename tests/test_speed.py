@@ -13,7 +13,7 @@ from bonsai.data.augment import resize_batch, shift_batch
 from bonsai.data.loader import Loader
 from bonsai.data.sources import Split
 from bonsai.models.arch import ArchSpec, preset
-from bonsai.models.resnet import build
+from bonsai.models.resnet import build, load_model
 from bonsai.report.log import read_jsonl
 from bonsai.train.engine import predict_probs
 from bonsai.train.plan import expected_epochs, plan_arch, required_epochs, scaled
@@ -109,6 +109,56 @@ def test_fit_hands_the_planner_the_required_epochs(npz_data: Path, tmp_path: Pat
         with pytest.raises(Planned):
             bonsai.fit(npz_data, budget="20s", out=str(tmp_path / images), quiet=True, plan_images=images)
         assert seen[-1] == want
+
+
+def test_model_pool_pools_the_planned_network_by_default_and_a_named_preset_when_asked(npz_data: Path, tmp_path: Path, monkeypatch):
+    import bonsai.api as api_mod
+
+    class Planned(Exception):
+        pass
+
+    bases = []
+
+    def plan_arch(base, *args, **kwargs):
+        bases.append(base)
+        raise Planned
+
+    monkeypatch.setattr(api_mod, "plan_arch", plan_arch)
+    for pool in (False, True, None):  # None (the default): pooled for the planned network
+        with pytest.raises(Planned):
+            bonsai.fit(npz_data, budget="20s", out=str(tmp_path / f"auto{pool}"), quiet=True, pool=pool)
+    strided, pooled_ = [False] * 3, [s.stride == 2 for s in bases[1].stages]
+    assert [[s.pool for s in b.stages] for b in bases] == [strided, pooled_, pooled_] and any(pooled_)
+    kw = dict(epochs=1, arch="resnet8", batch_size=16, precision="fp32", quiet=True)
+    run = bonsai.fit(npz_data, pool=True, out=str(tmp_path / "r"), **kw)
+    assert [s["pool"] for s in json.loads((run.dir / "arch.json").read_text())["stages"]] == [False, True, True]
+    assert [b.pool for s in load_model(run.dir).stages for b in s] == [False, True, True]
+    named = bonsai.fit(npz_data, out=str(tmp_path / "n"), **kw)  # a named preset stays as published by default
+    assert not any(b.pool for s in load_model(named.dir).stages for b in s)
+
+
+def test_lookahead_moves_weights_and_statistics_to_their_running_average():
+    from bonsai.train.engine import lookahead_, lookahead_state
+
+    model = build(preset("resnet8"))
+    pairs = lookahead_state(model)
+    assert len(pairs) == sum(t.is_floating_point() for t in model.state_dict().values())
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.stem[1].running_mean.add_(2.0)
+    lookahead_(pairs, 0.75)  # a quarter of the way from the average (the start) to the moved weights
+    now = model.state_dict()
+    torch.testing.assert_close(now["stem.0.weight"], start["stem.0.weight"] + 0.25)
+    torch.testing.assert_close(now["stem.1.running_mean"], start["stem.1.running_mean"] + 0.5)
+    assert torch.equal(now["stem.1.num_batches_tracked"], start["stem.1.num_batches_tracked"])
+    lookahead_(pairs, 0.0)  # no averaging: the weights stay where they are
+    torch.testing.assert_close(now["stem.0.weight"], start["stem.0.weight"] + 0.25)
+    with torch.no_grad():
+        model.head.weight.add_(4.0)
+    lookahead_(pairs, 1.0)  # all average: back to the last synced weights
+    torch.testing.assert_close(model.head.weight, start["head.weight"] + 0.25)
 
 
 def test_tta_views_and_the_shift_need_tta_and_a_training_translation():

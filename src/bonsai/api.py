@@ -33,7 +33,7 @@ from bonsai.data.sources import (
     split_validation,
 )
 from bonsai.errors import BonsaiError, DatasetError, Interrupted
-from bonsai.models.arch import DEFAULT_ARCH, ArchSpec, preset
+from bonsai.models.arch import DEFAULT_ARCH, ArchSpec, pooled, preset
 from bonsai.models.resnet import ResNet, build, count_flops, count_params, load_model, whiten_stem_
 from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_optimizer, predict_probs, read_checkpoint, resolve_device, resolve_precision, restore
 from bonsai.report.html import write_report, write_samples
@@ -305,6 +305,12 @@ def fit(data: DataLike, cfg: FitConfig | str | Path | None = None, resume: str |
         return _fit(Path(tmp), out, *args)
 
 
+def _spec(name: str, cfg: FitConfig, ds, planned: bool = False) -> ArchSpec:
+    """The preset or arch.json ``name`` for the dataset, pooled where ``model.pool`` asks (None: if ``planned``)."""
+    spec = preset(name, len(ds.classes), ds.channels, ds.image_size)
+    return pooled(spec) if (planned if cfg.model.pool is None else cfg.model.pool) else spec
+
+
 WHITEN_IMAGES = 2000  # images whose patches set the whitened stem (model.whiten_stem)
 
 
@@ -331,7 +337,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     if cfg.model.arch == "auto" and cfg.budget_s is not None and resume is None and cfg.train.epochs is None:
         t = cfg.train
         plan = plan_arch(
-            preset(DEFAULT_ARCH, len(ds.classes), ds.channels, ds.image_size), len(train_split), cfg.budget_s,
+            _spec(DEFAULT_ARCH, cfg, ds, planned=True), len(train_split), cfg.budget_s,
             t.batch_size, device, resolve_precision(t.precision, device), t.channels_last, t.low_res, t.low_res_share,
             required_epochs(t.plan_epochs, t.plan_images, len(train_split)),
         )
@@ -341,7 +347,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
         torch.manual_seed(cfg.seed)  # the probes drew random numbers; the run starts from the seed's weights
         log.info("planned %s (widths x%g): about %.0f epochs in the budget (probe %.1f s)", spec.name, plan.multiplier, plan.expected_epochs, plan.probe_s)
     else:
-        spec = preset(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, len(ds.classes), ds.channels, ds.image_size)
+        spec = _spec(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, cfg, ds)
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
     whitened = 0
     if cfg.model.whiten_stem and resume is None:  # every rank computes the same filters from the same seed

@@ -59,6 +59,11 @@ class ModelConfig:
     # first layer derived from the data; bonsai.models.resnet.whiten_stem_); off: random like every other conv
     # (no gain measured on CIFAR-10, see the README)
     whiten_stem: bool = False
+    # every stage that halves the resolution does so by a 2x2 max-pool after a full-resolution first conv (the conv-pool
+    # layers of airbench and ResNet-9) instead of a strided conv. None: for the network the budget planner sizes
+    # (arch=auto with a budget; +1.0 point on CIFAR-10 under 6 minutes, see the README), not for a named preset.
+    # False: strided, except where an arch.json stores pooled stages
+    pool: bool | None = None
 
 
 @dataclass
@@ -92,6 +97,13 @@ class TrainConfig:
     # cheap), half and half with the image shifted this many pixels down-right and up-left (needs train.tta and a
     # training translation, augment.translate > 0); 0: off
     tta_shift: int = 1
+    # lookahead (airbench): every lookahead_every steps the weights and BN statistics move to an exponential
+    # average of themselves, ema <- lerp(ema, w, 1 - d), w <- ema, with d = lookahead ** lookahead_every x
+    # progress ** 3 (no averaging early, the most at the end); each epoch's last step syncs as well, so a checkpoint
+    # needs no extra state; epochs under the pruning penalty skip it (averaging would revive the channels it zeroes).
+    # 0: off
+    lookahead: float = 0.0
+    lookahead_every: int = 5
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto: bf16 where the CPU/GPU supports it, else fp32
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays off only for long runs)
@@ -204,6 +216,8 @@ class FitConfig:
         _check(0.25 <= t.low_res <= 1, "train.low_res must be in [0.25, 1]")
         _check(0 <= t.low_res_share < 1, "train.low_res_share must be in [0, 1)")
         _check(t.tta_shift >= 0, "train.tta_shift must be >= 0 (pixels; 0: off)")
+        _check(0 <= t.lookahead < 1, "train.lookahead must be in [0, 1) (0: off)")
+        _check(t.lookahead_every >= 1, "train.lookahead_every must be >= 1")
         _check(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32")
         _check(0 < d.val_fraction < 1, "data.val_fraction must be in (0, 1)")
         _check(d.image_size is None or 4 <= d.image_size <= 1024, "data.image_size must be in [4, 1024]")

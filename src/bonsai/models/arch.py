@@ -1,7 +1,8 @@
 """The network's shape as data: every width and depth of a CIFAR-style ResNet.
 
 A spec is a stem conv, then stages of BasicBlocks (two 3x3 convs each). A stage's first block carries the stage's
-stride; where stride or width change it gets a 1x1 projection shortcut (a transition block). Every conv's output
+stride (a strided first conv, or with ``pool`` a 2x2 max-pool after a full-resolution first conv); where stride or
+width change it gets a 1x1 projection shortcut (a transition block). Every conv's output
 width is explicit: ``stem`` for the stem conv, ``StageSpec.width`` for the residual width that every block's
 second conv (and the projection) writes, and ``StageSpec.inner[i]`` for block ``i``'s first conv. A network is
 built from a spec; surgery changes the network in place and keeps its spec in step; ``arch.json`` stores one.
@@ -31,11 +32,15 @@ class StageSpec:
         width: residual width: output channels of every block's second conv and of the shortcut projection.
         stride: stride of the stage's first block (1 or 2).
         inner: output channels of each block's first conv; its length is the number of blocks.
+        pool: with stride 2, the first block's first conv runs at the input resolution and a 2x2 max-pool (ceil
+            mode) halves it before the BN (as airbench's and ResNet-9's conv-pool layers); its shortcut pools
+            before the 1x1 projection. Costs the first conv 4x its strided FLOPs. False: a strided conv.
     """
 
     width: int
     stride: int
     inner: list[int]
+    pool: bool = False
 
     @property
     def depth(self) -> int:
@@ -69,12 +74,18 @@ class ArchSpec:
         image_size: int = 32,
         name: str = "custom",
         first_stride: int = 1,
+        pool: bool = False,
     ) -> "ArchSpec":
-        """A plain ResNet: the first stage at ``first_stride``, each later stage halves the resolution."""
+        """A plain ResNet: the first stage at ``first_stride``, each later stage halves the resolution (by a max-pool
+        after its first conv with ``pool``, else by a strided conv)."""
         depths = (blocks,) * len(widths) if isinstance(blocks, int) else tuple(blocks)
         if len(depths) != len(widths):
             raise BonsaiError(f"resnet spec: {len(widths)} widths but {len(depths)} depths")
-        stages = [StageSpec(width=w, stride=first_stride if i == 0 else 2, inner=[w] * d) for i, (w, d) in enumerate(zip(widths, depths))]
+        stages = [
+            StageSpec(width=w, stride=st, inner=[w] * d, pool=pool and st == 2)
+            for i, (w, d) in enumerate(zip(widths, depths))
+            for st in [first_stride if i == 0 else 2]
+        ]
         spec = cls(in_channels, num_classes, stem or widths[0], stages, image_size, name)
         spec.validate()
         return spec
@@ -107,6 +118,8 @@ class ArchSpec:
         for i, s in enumerate(self.stages):
             _int(f"stages[{i}].width", s.width, 1, _MAX_WIDTH)
             _int(f"stages[{i}].stride", s.stride, 1, 2)
+            if not isinstance(s.pool, bool) or (s.pool and s.stride != 2):
+                raise BonsaiError(f"{source}: stages[{i}].pool must be true or false, and true only with stride 2, got {s.pool!r}")
             if not isinstance(s.inner, list) or not 1 <= len(s.inner) <= _MAX_BLOCKS:
                 raise BonsaiError(f"{source}: stages[{i}].inner must list 1 to {_MAX_BLOCKS} block widths")
             for j, w in enumerate(s.inner):
@@ -129,7 +142,7 @@ class ArchSpec:
         if not isinstance(stages_raw, list) or not all(isinstance(s, dict) for s in stages_raw):
             raise BonsaiError(f"{source}: stages must be a list of objects")
         try:
-            stages = [StageSpec(width=s["width"], stride=s["stride"], inner=s["inner"]) for s in stages_raw]
+            stages = [StageSpec(width=s["width"], stride=s["stride"], inner=s["inner"], pool=s.get("pool", False)) for s in stages_raw]
         except KeyError as e:
             raise BonsaiError(f"{source}: a stage lacks key {e}") from None
         spec = cls(
@@ -178,6 +191,17 @@ PRESETS = {
     "bonsai": _cifar("bonsai", (64, 128, 256), 1, stem=32, first_stride=2),
 }
 DEFAULT_ARCH = "bonsai"
+
+
+def pooled(spec: ArchSpec) -> ArchSpec:
+    """``spec`` with every stride-2 stage downsampling by a max-pool after its first conv (``StageSpec.pool``).
+
+    >>> [s.pool for s in pooled(preset("resnet20")).stages]
+    [False, True, True]
+    """
+    for s in spec.stages:
+        s.pool = s.pool or s.stride == 2
+    return spec
 
 
 def preset(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> ArchSpec:

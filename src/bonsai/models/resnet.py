@@ -24,20 +24,27 @@ def _conv_bn(cin: int, cout: int, k: int, stride: int) -> tuple[nn.Conv2d, nn.Ba
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual connection; a 1x1 projection shortcut where stride or width change (a transition block)."""
+    """Two 3x3 convs with a residual connection; a 1x1 projection shortcut where stride or width change (a transition
+    block). With ``pool`` (stride 2 only) the block halves the resolution by a 2x2 max-pool (ceil mode: the same sizes
+    as the strided conv) after its first conv, which runs at full resolution, and before the shortcut's projection;
+    the pooling is functional, so the modules (and every surgery on them) are those of the strided block."""
 
-    def __init__(self, cin: int, inner: int, cout: int, stride: int):
+    def __init__(self, cin: int, inner: int, cout: int, stride: int, pool: bool = False):
         super().__init__()
-        self.conv1, self.bn1 = _conv_bn(cin, inner, 3, stride)
+        self.pool = pool and stride == 2
+        conv_stride = 1 if self.pool else stride
+        self.conv1, self.bn1 = _conv_bn(cin, inner, 3, conv_stride)
         self.conv2, self.bn2 = _conv_bn(inner, cout, 3, 1)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            conv, bn = _conv_bn(cin, cout, 1, stride)
+            conv, bn = _conv_bn(cin, cout, 1, conv_stride)
             self.shortcut = nn.Sequential(conv, bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.conv1(x)
+        if self.pool:
+            out, x = F.max_pool2d(out, 2, ceil_mode=True), F.max_pool2d(x, 2, ceil_mode=True)
+        out = self.bn2(self.conv2(F.relu(self.bn1(out))))
         return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
@@ -61,7 +68,7 @@ class ResNet(nn.Module):
         for s in spec.stages:
             blocks = []
             for i, inner in enumerate(s.inner):
-                blocks.append(BasicBlock(cin, inner, s.width, s.stride if i == 0 else 1))
+                blocks.append(BasicBlock(cin, inner, s.width, s.stride if i == 0 else 1, s.pool and i == 0))
                 cin = s.width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)

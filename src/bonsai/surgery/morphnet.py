@@ -88,7 +88,8 @@ def spec_flops(spec: ArchSpec, image_size: int | None = None) -> int:
         for b, inner in enumerate(st.inner):
             stride = st.stride if b == 0 else 1
             out = (size - 1) // stride + 1
-            total += 2 * out * out * 9 * (cin * inner + inner * st.width)
+            first = size if st.pool and stride == 2 else out  # a pooled block's first conv runs at full resolution
+            total += 2 * 9 * (first * first * cin * inner + out * out * inner * st.width)
             if stride != 1 or cin != st.width:
                 total += 2 * out * out * cin * st.width
             size, cin = out, st.width

@@ -229,6 +229,20 @@ def predict_probs(model: nn.Module, loader: Loader, dtype: torch.dtype | None, t
     return torch.cat(out) if out else torch.zeros(0, model.spec.num_classes)
 
 
+def lookahead_state(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, average) pairs for every floating-point weight and buffer of ``model``; the averages start as copies."""
+    return [(t, t.detach().clone()) for t in model.state_dict().values() if t.is_floating_point()]
+
+
+@torch.no_grad()
+def lookahead_(pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float) -> None:
+    """One lookahead step: each average moves to ``lerp(average, tensor, 1 - decay)`` and the tensor (the model's own
+    storage) takes the average's value."""
+    for t, avg in pairs:
+        avg.lerp_(t.detach(), 1.0 - decay)
+        t.copy_(avg)
+
+
 def tta_views(tta: bool, shift: int) -> int:
     """Forward passes per image that :func:`predict_probs` makes with these settings."""
     return (2 if tta else 1) * (3 if shift > 0 else 1)
@@ -401,6 +415,9 @@ class Engine:
         lasso = self.lasso if self.lasso is not None and self._penalty_on(epoch, clock) else None
         self._penalized = lasso is not None
         comm0, steps = self.dist.comm_bytes, 0
+        t = self.cfg.train
+        # started from each epoch's (synced) weights; not under the pruning penalty, whose zeros it would undo
+        ahead = lookahead_state(model) if t.lookahead > 0 and lasso is None else None
         with clock:
             t0 = clock.now()
             try:
@@ -453,6 +470,8 @@ class Engine:
                     seen += n
                     st.step += 1
                     steps += 1
+                    if ahead is not None and steps % t.lookahead_every == 0:
+                        lookahead_(ahead, t.lookahead**t.lookahead_every * min(progress, 1.0) ** 3)
                     batch = self.train_loader.batch_size if self.dist.on else n
                     st.images_seen += batch
                     st.train_flops += (3.0 * self._flops_at(size) + self._flops_at(size, teacher=True)) * batch
@@ -474,6 +493,8 @@ class Engine:
                     if self._signalled():  # Ctrl-C / SIGTERM: this step is done; stop here
                         self._cut_short = i + 1 < len(self.train_loader)
                         break
+                if ahead is not None and steps % t.lookahead_every:  # the epoch ends synced: nothing to checkpoint
+                    lookahead_(ahead, t.lookahead**t.lookahead_every * min(progress, 1.0) ** 3)
             finally:  # a diverged epoch's time was spent too
                 st.train_time_s += clock.now() - t0
         self._comm_per_step = (self.dist.comm_bytes - comm0) / max(steps, 1)
