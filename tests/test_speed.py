@@ -161,6 +161,22 @@ def test_lookahead_moves_weights_and_statistics_to_their_running_average():
     torch.testing.assert_close(model.head.weight, start["head.weight"] + 0.25)
 
 
+def test_fit_averages_every_few_steps_and_at_each_epochs_end(npz_data: Path, tmp_path: Path, monkeypatch):
+    from bonsai.train import engine as engine_mod
+
+    decays = []
+    real = engine_mod.lookahead_
+    monkeypatch.setattr(engine_mod, "lookahead_", lambda pairs, d: decays.append(d) or real(pairs, d))
+    kw = dict(epochs=2, arch="resnet8", batch_size=8, precision="fp32", quiet=True, low_res=1.0)
+    run = bonsai.fit(npz_data, out=str(tmp_path / "la"), lookahead=0.9, lookahead_every=4, **kw)
+    # 6 steps per epoch: after step 4, then the epoch's last step (off the 4-step grid) syncs
+    assert len(decays) == 4 and decays == sorted(decays) and 0 < decays[-1] <= 0.9**4
+    plain = bonsai.fit(npz_data, out=str(tmp_path / "plain"), **kw)
+    assert len(decays) == 4  # off: never called
+    a, b = load_model(run.dir).state_dict(), load_model(plain.dir).state_dict()
+    assert not torch.equal(a["head.weight"], b["head.weight"])
+
+
 def test_tta_views_and_the_shift_need_tta_and_a_training_translation():
     from bonsai.config import FitConfig
     from bonsai.train.engine import tta_views

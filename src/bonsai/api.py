@@ -345,7 +345,10 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
         if dist.on:  # each rank timed its own probes; rank 0's plan holds for all
             spec = ArchSpec.from_dict(dist.broadcast_json(spec.to_dict()))
         torch.manual_seed(cfg.seed)  # the probes drew random numbers; the run starts from the seed's weights
-        log.info("planned %s (widths x%g): about %.0f epochs in the budget (probe %.1f s)", spec.name, plan.multiplier, plan.expected_epochs, plan.probe_s)
+        log.info(
+            "planned %s (widths x%g%s): about %.0f epochs in the budget (probe %.1f s)",
+            spec.name, plan.multiplier, ", conv-pool downsampling" if any(s.pool for s in spec.stages) else "", plan.expected_epochs, plan.probe_s,
+        )
     else:
         spec = _spec(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, cfg, ds)
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))

@@ -61,8 +61,8 @@ class ModelConfig:
     whiten_stem: bool = False
     # every stage that halves the resolution does so by a 2x2 max-pool after a full-resolution first conv (the conv-pool
     # layers of airbench and ResNet-9) instead of a strided conv. None: for the network the budget planner sizes
-    # (arch=auto with a budget; +1.0 point on CIFAR-10 under 6 minutes, see the README), not for a named preset.
-    # False: strided, except where an arch.json stores pooled stages
+    # (arch=auto, a budget, no train.epochs; +1.0 point on CIFAR-10 under 6 minutes, see the README), not for a named
+    # preset. True: an arch.json's stride-2 stages too. False: strided, except where an arch.json stores pooled stages
     pool: bool | None = None
 
 
@@ -347,6 +347,7 @@ def from_dict(d: dict) -> FitConfig:
 # Keys added after runs were first written, with the value that reproduces how those runs trained and predicted.
 # A run directory's config.yaml lacking them gets these (not the newer defaults) on resume and prediction.
 RUN_DEFAULTS_BEFORE = {
+    ("model", "pool"): False,
     ("train", "low_res"): 1.0,
     ("train", "tta"): False,
     ("train", "tta_shift"): 0,

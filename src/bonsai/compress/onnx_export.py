@@ -2,7 +2,8 @@
 
 - **Export**: ``torch.onnx.export`` (the dynamo exporter, opset 20) of the network in eval mode, with a dynamic
   batch axis. The input is raw uint8 pixels, NCHW, as for ``bonsai predict``: normalization is part of the graph.
-  The exporter's optimizer folds each BatchNorm into the conv before it.
+  The exporter's optimizer folds each BatchNorm into the conv before it; where a max-pool sits between them (a
+  pooled stage's first conv, ``StageSpec.pool``) the BatchNorm stays a node of its own.
 - **int8**: onnxruntime's static quantization after its pre-processing (graph fusions), in operator format
   (QLinearConv, QLinearMatMul, ...): per-channel symmetric int8 weights, per-tensor uint8 activations with ranges
   calibrated (min/max) on a sample of training images. On this CPU the operator format ran 10-25% faster than

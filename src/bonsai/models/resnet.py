@@ -155,8 +155,9 @@ def count_flops(spec: ArchSpec, image_size: int | None = None) -> int:
 def activation_elements(spec: ArchSpec, image_size: int | None = None) -> int:
     """Elements of every module's output (convs, BNs, the stem's ReLU, the head) in one forward pass for one image;
     the blocks' functional ReLUs and residual adds are not seen, and the bytes-per-element factor calibrated in
-    ``bonsai.train.resources`` absorbs them. What autograd keeps for the backward pass scales with it. Counted on
-    the meta device: nothing is allocated."""
+    ``bonsai.train.resources`` absorbs them (calibrated on strided networks: a pooled stage's max-pool outputs and
+    indices are not seen either, so its memory is underestimated). What autograd keeps for the backward pass scales
+    with it. Counted on the meta device: nothing is allocated."""
     size = image_size or spec.image_size
     total = 0
 

@@ -361,7 +361,8 @@ def _arch(run: dict) -> str:
     rows = [["stem", 1, "-", a["stem"]]]
     for s, stage in enumerate(a["stages"], 1):
         for b, inner in enumerate(stage["inner"], 1):
-            rows.append([f"s{s}.b{b}", stage["stride"] if b == 1 else 1, inner, stage["width"]])
+            stride = (f"{stage['stride']} (max-pool)" if stage.get("pool") else stage["stride"]) if b == 1 else 1
+            rows.append([f"s{s}.b{b}", stride, inner, stage["width"]])
     head = f"<p>{html.escape(a.get('name', 'custom'))}: {a['in_channels']} input channel(s), {a['num_classes']} classes, " \
            f"working size {a.get('image_size', '-')} px.</p>"
     return head + _table(["block", "stride", "conv1 width", "conv2 width (the stage's residual width)"], rows)

@@ -416,10 +416,10 @@ class Engine:
         self._penalized = lasso is not None
         comm0, steps = self.dist.comm_bytes, 0
         t = self.cfg.train
-        # started from each epoch's (synced) weights; not under the pruning penalty, whose zeros it would undo
-        ahead = lookahead_state(model) if t.lookahead > 0 and lasso is None else None
         with clock:
             t0 = clock.now()
+            # started from each epoch's (synced) weights; not under the pruning penalty, whose zeros it would undo
+            ahead = lookahead_state(model) if t.lookahead > 0 and lasso is None else None
             try:
                 for i, (xb, yb) in enumerate(self.train_loader.batches(epoch)):
                     progress = self._progress(clock)

@@ -103,6 +103,7 @@ class Plan:
             "event": "plan",
             "arch": self.spec.name,
             "widths": self.spec.widths(),
+            "pool": any(s.pool for s in self.spec.stages),
             "multiplier": self.multiplier,
             "expected_epochs": round(self.expected_epochs, 1),
             "required_epochs": None if self.required_epochs is None else round(self.required_epochs, 1),
