@@ -74,18 +74,13 @@ class ArchSpec:
         image_size: int = 32,
         name: str = "custom",
         first_stride: int = 1,
-        pool: bool = False,
     ) -> "ArchSpec":
-        """A plain ResNet: the first stage at ``first_stride``, each later stage halves the resolution (by a max-pool
-        after its first conv with ``pool``, else by a strided conv)."""
+        """A plain ResNet: the first stage at ``first_stride``, each later stage halves the resolution by a strided
+        conv (:func:`pooled` turns those into conv-pool stages)."""
         depths = (blocks,) * len(widths) if isinstance(blocks, int) else tuple(blocks)
         if len(depths) != len(widths):
             raise BonsaiError(f"resnet spec: {len(widths)} widths but {len(depths)} depths")
-        stages = [
-            StageSpec(width=w, stride=st, inner=[w] * d, pool=pool and st == 2)
-            for i, (w, d) in enumerate(zip(widths, depths))
-            for st in [first_stride if i == 0 else 2]
-        ]
+        stages = [StageSpec(width=w, stride=first_stride if i == 0 else 2, inner=[w] * d) for i, (w, d) in enumerate(zip(widths, depths))]
         spec = cls(in_channels, num_classes, stem or widths[0], stages, image_size, name)
         spec.validate()
         return spec

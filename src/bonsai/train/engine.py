@@ -471,7 +471,7 @@ class Engine:
                     st.step += 1
                     steps += 1
                     if ahead is not None and steps % t.lookahead_every == 0:
-                        lookahead_(ahead, t.lookahead**t.lookahead_every * min(progress, 1.0) ** 3)
+                        lookahead_(ahead, self._lookahead_decay(progress))
                     batch = self.train_loader.batch_size if self.dist.on else n
                     st.images_seen += batch
                     st.train_flops += (3.0 * self._flops_at(size) + self._flops_at(size, teacher=True)) * batch
@@ -494,7 +494,7 @@ class Engine:
                         self._cut_short = i + 1 < len(self.train_loader)
                         break
                 if ahead is not None and steps % t.lookahead_every:  # the epoch ends synced: nothing to checkpoint
-                    lookahead_(ahead, t.lookahead**t.lookahead_every * min(progress, 1.0) ** 3)
+                    lookahead_(ahead, self._lookahead_decay(progress))
             finally:  # a diverged epoch's time was spent too
                 st.train_time_s += clock.now() - t0
         self._comm_per_step = (self.dist.comm_bytes - comm0) / max(steps, 1)
@@ -507,6 +507,11 @@ class Engine:
         return float(loss_sum) / seen, float(correct) / seen, seen, stopped
 
     # -- PruneTrain reconfiguration
+
+    def _lookahead_decay(self, progress: float) -> float:
+        """airbench's schedule: no averaging at the start, ``lookahead ** every`` at the end (cubic in progress)."""
+        t = self.cfg.train
+        return t.lookahead**t.lookahead_every * min(progress, 1.0) ** 3
 
     def _prune_interval(self, planned: int | None, clock_s: float) -> int:
         if self.cfg.prune.interval is not None:
