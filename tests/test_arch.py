@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from bonsai.errors import BonsaiError
 from bonsai.models.arch import PRESETS, ArchSpec, StageSpec, pooled, preset
 from conftest import trained_looking
-from bonsai.models.resnet import build, count_flops, count_params, load_model, save_model
+from bonsai.models.resnet import activation_elements, build, count_flops, count_params, load_model, save_model
 
 
 def _tiny() -> ArchSpec:
@@ -184,6 +184,8 @@ def test_a_pooled_stage_max_pools_its_first_conv_and_its_shortcut_input():
     # 4x the strided first conv's FLOPs: it runs at 9x9 instead of 5x5
     strided = ArchSpec(3, 4, 8, [StageSpec(8, 1, [8]), StageSpec(16, 2, [12])], image_size=9)
     assert count_flops(spec) - count_flops(strided) == 2 * 9 * 8 * 12 * (9 * 9 - 5 * 5)
+    # the memory estimate's activations: the first conv's output at 9x9, plus the two max-pool outputs at 5x5
+    assert activation_elements(spec) - activation_elements(strided) == 12 * (9 * 9 - 5 * 5) + (12 + 8) * 5 * 5
 
 
 def test_older_arch_files_without_pool_load_strided_and_pooled_round_trips(tmp_path: Path):

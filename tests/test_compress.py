@@ -162,9 +162,21 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     assert "ONNX int8 + Huffman" in page
 
     assert main(["export", str(run.dir), "--out", str(tmp_path / "exp")]) == 0
-    exported = bonsai.load(tmp_path / "exp").predict(npz_data)
-    assert exported.labels == run.predict(npz_data, tta=False).labels  # an exported model predicts without TTA
-    assert bonsai.load(tmp_path / "exp").predict(npz_data, tta=True).labels == run.predict(npz_data).labels
+    # predict.json carries the run's test-time augmentation, so the export predicts as the run does
+    exp = bonsai.load(tmp_path / "exp")
+    assert (exp.tta, exp.tta_shift, exp.precision) == (run.tta, run.tta_shift, run.precision) and run.tta_shift == 1
+    np.testing.assert_allclose(exp.predict(npz_data).probs, run.predict(npz_data).probs, atol=1e-5)
+    # an export written before predict.json existed predicts without TTA unless asked
+    (tmp_path / "exp" / "predict.json").unlink()
+    old = bonsai.load(tmp_path / "exp")
+    assert old.predict(npz_data).labels == run.predict(npz_data, tta=False).labels
+    assert old.predict(npz_data, tta=True).labels == run.predict(npz_data).labels
+    (tmp_path / "exp" / "predict.json").write_text('{"precision": "auto", "tta": "yes", "tta_shift": 1, "tta_shift_asked": 1}')
+    with pytest.raises(BonsaiError, match="predict.json: damaged"):
+        bonsai.load(tmp_path / "exp")
+    (tmp_path / "exp" / "predict.json").write_text('{"tta": true}')
+    with pytest.raises(BonsaiError, match="predict.json: damaged"):
+        bonsai.load(tmp_path / "exp")
 
 
 @needs_onnx

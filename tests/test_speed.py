@@ -186,8 +186,10 @@ def test_tta_views_and_the_shift_need_tta_and_a_training_translation():
     assert cfg.tta_shift(32) == 1
     cfg.augment.translate = 0
     assert cfg.tta_shift(32) == 0, "no shifted views for a model trained without translations"
+    assert cfg.tta_shift(32, tta=True) == 0
     cfg.augment.translate, cfg.train.tta = None, False
     assert cfg.tta_shift(32) == 0 and cfg.augment.pixels(32) == 4
+    assert cfg.tta_shift(32, tta=True) == 1, "the shift asked for explicitly: the run's own, as it translated"
 
 
 def test_scaled_widths_are_multiples_of_16_and_never_below():

@@ -67,6 +67,32 @@ class Predictions:
         atomic_write_text(path, buf.getvalue())
 
 
+PREDICT_FILE = "predict.json"  # an exported model's prediction settings (bonsai export writes it)
+
+
+def predict_settings(run: "Run") -> dict:
+    """What ``bonsai export`` writes to ``predict.json``: the run's default test-time augmentation and precision."""
+    return {"precision": run.precision, "tta": run.tta, "tta_shift": run.tta_shift, "tta_shift_asked": run._asked_shift}
+
+
+def _predict_settings(path: Path) -> tuple[str, bool, int, int]:
+    """(precision, tta, tta_shift, asked shift) from an export's ``predict.json``; without one, an export predicts
+    without TTA by default and with the default shift when asked."""
+    if not path.is_file():
+        return "auto", False, 0, TrainConfig.tta_shift
+    try:
+        d = json.loads(path.read_text())
+        precision, tta, shift, asked = d["precision"], d["tta"], d["tta_shift"], d["tta_shift_asked"]
+    except json.JSONDecodeError as e:
+        raise BonsaiError(f"{path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise BonsaiError(f"{path}: damaged (missing {e})") from None
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (shift, asked))
+    if not isinstance(tta, bool) or not ints or precision not in _config.PRECISIONS:
+        raise BonsaiError(f"{path}: damaged (tta must be true/false, shifts whole pixels >= 0, precision one of {', '.join(_config.PRECISIONS)})")
+    return precision, tta, shift, asked
+
+
 class Run:
     """A finished (or resumable) run directory with its best model loaded."""
 
@@ -98,17 +124,17 @@ class Run:
         except json.JSONDecodeError:
             self.summary = {}  # a summary is informative only
         cfg_path = self.dir / "config.yaml"
-        # predict with the precision and test-time augmentation the run trained and validated with
+        # predict with the precision and test-time augmentation the run trained and validated with; an exported
+        # model carries them in predict.json; an export written before that file existed predicts without TTA
         run_cfg = _config.load_yaml(cfg_path, run=True) if cfg_path.is_file() else None
-        self.precision = run_cfg.train.precision if run_cfg else "auto"
-        self.tta = bool(run_cfg and run_cfg.tta_mirror())
-        self.tta_shift = run_cfg.tta_shift(self.image_size) if run_cfg else 0
-        # the shifts an explicit tta=True asks for: the run's own where it translated; an exported model (no
-        # config) cannot tell, so it takes the default
-        if run_cfg is None:
-            self._asked_shift = TrainConfig.tta_shift
+        if run_cfg is not None:
+            self.precision = run_cfg.train.precision
+            self.tta = run_cfg.tta_mirror()
+            self.tta_shift = run_cfg.tta_shift(self.image_size)
+            # the shifts an explicit tta=True asks for: the run's own where it translated
+            self._asked_shift = run_cfg.tta_shift(self.image_size, tta=True)
         else:
-            self._asked_shift = run_cfg.train.tta_shift if run_cfg.augment.pixels(self.image_size) > 0 else 0
+            self.precision, self.tta, self.tta_shift, self._asked_shift = _predict_settings(self.dir / PREDICT_FILE)
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r}, test_acc={self.summary.get('test_acc')})"
@@ -120,10 +146,10 @@ class Run:
         """Classify images: a uint8 array (N,H,W[,C]), an image file, a folder of images, or a list of files.
 
         ``tta`` (average with the mirrored image) and ``tta_shift`` (average half and half with the image shifted
-        this many pixels both ways diagonally) default to what the run's final predictions used; an exported model
-        folder has no config and predicts without either unless asked. ``tta=True`` asks for the mirror and the
-        run's ``train.tta_shift`` (where it trained with translations; an exported model: the default shift);
-        ``tta=False`` switches both off.
+        this many pixels both ways diagonally) default to what the run's final predictions used (an exported
+        model: its ``predict.json``; an export without one predicts without either unless asked). ``tta=True`` asks
+        for the mirror and the run's ``train.tta_shift`` (where it trained with translations; an export without
+        ``predict.json``: the default shift); ``tta=False`` switches both off.
 
         >>> run = load("runs/demo")  # doctest: +SKIP
         >>> run.predict("photo.jpg").labels  # doctest: +SKIP

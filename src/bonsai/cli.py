@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a run's best model: ONNX + arch.json + model.safetensors")
     x.add_argument("run", help="a run directory")
-    x.add_argument("--out", required=True, help="folder for model.onnx, arch.json, model.safetensors, dataset.json")
+    x.add_argument("--out", required=True, help="folder for model.onnx, arch.json, model.safetensors, dataset.json, predict.json")
 
     k = sub.add_parser(
         "compress",
@@ -137,8 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", choices=("auto", "on", "off"), default="auto",
         help="average each image's prediction with its mirror and shifted copies; auto: as the run's final "
-        "predictions did (an exported model: off); on: the mirror plus the run's shifts (an exported model: "
-        "train.tta_shift's default)",
+        "predictions did (an exported model: as its predict.json says); on: the mirror plus the run's shifts",
     )
 
     i = sub.add_parser("info", help="show what bonsai finds in a dataset")
@@ -236,7 +235,7 @@ def _cmd_export(ns) -> int:
     from bonsai.compress.pipeline import export
 
     r = export(ns.run, ns.out)
-    print(f"wrote {ns.out}: model.onnx (opset {r['opset']}, dynamic batch), arch.json, model.safetensors, dataset.json")
+    print(f"wrote {ns.out}: model.onnx (opset {r['opset']}, dynamic batch), arch.json, model.safetensors, dataset.json, predict.json")
     print(f"onnxruntime vs PyTorch: max abs logit difference {r['max_abs_logit_diff']:.2e}")
     return 0
 

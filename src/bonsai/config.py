@@ -21,6 +21,8 @@ import yaml
 from bonsai.errors import ConfigError
 from bonsai.utils import atomic_write_text, parse_count, parse_duration
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
 
 @dataclass
 class DataConfig:
@@ -187,10 +189,11 @@ class FitConfig:
         """Whether predictions average in the mirrored image: test-time augmentation on, and training flipped."""
         return self.train.tta and self.augment.flip
 
-    def tta_shift(self, image_size: int) -> int:
+    def tta_shift(self, image_size: int, tta: bool | None = None) -> int:
         """Pixels of the shifted views in the final predictions: ``train.tta_shift`` where test-time augmentation is
-        on and training translated images; else 0."""
-        return self.train.tta_shift if self.train.tta and self.augment.pixels(image_size) > 0 else 0
+        on (``train.tta``, or ``tta`` when given) and training translated images; else 0."""
+        on = self.train.tta if tta is None else tta
+        return self.train.tta_shift if on and self.augment.pixels(image_size) > 0 else 0
 
     def validate(self) -> "FitConfig":
         t, d = self.train, self.data
@@ -218,7 +221,7 @@ class FitConfig:
         _check(t.tta_shift >= 0, "train.tta_shift must be >= 0 (pixels; 0: off)")
         _check(0 <= t.lookahead < 1, "train.lookahead must be in [0, 1) (0: off)")
         _check(t.lookahead_every >= 1, "train.lookahead_every must be >= 1")
-        _check(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32")
+        _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}")
         _check(0 < d.val_fraction < 1, "data.val_fraction must be in (0, 1)")
         _check(d.image_size is None or 4 <= d.image_size <= 1024, "data.image_size must be in [4, 1024]")
         _check(4 <= d.max_image_size <= 1024, "data.max_image_size must be in [4, 1024]")

@@ -305,9 +305,11 @@ def compress(
 
 
 def export(run_dir: str | Path, out: str | Path) -> dict:
-    """An exported model folder: ``model.onnx`` plus the native ``arch.json`` + ``model.safetensors`` and the
-    ``dataset.json`` that ``bonsai predict`` reads. Returns the onnxruntime parity figures."""
-    from bonsai.api import load
+    """An exported model folder: ``model.onnx`` plus the native ``arch.json`` + ``model.safetensors``, the
+    ``dataset.json`` that ``bonsai predict`` reads, and ``predict.json`` with the run's test-time augmentation and
+    precision, so ``bonsai predict`` on the folder predicts as on the run. The ONNX graph itself classifies the
+    image alone. Returns the onnxruntime parity figures."""
+    from bonsai.api import PREDICT_FILE, load, predict_settings
 
     run = load(run_dir)
     out = Path(out)
@@ -317,6 +319,7 @@ def export(run_dir: str | Path, out: str | Path) -> dict:
     model = run.model.float().eval()
     save_model(model, out)  # arch.json as the weights have it, even where the run's own copy was stale
     atomic_write_bytes(out / "dataset.json", (run.dir / "dataset.json").read_bytes())
+    atomic_write_text(out / PREDICT_FILE, json.dumps(predict_settings(run), indent=1) + "\n")
     path = ox.export_onnx(model, out / "model.onnx")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (16, run.channels, run.image_size, run.image_size), dtype=torch.uint8, generator=g)

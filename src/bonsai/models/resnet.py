@@ -153,11 +153,11 @@ def count_flops(spec: ArchSpec, image_size: int | None = None) -> int:
 
 
 def activation_elements(spec: ArchSpec, image_size: int | None = None) -> int:
-    """Elements of every module's output (convs, BNs, the stem's ReLU, the head) in one forward pass for one image;
-    the blocks' functional ReLUs and residual adds are not seen, and the bytes-per-element factor calibrated in
-    ``bonsai.train.resources`` absorbs them (calibrated on strided networks: a pooled stage's max-pool outputs and
-    indices are not seen either, so its memory is underestimated). What autograd keeps for the backward pass scales
-    with it. Counted on the meta device: nothing is allocated."""
+    """Elements of every module's output (convs, BNs, the stem's ReLU, the head) in one forward pass for one image,
+    plus a pooled block's two max-pool outputs (its first conv's and its shortcut input's); the blocks' functional
+    ReLUs and residual adds are not seen, and the bytes-per-element factor calibrated in ``bonsai.train.resources``
+    absorbs them (calibrated on strided networks; the max-pools' indices are not counted). What autograd keeps for
+    the backward pass scales with it. Counted on the meta device: nothing is allocated."""
     size = image_size or spec.image_size
     total = 0
 
@@ -165,10 +165,15 @@ def activation_elements(spec: ArchSpec, image_size: int | None = None) -> int:
         nonlocal total
         total += out.numel()
 
+    def pool_hook(m: BasicBlock, _inp, out) -> None:  # the pooled maps have the block's output resolution
+        nonlocal total
+        total += (m.conv1.out_channels + m.conv1.in_channels) * out.shape[0] * out.shape[-2] * out.shape[-1]
+
     with torch.device("meta"):
         model = ResNet(spec).eval()
         x = torch.zeros(1, spec.in_channels, size, size)
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    handles += [m.register_forward_hook(pool_hook) for m in model.modules() if isinstance(m, BasicBlock) and m.pool]
     try:
         with torch.no_grad():
             model(x)
