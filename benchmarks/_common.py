@@ -65,14 +65,27 @@ def write_result(name: str, summary: dict, details: dict, command: str) -> Path:
     return path
 
 
-def run_fit(data: str, out: Path, args: list[str], nproc: int = 1) -> float:
+def run_fit(data: str, out: Path, args: list[str], nproc: int = 1, reuse: bool = False) -> float | None:
     """`bonsai fit DATA --out OUT --quiet ARGS` in a fresh run directory and its own process (with ``nproc`` > 1:
     under `torchrun --standalone --nproc-per-node NPROC`); returns the peak memory (MiB, max RSS from os.wait4: the
-    largest single process). Exits with the command line if the fit fails."""
+    largest single process), also written to OUT/benchmark.json with the fit's arguments. Exits with the command
+    line if the fit fails. ``reuse``: a finished run in OUT (its summary.json written) is read instead of trained
+    again; its benchmark.json must name the same arguments, and without one (runs from before it was written) the
+    peak memory is unknown (None)."""
     import shutil
     import subprocess
     import sys
 
+    record = out / "benchmark.json"
+    if reuse and (out / "summary.json").is_file():
+        if not record.is_file():
+            print(f"reusing {out} (no benchmark.json: peak memory unknown)", flush=True)
+            return None
+        d = json.loads(record.read_text())
+        if d.get("data") != data or d.get("args") != args or d.get("nproc") != nproc:
+            raise SystemExit(f"{record}: the run was trained with other data or arguments ({d.get('args')}); drop --reuse")
+        print(f"reusing {out}", flush=True)
+        return d["peak_rss_mib"]
     shutil.rmtree(out, ignore_errors=True)
     launch = [sys.executable, "-m"] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m"]
     cmd = [*launch, "bonsai", "fit", data, "--out", str(out), "--quiet", *args]
@@ -81,4 +94,6 @@ def run_fit(data: str, out: Path, args: list[str], nproc: int = 1) -> float:
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"fit failed: {' '.join(cmd)}")
-    return round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
+    rss = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
+    record.write_text(json.dumps({"data": data, "args": args, "nproc": nproc, "peak_rss_mib": rss}) + "\n")
+    return rss

@@ -39,8 +39,8 @@ def _subset(data: str, limit: int, tmp: Path) -> str:
     return str(path)
 
 
-def _fit(data: str, out: Path, args: list[str]) -> dict:
-    rss = run_fit(data, out, args)
+def _fit(data: str, out: Path, args: list[str], reuse: bool = False) -> dict:
+    rss = run_fit(data, out, args, reuse=reuse)
     summary = json.loads((out / "summary.json").read_text())
     metrics, events = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "events.jsonl")
     # the final network (no reconfiguration follows the last epoch), not the best-by-validation checkpoint, so
@@ -68,6 +68,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke test)")
     ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
     ap.add_argument("--name", default="prunetrain", help="results/<name>.json and .png (a repeat can keep the first)")
+    ap.add_argument(
+        "--reuse", action="store_true",
+        help="read the run directories an earlier call with the same arguments finished instead of training them again "
+        "(runs from before benchmark.json was written: peak memory unknown)",
+    )
     args = ap.parse_args()
     if not Path(args.data).exists():
         raise SystemExit(f"{args.data}: not found; point --data at the CIFAR-10 .npz parts (see ../shared/data/README.md)")
@@ -77,12 +82,12 @@ def main() -> None:
         details = {}
         for arch in args.archs.split(","):
             common = ["--arch", arch, "--epochs", str(args.epochs)]
-            dense = _fit(data, Path(args.runs) / f"{args.name}_{arch}_dense", common)
+            dense = _fit(data, Path(args.runs) / f"{args.name}_{arch}_dense", common, args.reuse)
             details[arch] = {"dense": dense}
             for i, lpr in enumerate(lprs):
                 # the first LPR's run is "pruned"; further ones are "pruned_lpr<value>"
                 key = "pruned" if i == 0 else f"pruned_lpr{lpr}"
-                run = _fit(data, Path(args.runs) / f"{args.name}_{arch}_{key}", [*common, "--prune", f"prune.lpr={lpr}", *args.set])
+                run = _fit(data, Path(args.runs) / f"{args.name}_{arch}_{key}", [*common, "--prune", f"prune.lpr={lpr}", *args.set], args.reuse)
                 details[arch][key] = run
                 print(arch, key, {k: (dense[k], run[k]) for k in ("test_acc", "train_time_s", "inference_flops", "peak_rss_mib")}, flush=True)
 
