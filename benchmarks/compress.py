@@ -1,14 +1,15 @@
 """Deep Compression's chain on CIFAR-10 models: dense fp32 -> pruned -> int8 -> + Huffman, and weight sharing
 (k-means, 5, 4 and 3 bits, each also with its codebooks fine-tuned for an epoch) + Huffman, then the same after
-magnitude pruning (half of each layer's weights set to zero, the rest fine-tuned for two epochs), each stage
-measured, plus an SVD low-rank side branch.
+magnitude pruning (three quarters of each layer's weights set to zero, the rest fine-tuned for sixteen epochs,
+distilled from the dense run), each stage measured, plus an SVD low-rank side branch.
 
-    python benchmarks/compress.py [--dense RUN] [--pruned RUN] [--repeats 20] [--lowrank 0.9] [--share-bits 5,4,3]
-                                  [--sparsity 0.5] [--finetune-epochs 2] [--teacher RUN]
+    python benchmarks/compress.py [--dense RUN] [--pruned RUN] [--teacher RUN|none] [--repeats 20] [--lowrank 0.9]
+                                  [--share-bits 5,4,3] [--sparsity 0.75] [--finetune-epochs 16]
 
 The inputs are run directories of `benchmarks/prunetrain.py` (full CIFAR-10, 10 epochs; defaults: the resnet32
-dense run and the resnet32 run pruned at LPR 0.42 of `prunetrain.py --archs resnet32 --lpr 0.5,0.42 --name
-prunetrain_repeat`, the pruned run within a point of the dense one). Each run goes through `bonsai compress`
+dense run and the resnet32 run pruned at LPR 0.35 of `prunetrain.py --archs resnet32 --lpr 0.35 --name
+prunetrain_lpr035`, which removed five blocks and kept dense accuracy within 0.2 points; the teacher defaults to the
+dense run, `--teacher none` fine-tunes without one). Each run goes through `bonsai compress`
 (PyTorch fp32, ONNX fp32, ONNX int8 with per-channel weights calibrated on 512 training images, int8 + Huffman,
 weight sharing; then `--sparsity` and weight sharing of the sparse model), which measures size on disk, batch-1
 and batch-64 latency (median of --repeats calls, onnxruntime / PyTorch on this CPU's 2 cores, timed round-robin
@@ -66,22 +67,23 @@ def plot(chains: dict[str, list[dict]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dense", default=str(RUNS / "prunetrain_repeat_resnet32_dense"))
-    ap.add_argument("--pruned", default=str(RUNS / "prunetrain_repeat_resnet32_pruned_lpr0.42"))
+    ap.add_argument("--dense", default=str(RUNS / "prunetrain_lpr035_resnet32_dense"))
+    ap.add_argument("--pruned", default=str(RUNS / "prunetrain_lpr035_resnet32_pruned"))
     ap.add_argument("--calibration", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--share-bits", default="5,4,3", help="weight-sharing codebook sizes (each also fine-tuned)")
     ap.add_argument("--share-finetune-epochs", type=float, default=1.0)
     ap.add_argument("--lowrank", type=float, default=0.9, help="energy kept by the low-rank side branch (0: skip it)")
-    ap.add_argument("--sparsity", type=float, default=0.5, help="share of each layer's weights set to zero before sharing (0: skip)")
-    ap.add_argument("--finetune-epochs", type=float, default=2.0, help="fine-tuning of the low-rank and the sparse model")
+    ap.add_argument("--sparsity", type=float, default=0.75, help="share of each layer's weights set to zero before sharing (0: skip)")
+    ap.add_argument("--finetune-epochs", type=float, default=16.0, help="fine-tuning of the low-rank and the sparse model")
     ap.add_argument(
         "--dense-chain", choices=("full", "quick"), default="full",
         help="quick: only the dense model's fp32, ONNX and int8 stages (the summary needs no more)",
     )
     ap.add_argument("--name", default="compress", help="results file name (default compress: results/compress.json)")
-    ap.add_argument("--teacher", help="distill the pruned model's fine-tunes from this run, e.g. the dense one (default: none)")
+    ap.add_argument("--teacher", default="dense", help="distill the pruned model's fine-tunes from this run (default: the --dense run; none: no teacher)")
     args = ap.parse_args()
+    args.teacher = {"dense": args.dense, "none": None}.get(args.teacher, args.teacher)
     args.lowrank = args.lowrank or None
     for d in (args.dense, args.pruned):
         if not (Path(d) / "model.safetensors").is_file():
