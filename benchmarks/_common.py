@@ -70,8 +70,8 @@ def run_fit(data: str, out: Path, args: list[str], nproc: int = 1, reuse: bool =
     under `torchrun --standalone --nproc-per-node NPROC`); returns the peak memory (MiB, max RSS from os.wait4: the
     largest single process), also written to OUT/benchmark.json with the fit's arguments. Exits with the command
     line if the fit fails. ``reuse``: a finished run in OUT (its summary.json written) is read instead of trained
-    again; its benchmark.json must name the same arguments, and without one (runs from before it was written) the
-    peak memory is unknown (None)."""
+    again; its benchmark.json must name the same data and arguments, and without one (runs from before it was
+    written) nothing is checked and the peak memory is unknown (None)."""
     import shutil
     import subprocess
     import sys
@@ -79,11 +79,13 @@ def run_fit(data: str, out: Path, args: list[str], nproc: int = 1, reuse: bool =
     record = out / "benchmark.json"
     if reuse and (out / "summary.json").is_file():
         if not record.is_file():
-            print(f"reusing {out} (no benchmark.json: peak memory unknown)", flush=True)
+            print(f"reusing {out} (no benchmark.json: its arguments are not checked and its peak memory is unknown)", flush=True)
             return None
         d = json.loads(record.read_text())
-        if d.get("data") != data or d.get("args") != args or d.get("nproc") != nproc:
-            raise SystemExit(f"{record}: the run was trained with other data or arguments ({d.get('args')}); drop --reuse")
+        want = {"data": data, "args": args, "nproc": nproc}
+        got = {k: d.get(k) for k in want}
+        if got != want:
+            raise SystemExit(f"{record}: the run was trained with {got}, not {want}; drop --reuse")
         print(f"reusing {out}", flush=True)
         return d["peak_rss_mib"]
     shutil.rmtree(out, ignore_errors=True)

@@ -71,9 +71,11 @@ def main() -> None:
     ap.add_argument(
         "--reuse", action="store_true",
         help="read the run directories an earlier call with the same arguments finished instead of training them again "
-        "(runs from before benchmark.json was written: peak memory unknown)",
+        "(checked against their benchmark.json; runs from before it was written: not checked, peak memory unknown)",
     )
     args = ap.parse_args()
+    if args.reuse and args.limit:
+        raise SystemExit("--reuse cannot be combined with --limit: the subset is rebuilt on every call")
     if not Path(args.data).exists():
         raise SystemExit(f"{args.data}: not found; point --data at the CIFAR-10 .npz parts (see ../shared/data/README.md)")
     lprs = [float(v) for v in args.lpr.split(",")]

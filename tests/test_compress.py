@@ -166,17 +166,24 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     exp = bonsai.load(tmp_path / "exp")
     assert (exp.tta, exp.tta_shift, exp.precision) == (run.tta, run.tta_shift, run.precision) and run.tta_shift == 1
     np.testing.assert_allclose(exp.predict(npz_data).probs, run.predict(npz_data).probs, atol=1e-5)
+    assert exp._asked_shift == run._asked_shift == 1
+    np.testing.assert_allclose(exp.predict(npz_data, tta=True).probs, run.predict(npz_data, tta=True).probs, atol=1e-5)
     # an export written before predict.json existed predicts without TTA unless asked
     (tmp_path / "exp" / "predict.json").unlink()
     old = bonsai.load(tmp_path / "exp")
     assert old.predict(npz_data).labels == run.predict(npz_data, tta=False).labels
     assert old.predict(npz_data, tta=True).labels == run.predict(npz_data).labels
-    (tmp_path / "exp" / "predict.json").write_text('{"precision": "auto", "tta": "yes", "tta_shift": 1, "tta_shift_asked": 1}')
-    with pytest.raises(BonsaiError, match="predict.json: damaged"):
-        bonsai.load(tmp_path / "exp")
-    (tmp_path / "exp" / "predict.json").write_text('{"tta": true}')
-    with pytest.raises(BonsaiError, match="predict.json: damaged"):
-        bonsai.load(tmp_path / "exp")
+    for text, problem in (
+        ('{"precision": "auto", "tta": "yes", "tta_shift": 1, "tta_shift_asked": 1}', "damaged .tta must be true or false"),
+        ('{"precision": "auto", "tta": true, "tta_shift": -1, "tta_shift_asked": 1}', "damaged .tta_shift must be whole pixels"),
+        ('{"precision": "int4", "tta": true, "tta_shift": 1, "tta_shift_asked": 1}', "damaged .precision must be one of"),
+        ('{"tta": true}', "damaged .missing precision, tta_shift, tta_shift_asked"),
+        ("[1, 2]", "damaged .expected a JSON object, got list"),
+        ("{", "not valid JSON"),
+    ):
+        (tmp_path / "exp" / "predict.json").write_text(text)
+        with pytest.raises(BonsaiError, match=f"predict.json: {problem}"):
+            bonsai.load(tmp_path / "exp")
 
 
 @needs_onnx

@@ -82,14 +82,21 @@ def _predict_settings(path: Path) -> tuple[str, bool, int, int]:
         return "auto", False, 0, TrainConfig.tta_shift
     try:
         d = json.loads(path.read_text())
-        precision, tta, shift, asked = d["precision"], d["tta"], d["tta_shift"], d["tta_shift_asked"]
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BonsaiError(f"{path}: not valid JSON ({e})") from None
-    except (KeyError, TypeError) as e:
-        raise BonsaiError(f"{path}: damaged (missing {e})") from None
-    ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (shift, asked))
-    if not isinstance(tta, bool) or not ints or precision not in _config.PRECISIONS:
-        raise BonsaiError(f"{path}: damaged (tta must be true/false, shifts whole pixels >= 0, precision one of {', '.join(_config.PRECISIONS)})")
+    if not isinstance(d, dict):
+        raise BonsaiError(f"{path}: damaged (expected a JSON object, got {type(d).__name__})")
+    missing = [k for k in ("precision", "tta", "tta_shift", "tta_shift_asked") if k not in d]
+    if missing:
+        raise BonsaiError(f"{path}: damaged (missing {', '.join(missing)})")
+    precision, tta, shift, asked = d["precision"], d["tta"], d["tta_shift"], d["tta_shift_asked"]
+    if not isinstance(tta, bool):
+        raise BonsaiError(f"{path}: damaged (tta must be true or false, got {tta!r})")
+    for key, v in (("tta_shift", shift), ("tta_shift_asked", asked)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise BonsaiError(f"{path}: damaged ({key} must be whole pixels >= 0, got {v!r})")
+    if precision not in _config.PRECISIONS:
+        raise BonsaiError(f"{path}: damaged (precision must be one of {', '.join(_config.PRECISIONS)}, got {precision!r})")
     return precision, tta, shift, asked
 
 
