@@ -103,7 +103,9 @@ def ort_logits(sess, x: np.ndarray | torch.Tensor, batch: int = 256) -> np.ndarr
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray | torch.Tensor, batch: int = 64) -> Path:
-    """Static int8 quantization (QDQ, per-channel weights) calibrated on ``calibration`` (uint8 NCHW images)."""
+    """Static int8 quantization in operator format (QLinearConv, after onnxruntime's graph pre-processing), with
+    per-channel symmetric int8 weights and uint8 activations min/max-calibrated on ``calibration`` (uint8 NCHW
+    images)."""
     _need_onnx()
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
