@@ -140,7 +140,9 @@ def main() -> None:
         "acc_drop_points": summary["acc_drop_points"] <= 1,
         "int8_latency_ratio": summary["int8_latency_ratio"] <= 0.5,
     }
-    details = {k: {kk: vv for kk, vv in r.items() if kk != "run"} | {"run": portable([r["run"]])} for k, r in records.items()}
+    # paths as the command line gives them, relative to the project: results name no machine
+    paths = ("run", "teacher")
+    details = {k: r | {kk: portable([r[kk]]) for kk in paths if r.get(kk)} for k, r in records.items()}
     out = write_result(args.name, summary, details, portable([Path(sys.executable).name, *sys.argv]))
     plot(chains, RESULTS / f"{args.name}.png")
     print(summary)

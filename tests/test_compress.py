@@ -166,7 +166,7 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     exp = bonsai.load(tmp_path / "exp")
     assert (exp.tta, exp.tta_shift, exp.precision) == (run.tta, run.tta_shift, run.precision) and run.tta_shift == 1
     np.testing.assert_allclose(exp.predict(npz_data).probs, run.predict(npz_data).probs, atol=1e-5)
-    assert exp._asked_shift == run._asked_shift == 1
+    assert exp.tta_shift_asked == run.tta_shift_asked == 1
     np.testing.assert_allclose(exp.predict(npz_data, tta=True).probs, run.predict(npz_data, tta=True).probs, atol=1e-5)
     # an export written before predict.json existed predicts without TTA unless asked
     (tmp_path / "exp" / "predict.json").unlink()

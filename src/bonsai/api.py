@@ -68,11 +68,12 @@ class Predictions:
 
 
 PREDICT_FILE = "predict.json"  # an exported model's prediction settings (bonsai export writes it)
+PREDICT_KEYS = ("precision", "tta", "tta_shift", "tta_shift_asked")  # its keys: the Run attributes of those names
 
 
 def predict_settings(run: "Run") -> dict:
     """What ``bonsai export`` writes to ``predict.json``: the run's default test-time augmentation and precision."""
-    return {"precision": run.precision, "tta": run.tta, "tta_shift": run.tta_shift, "tta_shift_asked": run._asked_shift}
+    return {k: getattr(run, k) for k in PREDICT_KEYS}
 
 
 def _predict_settings(path: Path) -> tuple[str, bool, int, int]:
@@ -86,10 +87,10 @@ def _predict_settings(path: Path) -> tuple[str, bool, int, int]:
         raise BonsaiError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise BonsaiError(f"{path}: damaged (expected a JSON object, got {type(d).__name__})")
-    missing = [k for k in ("precision", "tta", "tta_shift", "tta_shift_asked") if k not in d]
+    missing = [k for k in PREDICT_KEYS if k not in d]
     if missing:
         raise BonsaiError(f"{path}: damaged (missing {', '.join(missing)})")
-    precision, tta, shift, asked = d["precision"], d["tta"], d["tta_shift"], d["tta_shift_asked"]
+    precision, tta, shift, asked = (d[k] for k in PREDICT_KEYS)
     if not isinstance(tta, bool):
         raise BonsaiError(f"{path}: damaged (tta must be true or false, got {tta!r})")
     for key, v in (("tta_shift", shift), ("tta_shift_asked", asked)):
@@ -139,9 +140,9 @@ class Run:
             self.tta = run_cfg.tta_mirror()
             self.tta_shift = run_cfg.tta_shift(self.image_size)
             # the shifts an explicit tta=True asks for: the run's own where it translated
-            self._asked_shift = run_cfg.tta_shift(self.image_size, tta=True)
+            self.tta_shift_asked = run_cfg.tta_shift(self.image_size, tta=True)
         else:
-            self.precision, self.tta, self.tta_shift, self._asked_shift = _predict_settings(self.dir / PREDICT_FILE)
+            self.precision, self.tta, self.tta_shift, self.tta_shift_asked = _predict_settings(self.dir / PREDICT_FILE)
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r}, test_acc={self.summary.get('test_acc')})"
@@ -171,7 +172,7 @@ class Run:
         elif tta_shift is not None:
             shift = tta_shift
         elif tta:
-            shift = self._asked_shift
+            shift = self.tta_shift_asked
         else:
             shift = self.tta_shift
         if shift < 0:
