@@ -3,26 +3,28 @@
 magnitude pruning (three quarters of each layer's weights set to zero, the rest fine-tuned for sixteen epochs,
 distilled from the dense run), each stage measured, plus an SVD low-rank side branch.
 
-    python benchmarks/compress.py [--dense RUN] [--pruned RUN] [--teacher RUN|none] [--repeats 20] [--lowrank 0.9]
+    python benchmarks/compress.py [--dense RUN] [--pruned RUN] [--teacher RUN|none] [--rounds 10] [--lowrank 0.9]
                                   [--share-bits 5,4,3] [--sparsity 0.75] [--finetune-epochs 16]
 
 The inputs are run directories of `benchmarks/prunetrain.py` (full CIFAR-10, 10 epochs; defaults: the resnet32
 dense run and the resnet32 run pruned at LPR 0.35 of `prunetrain.py --archs resnet32 --lpr 0.35 --name
 prunetrain_lpr035`, which removed five blocks and kept dense accuracy within 0.2 points; the teacher defaults to the
-dense run, `--teacher none` fine-tunes without one). Each run goes through `bonsai compress`
-(PyTorch fp32, ONNX fp32, ONNX int8 with per-channel weights calibrated on 512 training images, int8 + Huffman,
-weight sharing; then `--sparsity` and weight sharing of the sparse model), which measures size on disk, batch-1
-and batch-64 latency (median of --repeats calls, onnxruntime / PyTorch on this CPU's 2 cores, timed round-robin
-across the stages of one runtime so that the host's noise falls on all of them alike), and validation and test
-accuracy. Every fine-tune uses the runs' own augmentation; with `--teacher` the pruned model's also distill. The
-low-rank branch factorizes each conv whose SVD rank at 90% energy saves multiply-adds and runs faster at its own
-shape, measured before and after --finetune-epochs of fine-tuning. Summary:
+dense run, `--teacher none` fine-tunes without one). Each run goes through `bonsai compress` (PyTorch fp32, ONNX
+fp32, ONNX int8 with per-channel weights calibrated on 512 training images and the stem conv kept in fp32, int8 +
+Huffman, weight sharing; then `--sparsity` and weight sharing of the sparse model), which measures size on disk,
+batch-1 and batch-64 latency (onnxruntime / PyTorch on this CPU's 2 cores, timed round-robin across the stages of
+one runtime so that the host's noise falls on all of them alike, in --rounds rounds of --repeats calls), and
+validation and test accuracy. Every fine-tune uses the runs' own augmentation; with `--teacher` the pruned model's
+also distill. The low-rank branch factorizes each conv whose SVD rank at 90% energy saves multiply-adds and runs
+faster at its own shape, measured before and after --finetune-epochs of fine-tuning. Summary:
 - size_reduction: dense fp32 `model.safetensors` size / the final artifact's size (x), where the final artifact is
   the smallest stage of the pruned chain whose validation accuracy is within 0.5 points of the pruned fp32 model's
   (weight sharing of the pruned or the sparse model, plain or fine-tuned, or int8 + Huffman);
 - acc_drop_points: dense fp32 test accuracy - the final artifact's test accuracy (points);
-- int8_latency_ratio: int8 / fp32 batch-64 latency in onnxruntime, for the pruned model (and the dense one; and
-  `int8_latency_ratio_unpadded`: the pruned model quantized without padding its widths to multiples of 16).
+- int8_latency_ratio: int8 / fp32 batch-64 latency in onnxruntime, for the pruned model: the median over the
+  timing rounds of each round's ratio (`int8_latency_ratio_rounds` lists them; this host changes pace between
+  rounds); also for the dense one, and `int8_latency_ratio_unpadded`: the pruned model quantized without padding
+  its widths to multiples of 16.
 Writes benchmarks/results/compress.json and compress.png (or --name's).
 """
 
@@ -70,7 +72,8 @@ def main() -> None:
     ap.add_argument("--dense", default=str(RUNS / "prunetrain_lpr035_resnet32_dense"))
     ap.add_argument("--pruned", default=str(RUNS / "prunetrain_lpr035_resnet32_pruned"))
     ap.add_argument("--calibration", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=10, help="calls per stage and batch size in each timing round")
+    ap.add_argument("--rounds", type=int, default=10, help="timing rounds; a ratio is the median of its rounds' ratios")
     ap.add_argument("--share-bits", default="5,4,3", help="weight-sharing codebook sizes (each also fine-tuned)")
     ap.add_argument("--share-finetune-epochs", type=float, default=1.0)
     ap.add_argument("--lowrank", type=float, default=0.9, help="energy kept by the low-rank side branch (0: skip it)")
@@ -92,14 +95,14 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from bonsai.compress.pipeline import compress
+    from bonsai.compress.pipeline import compress, latency_ratio
 
     t0 = time.time()
     bits = tuple(int(b) for b in args.share_bits.split(","))
     quick = {"lowrank": None, "share_bits": (), "sparsity": 0.0}  # --dense-chain quick: the dense model's baseline stages only
     records = {
         name: compress(
-            d, calibration=args.calibration, repeats=args.repeats, share_finetune_epochs=args.share_finetune_epochs,
+            d, calibration=args.calibration, repeats=args.repeats, rounds=args.rounds, share_finetune_epochs=args.share_finetune_epochs,
             finetune_epochs=args.finetune_epochs, teacher=args.teacher if name == "pruned" else None,
             **(quick if name == "dense" and args.dense_chain == "quick" else {"lowrank": args.lowrank, "share_bits": bits, "sparsity": args.sparsity}),
         )
@@ -112,11 +115,14 @@ def main() -> None:
     summary = {
         "size_reduction": round(dense_fp32["size_bytes"] / final["size_bytes"], 2),
         "acc_drop_points": round(100 * (dense_fp32["test_acc"] - final["test_acc"]), 2),
-        "int8_latency_ratio": round(st["pruned"]["ONNX int8"]["latency_b64_ms"] / st["pruned"]["ONNX fp32"]["latency_b64_ms"], 3),
-        "int8_latency_ratio_dense": round(st["dense"]["ONNX int8"]["latency_b64_ms"] / st["dense"]["ONNX fp32"]["latency_b64_ms"], 3),
+        "int8_latency_ratio": latency_ratio(st["pruned"]["ONNX int8"], st["pruned"]["ONNX fp32"]),
+        "int8_latency_ratio_rounds": [
+            round(a / b, 3) for a, b in zip(st["pruned"]["ONNX int8"]["latency_b64_ms_rounds"], st["pruned"]["ONNX fp32"]["latency_b64_ms_rounds"], strict=True)
+        ],
+        "int8_latency_ratio_dense": latency_ratio(st["dense"]["ONNX int8"], st["dense"]["ONNX fp32"]),
         # the pruned model quantized at its trained widths, without the zero channels that round them to 16
         "int8_latency_ratio_unpadded": (
-            round(st["pruned"]["ONNX int8, widths as trained"]["latency_b64_ms"] / st["pruned"]["ONNX fp32"]["latency_b64_ms"], 3)
+            latency_ratio(st["pruned"]["ONNX int8, widths as trained"], st["pruned"]["ONNX fp32"])
             if "ONNX int8, widths as trained" in st["pruned"] else None
         ),
         "final_stage": final["stage"],

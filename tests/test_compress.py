@@ -112,9 +112,16 @@ def test_int8_model_is_close_to_float_and_huffman_packing_restores_it_exactly(tm
     ref, q = ort_logits(session(fp32), x), ort_logits(session(int8), x)
     assert np.abs(q - ref).mean() < 0.1 * ref.std()  # int8 error well under the spread of the logits
     assert (q.argmax(1) == ref.argmax(1)).mean() >= 0.9
-    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(int8)).graph.initializer}
-    assert sum(a.dtype == np.int8 for a in inits.values()) >= 8  # every conv and the head: int8 weights
+    graph = onnx.load(str(int8)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    ops = [n.op_type for n in graph.node]
+    # the stem (the first conv, on the image's 3 channels) stays fp32, every later conv and the head are int8
+    stem = next(n for n in graph.node if "Conv" in n.op_type)
+    assert stem.op_type == "Conv" and inits[stem.input[1]].dtype == np.float32 and inits[stem.input[1]].shape[1] == 3
+    assert ops.count("Conv") == 1 and ops.count("QLinearConv") == sum(a.dtype == np.int8 and a.ndim == 4 for a in inits.values()) >= 7
     assert int8.stat().st_size < 0.45 * fp32.stat().st_size
+    whole = quantize_int8(fp32, tmp_path / "all8.onnx", x[:48], fp32_stem=False)
+    assert [n.op_type for n in onnx.load(str(whole)).graph.node].count("Conv") == 0  # every conv int8
 
     packed, stats = pack_onnx(int8)
     assert len(packed) < int8.stat().st_size and 0 < stats["bits_per_weight"] < 8
@@ -126,15 +133,27 @@ def test_int8_model_is_close_to_float_and_huffman_packing_restores_it_exactly(tm
         unpack_onnx(b"nonsense")
 
 
+def test_latency_ratio_pairs_the_rounds():
+    from bonsai.compress.pipeline import latency_ratio
+
+    # the host slowed down in the middle round; in two rounds of three the stage took half the reference's time,
+    # which the ratio of the two overall medians (3 / 4) hides
+    stage, ref = {"latency_b64_ms_rounds": [1.0, 6.0, 3.0]}, {"latency_b64_ms_rounds": [2.0, 12.0, 4.0]}
+    assert latency_ratio(stage, ref) == 0.5
+    assert latency_ratio({"latency_b1_ms_rounds": [3.0]}, {"latency_b1_ms_rounds": [2.0]}, batch=1) == 1.5
+    with pytest.raises(ValueError):  # not timed in the same rounds
+        latency_ratio({"latency_b64_ms_rounds": [1.0]}, ref)
+
+
 @needs_onnx
 @pytest.mark.report
 def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     import bonsai
     from bonsai.cli import main
-    from bonsai.compress.pipeline import compress
+    from bonsai.compress.pipeline import compress, latency_ratio
 
     run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
-    record = compress(run.dir, calibration=32, repeats=2, lowrank=0.5)
+    record = compress(run.dir, calibration=32, repeats=2, lowrank=0.5, rounds=3)
     names = ["PyTorch fp32", "PyTorch fp32 low-rank 0.5", "PyTorch fp32 low-rank 0.5 + fine-tune", "ONNX fp32", "ONNX int8", "ONNX int8 + Huffman"]
     names += [f"PyTorch k-means {b}-bit{t} + Huffman" for b in (5, 4) for t in ("", " fine-tuned")]
     assert [s["stage"] for s in record["stages"]] == names
@@ -158,6 +177,8 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     assert record["stages"][1]["val_acc"] == record["stages"][0]["val_acc"]
     assert record["stages"][3]["val_acc"] == record["stages"][2]["val_acc"]  # packing is lossless
     assert all(s["latency_b1_ms"] > 0 and s["latency_b64_ms"] > 0 and s["test_acc"] is not None for s in record["stages"])
+    assert all(len(s["latency_b1_ms_rounds"]) == len(s["latency_b64_ms_rounds"]) == 3 for s in record["stages"])
+    assert record["int8_latency_ratio_b64"] == latency_ratio(record["stages"][2], record["stages"][1]) > 0
     page = bonsai.report.html.write_report(run.dir).read_text()
     assert "ONNX int8 + Huffman" in page
 

@@ -112,10 +112,13 @@ def _measure(name: str, file: Path, logits_fn, val, test, params: int, flops: in
     return row
 
 
-def _latencies(runners: list, x: torch.Tensor, repeats: int, warmup: int = 3) -> None:
-    """Median wall time of one call at batch 1 and 64 for every stage, taken round-robin within each runtime
-    (PyTorch stages, then onnxruntime stages): each round times every stage of the group once. The two runtimes
-    are not interleaved with each other, as one's idle worker threads slow the other."""
+def _latencies(runners: list, x: torch.Tensor, repeats: int, rounds: int = 1, warmup: int = 3) -> None:
+    """Wall time of one call at batch 1 and 64 for every stage, taken round-robin within each runtime (PyTorch
+    stages, then onnxruntime stages): each pass times every stage of the group once, and ``rounds`` rounds of
+    ``repeats`` passes follow each other. A stage's ``latency_b{1,64}_ms`` is the median of all its calls, and
+    ``latency_b{1,64}_ms_rounds`` holds each round's median, so that two stages can be compared round by round
+    (:func:`latency_ratio`). The two runtimes are not interleaved with each other, as one's idle worker threads
+    slow the other."""
     groups: dict[bool, list] = {}
     for row, fn in runners:
         groups.setdefault(row["stage"].startswith("ONNX"), []).append((row, fn))
@@ -125,16 +128,26 @@ def _latencies(runners: list, x: torch.Tensor, repeats: int, warmup: int = 3) ->
             for _, fn in group:
                 for _ in range(warmup):
                     fn(sample)
-            times: list[list[float]] = [[] for _ in group]
-            for _ in range(repeats):
-                for i, (_, fn) in enumerate(group):
-                    t0 = time.perf_counter()
-                    fn(sample)
-                    times[i].append(time.perf_counter() - t0)
+            times = [[[] for _ in range(rounds)] for _ in group]
+            for r in range(rounds):
+                for _ in range(repeats):
+                    for i, (_, fn) in enumerate(group):
+                        t0 = time.perf_counter()
+                        fn(sample)
+                        times[i][r].append(time.perf_counter() - t0)
             for (row, _), t in zip(group, times, strict=True):
-                row[f"latency_b{b}_ms"] = round(1000 * float(np.median(t)), 3)
+                row[f"latency_b{b}_ms"] = round(1000 * float(np.median(sum(t, []))), 3)
+                row[f"latency_b{b}_ms_rounds"] = [round(1000 * float(np.median(tr)), 3) for tr in t]
     for row, _ in runners:
         log.info("%-54s %8.1f KB  val %.2f%%  b1 %.2f ms  b64 %.1f ms", row["stage"], row["size_bytes"] / 1024, 100 * row["val_acc"], row["latency_b1_ms"], row["latency_b64_ms"])
+
+
+def latency_ratio(stage: dict, reference: dict, batch: int = 64) -> float:
+    """``stage``'s latency over ``reference``'s: the median over timing rounds of the ratio of their medians in
+    that round. Both were timed in the same rounds, call by call in turn, so a round's ratio sees one state of a
+    shared host, and the median over rounds is robust to the host changing pace between them."""
+    key = f"latency_b{batch}_ms_rounds"
+    return round(float(np.median([a / b for a, b in zip(stage[key], reference[key], strict=True)])), 3)
 
 
 def _module_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -147,9 +160,9 @@ def _module_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def compress(
-    run_dir: str | Path, data: str | Path | None = None, calibration: int = 512, out: str | Path | None = None, repeats: int = 20,
+    run_dir: str | Path, data: str | Path | None = None, calibration: int = 512, out: str | Path | None = None, repeats: int = 10,
     lowrank: float | None = None, finetune_epochs: float = 1.0, share_bits: tuple[int, ...] = (5, 4), share_finetune_epochs: float = 1.0,
-    sparsity: float = 0.0, teacher: str | Path | None = None,
+    sparsity: float = 0.0, teacher: str | Path | None = None, rounds: int = 5,
 ) -> dict:
     """Run every stage on ``run_dir``'s best model; write the artifacts to ``out`` (default RUN/compressed) and
     ``RUN/compression.json``; return the record. ``lowrank``: also measure the SVD-factorized fp32 model keeping
@@ -160,8 +173,12 @@ def compress(
     zero this share of the smallest weights of each layer (:func:`~bonsai.compress.sharing.sparsify_`), fine-tune
     the rest for ``finetune_epochs``, and share that model's weights at each of ``share_bits`` (plain and
     fine-tuned). ``teacher``: a run directory or exported model whose soft targets every fine-tune learns too
-    (knowledge distillation; the run's own ``distill.temperature`` and ``distill.alpha``)."""
+    (knowledge distillation; the run's own ``distill.temperature`` and ``distill.alpha``). Latency: ``rounds``
+    rounds of ``repeats`` calls per stage and batch size (:func:`_latencies`)."""
     from bonsai.api import load
+
+    if repeats < 1 or rounds < 1:
+        raise BonsaiError(f"latency timing needs at least one round of one call, got rounds={rounds}, repeats={repeats}")
 
     run = load(run_dir)
     out = Path(out) if out else run.dir / "compressed"
@@ -275,7 +292,7 @@ def compress(
         stages[-1]["note"] = f"the smallest {sparsity:.0%} of each layer's weights (stem conv aside) set to zero{tuned}; zeros stored densely"
         share_stages(sparse, tag)
 
-    _latencies(runners, xv, repeats)
+    _latencies(runners, xv, repeats, rounds)
     base = stages[0]
     by_name = {st["stage"]: st for st in stages}
     # the final artifact: the smallest stage (low-rank side branch aside) whose validation accuracy is within
@@ -296,7 +313,7 @@ def compress(
         "final_stage": final["stage"],
         "size_reduction_vs_fp32": round(base["size_bytes"] / final["size_bytes"], 2),
         "val_acc_drop_points": round(100 * (base["val_acc"] - final["val_acc"]), 2),
-        "int8_latency_ratio_b64": round(by_name["ONNX int8"]["latency_b64_ms"] / by_name["ONNX fp32"]["latency_b64_ms"], 3),
+        "int8_latency_ratio_b64": latency_ratio(by_name["ONNX int8"], by_name["ONNX fp32"]),
         "lowrank_layers": lowrank_layers,
         "threads": torch.get_num_threads(),
     }
