@@ -198,7 +198,7 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """A 2-process run (pruned and widened, then resumed for one more epoch), its 1-process twin, and a 2-process
-    run under a time budget."""
+    run under a time budget (with the whitened stem, which rank 0 computes and hands to rank 1)."""
     root = tmp_path_factory.mktemp("ddp")
     x, y = make_images(40)
     np.savez(root / "d.npz", x_train=x, y_train=y, x_test=x[:12], y_test=y[:12])
@@ -213,7 +213,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     }
     _torchrun("--resume", "two", "epochs=5", "train.rank_dir=ranks", cwd=root)
     # the budget clock: every rank stops at the same step when the (synchronized) budget runs out
-    _torchrun(str(root / "d.npz"), "--arch", str(root / "arch.json"), "--budget", "6s", "--prune", "batch_size=16", "--quiet", "--out", "budget", "train.rank_dir=ranks_budget", cwd=root)
+    _torchrun(str(root / "d.npz"), "--arch", str(root / "arch.json"), "--budget", "6s", "--prune", "batch_size=16", "--quiet", "--out", "budget", "train.rank_dir=ranks_budget", "model.whiten_stem=true", cwd=root)
     subprocess.run([sys.executable, "-m", "bonsai", "fit", *common, "--out", "one"], cwd=root, check=True, capture_output=True, timeout=300)
     return {"root": root, "two": root / "two", "one": root / "one", "rank1": root / "ranks" / "rank1", "first": first, "budget": root / "budget", "budget1": root / "ranks_budget" / "rank1"}
 
@@ -244,6 +244,8 @@ def test_a_budget_run_stops_every_rank_at_the_same_step(runs):
     assert [m["lr"] for m in m0] == [m["lr"] for m in m1]  # the LR of the budget schedule came from one clock
     c0, c1 = _tensors(runs["budget"] / "checkpoint.safetensors"), _tensors(runs["budget1"] / "checkpoint.safetensors")
     assert c0.keys() == c1.keys() and all(torch.equal(c0[k], c1[k]) for k in c0)
+    whitened = [[e["filters"] for e in _lines(d / "events.jsonl") if e["event"] == "whiten_stem"] for d in (runs["budget"], runs["budget1"])]
+    assert whitened[0] == whitened[1] and whitened[0][0] > 0
 
 
 def test_the_two_process_run_prunes_and_grows_in_lockstep(runs):

@@ -387,8 +387,15 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
         spec = _spec(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, cfg, ds)
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
     whitened = 0
-    if cfg.model.whiten_stem and resume is None:  # every rank computes the same filters from the same seed
-        whitened = whiten_stem_(model, sample_images(train_split, WHITEN_IMAGES, ds.image_size, ds.channels, cfg.seed), WHITEN_IMAGES, cfg.seed)
+    if cfg.model.whiten_stem and resume is None:
+        # rank 0 decodes the sample (streamed datasets read it from files) and finds the filters; the other ranks
+        # take them from it, bit for bit (JSON carries a float32 exactly)
+        if dist.main:
+            whitened = whiten_stem_(model, sample_images(train_split, WHITEN_IMAGES, ds.image_size, ds.channels, cfg.seed), WHITEN_IMAGES, cfg.seed)
+        if dist.on:
+            stem = model.stem[0].weight
+            whitened, w = dist.broadcast_json([whitened, stem.detach().flatten().tolist()] if dist.main else None)
+            stem.data.copy_(torch.tensor(w, dtype=stem.dtype).view_as(stem))
     state = None
     ckpt_tensors = None
     if resume is not None:
