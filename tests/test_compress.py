@@ -218,7 +218,7 @@ def test_compress_with_sparsity_and_a_teacher(npz_data: Path, tmp_path: Path, ca
 
     run = bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
     args = ["compress", str(run.dir), "--calibration", "16", "--share-bits", "4", "--sparsity", "0.5", "--finetune-epochs", "0.5"]
-    assert main([*args, "--share-finetune-epochs", "0.5", "--teacher", str(run.dir)]) == 0
+    assert main([*args, "--share-finetune-epochs", "0.5", "--teacher", str(run.dir), "--rounds", "2", "--repeats", "1"]) == 0
     record = json.loads((run.dir / "compression.json").read_text())
     names = [s["stage"] for s in record["stages"]]
     assert names[4:] == [
@@ -232,7 +232,10 @@ def test_compress_with_sparsity_and_a_teacher(npz_data: Path, tmp_path: Path, ca
     model = unpack_shared((run.dir / "compressed" / by["PyTorch sparse 50% k-means 4-bit fine-tuned + Huffman"]["file"]).read_bytes())
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1:]
     assert all(abs(float((w == 0).float().mean()) - 0.5) < 0.01 for w in convs)
-    assert "PyTorch sparse 50% k-means 4-bit fine-tuned + Huffman" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PyTorch sparse 50% k-means 4-bit fine-tuned + Huffman" in out
+    assert f"int8 / fp32 onnxruntime latency at batch 64: {record['int8_latency_ratio_b64']:.3f} (the median of 2 rounds' ratios)" in out
+    assert all(len(st["latency_b64_ms_rounds"]) == 2 for st in record["stages"])
 
     other = tmp_path / "other.npz"
     d = dict(np.load(npz_data))
@@ -243,6 +246,8 @@ def test_compress_with_sparsity_and_a_teacher(npz_data: Path, tmp_path: Path, ca
     assert f"{teacher.dir}: the teacher predicts 2 classes from 3-channel images" in capsys.readouterr().err
     assert main([*args[:-4], "--sparsity", "1"]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+    assert main([*args, "--rounds", "0"]) == 2
+    assert "latency timing needs at least one round of one call, got rounds=0" in capsys.readouterr().err
 
 
 @needs_onnx

@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
         "and weight-share that model too (Deep Compression's pruning; zeros cost under a bit each)",
     )
     k.add_argument("--teacher", metavar="RUN", help="every fine-tune also learns this run's (or exported model's) soft targets")
+    k.add_argument("--rounds", type=int, default=5, help="latency timing rounds; a latency ratio is the median of the rounds' ratios (default 5)")
+    k.add_argument("--repeats", type=int, default=10, help="calls per stage and batch size in each timing round (default 10)")
 
     p = sub.add_parser("predict", help="classify images with a trained run")
     p.add_argument("run", help="a run directory (arch.json + model.safetensors + dataset.json)")
@@ -252,13 +254,14 @@ def _cmd_compress(ns) -> int:
         raise BonsaiError(f"--share-bits {ns.share_bits!r}: each must be from 1 to 8")
     r = compress(
         ns.run, ns.data, ns.calibration, ns.out, lowrank=ns.lowrank, finetune_epochs=ns.finetune_epochs, share_bits=bits, share_finetune_epochs=ns.share_finetune_epochs,
-        sparsity=ns.sparsity, teacher=ns.teacher,
+        sparsity=ns.sparsity, teacher=ns.teacher, rounds=ns.rounds, repeats=ns.repeats,
     )
     w = max(len(st["stage"]) for st in r["stages"])
     print(f"{'stage':{w}s} {'size':>10s} {'val acc':>8s} {'test acc':>8s} {'b1 ms':>7s} {'b64 ms':>7s}")
     for st in r["stages"]:
         test = "-" if st["test_acc"] is None else f"{st['test_acc']:.2%}"
         print(f"{st['stage']:{w}s} {st['size_bytes'] / 1024:8.1f}KB {st['val_acc']:8.2%} {test:>8s} {st['latency_b1_ms']:7.2f} {st['latency_b64_ms']:7.1f}")
+    print(f"int8 / fp32 onnxruntime latency at batch 64: {r['int8_latency_ratio_b64']:.3f} (the median of {ns.rounds} rounds' ratios)")
     print(
         f"final: {r['final_stage']} (the smallest within 0.5 points of fp32 on validation), "
         f"{r['size_reduction_vs_fp32']}x smaller than model.safetensors; wrote {Path(ns.run) / 'compression.json'}"
