@@ -3,7 +3,7 @@
 magnitude pruning (three quarters of each layer's weights set to zero, the rest fine-tuned for sixteen epochs,
 distilled from the dense run), each stage measured, plus an SVD low-rank side branch.
 
-    python benchmarks/compress.py [--dense RUN] [--pruned RUN] [--teacher RUN|none] [--rounds 10] [--lowrank 0.9]
+    python benchmarks/compress.py [--dense RUN] [--pruned RUN] [--teacher RUN|none] [--rounds 11] [--lowrank 0.9]
                                   [--share-bits 5,4,3] [--sparsity 0.75] [--finetune-epochs 16]
 
 The inputs are run directories of `benchmarks/prunetrain.py` (full CIFAR-10, 10 epochs; defaults: the resnet32
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--pruned", default=str(RUNS / "prunetrain_lpr035_resnet32_pruned"))
     ap.add_argument("--calibration", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=10, help="calls per stage and batch size in each timing round")
-    ap.add_argument("--rounds", type=int, default=10, help="timing rounds; a ratio is the median of its rounds' ratios")
+    ap.add_argument("--rounds", type=int, default=11, help="timing rounds (odd: the median is a measured round); a ratio is the median of its rounds' ratios")
     ap.add_argument("--share-bits", default="5,4,3", help="weight-sharing codebook sizes (each also fine-tuned)")
     ap.add_argument("--share-finetune-epochs", type=float, default=1.0)
     ap.add_argument("--lowrank", type=float, default=0.9, help="energy kept by the low-rank side branch (0: skip it)")

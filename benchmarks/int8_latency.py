@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, RUNS, portable, write_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, RUNS, portable, write_result  # noqa: E402
 
 THREADS = (1, 2)
 

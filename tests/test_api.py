@@ -177,6 +177,43 @@ def test_resume_refuses_different_data_and_extends_a_finished_run(npz_data: Path
     assert [json.loads(x)["epoch"] for x in (run.dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_under_torchrun_only_rank_0_decodes_the_whitening_sample_and_the_others_take_its_filters(monkeypatch):
+    from types import SimpleNamespace
+
+    from bonsai import api
+    from bonsai.models.arch import preset
+    from bonsai.models.resnet import build
+
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    ds = SimpleNamespace(image_size=16, channels=3)
+    sent = []
+
+    class Rank:
+        def __init__(self, rank: int):
+            self.main, self.on = rank == 0, True
+
+        def broadcast_json(self, obj):
+            if self.main:
+                sent.append(json.loads(json.dumps(obj)))  # what travels: plain JSON
+                return sent[-1]
+            return sent[-1]
+
+    monkeypatch.setattr(api, "sample_images", lambda *a: x)
+    torch.manual_seed(0)
+    rank0 = build(preset("resnet8", 3, 3, 16))
+    assert api._whiten_stem(rank0, None, ds, 0, Rank(0)) == 16
+
+    def no_decoding(*a):
+        raise AssertionError("rank 1 decoded the sample")
+
+    monkeypatch.setattr(api, "sample_images", no_decoding)
+    torch.manual_seed(1)  # another random init: the filters must come from rank 0, bit for bit
+    rank1 = build(preset("resnet8", 3, 3, 16))
+    assert not torch.equal(rank1.stem[0].weight, rank0.stem[0].weight)
+    assert api._whiten_stem(rank1, None, ds, 0, Rank(1)) == 16
+    assert torch.equal(rank1.stem[0].weight, rank0.stem[0].weight)
+
+
 @pytest.mark.parametrize("source", ["npz", "folder"])
 def test_fit_whitens_the_stem_and_alternates_flips_when_asked(source: str, npz_data: Path, folder_data: Path, tmp_path: Path, monkeypatch):
     from bonsai.data import loader as loader_mod

@@ -119,6 +119,7 @@ def test_int8_model_is_close_to_float_and_huffman_packing_restores_it_exactly(tm
     stem = next(n for n in graph.node if "Conv" in n.op_type)
     assert stem.op_type == "Conv" and inits[stem.input[1]].dtype == np.float32 and inits[stem.input[1]].shape[1] == 3
     assert ops.count("Conv") == 1 and ops.count("QLinearConv") == sum(a.dtype == np.int8 and a.ndim == 4 for a in inits.values()) >= 7
+    assert any(op in ops for op in ("QGemm", "QLinearMatMul"))  # the head
     assert int8.stat().st_size < 0.45 * fp32.stat().st_size
     whole = quantize_int8(fp32, tmp_path / "all8.onnx", x[:48], fp32_stem=False)
     assert [n.op_type for n in onnx.load(str(whole)).graph.node].count("Conv") == 0  # every conv int8

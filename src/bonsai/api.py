@@ -348,6 +348,20 @@ def _spec(name: str, cfg: FitConfig, ds, planned: bool = False) -> ArchSpec:
 WHITEN_IMAGES = 2000  # images whose patches set the whitened stem (model.whiten_stem)
 
 
+def _whiten_stem(model: ResNet, train_split, ds: Dataset, seed: int, dist: distributed.Dist) -> int:
+    """``whiten_stem_`` on the training images; returns how many filters it set. Under torchrun rank 0 decodes the
+    sample (a streamed dataset reads it from files) and finds the filters, and the other ranks take them from it,
+    bit for bit (JSON carries a float32 exactly), without decoding anything."""
+    whitened = 0
+    if dist.main:
+        whitened = whiten_stem_(model, sample_images(train_split, WHITEN_IMAGES, ds.image_size, ds.channels, seed), WHITEN_IMAGES, seed)
+    if dist.on:
+        stem = model.stem[0].weight
+        whitened, w = dist.broadcast_json([whitened, stem.detach().flatten().tolist()] if dist.main else None)
+        stem.data.copy_(torch.tensor(w, dtype=stem.dtype).view_as(stem))
+    return whitened
+
+
 def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, resume, progress: bool, dist: distributed.Dist, new_batch: bool) -> Run | None:
     """fit, once the run directory ``out`` is chosen: ``work`` is where this process writes (``out`` on rank 0)."""
 
@@ -386,16 +400,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     else:
         spec = _spec(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, cfg, ds)
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
-    whitened = 0
-    if cfg.model.whiten_stem and resume is None:
-        # rank 0 decodes the sample (streamed datasets read it from files) and finds the filters; the other ranks
-        # take them from it, bit for bit (JSON carries a float32 exactly)
-        if dist.main:
-            whitened = whiten_stem_(model, sample_images(train_split, WHITEN_IMAGES, ds.image_size, ds.channels, cfg.seed), WHITEN_IMAGES, cfg.seed)
-        if dist.on:
-            stem = model.stem[0].weight
-            whitened, w = dist.broadcast_json([whitened, stem.detach().flatten().tolist()] if dist.main else None)
-            stem.data.copy_(torch.tensor(w, dtype=stem.dtype).view_as(stem))
+    whitened = _whiten_stem(model, train_split, ds, cfg.seed, dist) if cfg.model.whiten_stem and resume is None else 0
     state = None
     ckpt_tensors = None
     if resume is not None:

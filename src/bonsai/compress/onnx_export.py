@@ -8,9 +8,9 @@
   (QLinearConv, QLinearMatMul, ...): per-channel symmetric int8 weights, per-tensor uint8 activations with ranges
   calibrated (min/max) on a sample of training images. On this CPU the operator format ran 10-25% faster than
   QDQ and was a quarter smaller (one measurement on the pruned CIFAR-10 resnet32). The stem conv stays fp32 (a
-  Conv between a DequantizeLinear and a QuantizeLinear): on the image's three channels the int8 kernel ran it 4x
-  slower than the fp32 one (1.98 against 0.46 ms of the pruned resnet32's batch-64 call, onnxruntime's profiler),
-  and the whole int8 model 5% faster with it in fp32 (11.0 against 11.6 ms).
+  float Conv whose output a QuantizeLinear quantizes): on the image's three channels the int8 kernel ran it 4x
+  slower than the fp32 one (one profile of the pruned resnet32's batch-64 call: 1.98 against 0.46 ms), and that
+  int8 model ran 5% faster with it in fp32 (one timing, six rounds of 20 calls: 11.0 against 11.6 ms).
 - **Huffman**: every int8 weight tensor of the quantized model is Huffman-coded (``bonsai.compress.huffman``); the
   rest of the model (graph, scales, biases) is stored as is. ``unpack_onnx`` restores the model bit for bit.
 """
@@ -135,6 +135,8 @@ def quantize_int8(
             warnings.simplefilter("ignore")
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)  # onnxruntime's graph fusions first
             convs = [n.name for n in onnx.load(str(pre), load_external_data=False).graph.node if n.op_type == "Conv"]
+            if fp32_stem and convs and not convs[0]:  # an unnamed node would exclude every unnamed node
+                raise BonsaiError(f"{fp32_path}: the first conv has no node name, so it cannot be kept in fp32 alone")
             quantize_static(
                 str(pre), str(tmp), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,

@@ -144,8 +144,9 @@ def _latencies(runners: list, x: torch.Tensor, repeats: int, rounds: int = 1, wa
 
 def latency_ratio(stage: dict, reference: dict, batch: int = 64) -> float:
     """``stage``'s latency over ``reference``'s: the median over timing rounds of the ratio of their medians in
-    that round. Both were timed in the same rounds, call by call in turn, so a round's ratio sees one state of a
-    shared host, and the median over rounds is robust to the host changing pace between them."""
+    that round. Both were timed in the same rounds, call by call in turn, so each round's ratio compares the two
+    at one moment; a shared host that changes pace between rounds changes which rounds are slow, not what a
+    round compares (though a slow phase need not slow both stages alike)."""
     key = f"latency_b{batch}_ms_rounds"
     return round(float(np.median([a / b for a, b in zip(stage[key], reference[key], strict=True)])), 3)
 
