@@ -192,10 +192,9 @@ def test_under_torchrun_only_rank_0_decodes_the_whitening_sample_and_the_others_
         def __init__(self, rank: int):
             self.main, self.on = rank == 0, True
 
-        def broadcast_json(self, obj):
+        def broadcast_json(self, obj):  # rank 0's object, as plain JSON carries it, on every rank
             if self.main:
-                sent.append(json.loads(json.dumps(obj)))  # what travels: plain JSON
-                return sent[-1]
+                sent.append(json.loads(json.dumps(obj)))
             return sent[-1]
 
     monkeypatch.setattr(api, "sample_images", lambda *a: x)
