@@ -112,3 +112,15 @@ def test_flops_flag_needs_a_count():
 
     r = subprocess.run([sys.executable, "-m", "bonsai", "fit", "nowhere.npz", "--flops", "lots"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["bonsai: error: FLOPs 'lots': use a number like 40M, 1.5G or 800k"], r.stderr
+
+
+@pytest.mark.parametrize("args", [["config"], ["predict", "no-such-run", "no-such-images"]], ids=["success", "error"])
+def test_the_cli_leaves_a_torchrun_process_group_before_exiting(args: list[str], monkeypatch, capsys):
+    """Whatever the command's outcome, an initialized process group is destroyed before main returns."""
+    from types import SimpleNamespace
+
+    left = []
+    fake = SimpleNamespace(is_available=lambda: True, is_initialized=lambda: not left, destroy_process_group=lambda: left.append(True))
+    monkeypatch.setitem(sys.modules, "torch.distributed", fake)
+    main(args)
+    assert left == [True]

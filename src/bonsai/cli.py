@@ -359,6 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bonsai: interrupted; resume with `bonsai fit --resume RUN`", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group while the interpreter is whole (PyTorch's documented shutdown),
+    rather than leave its communication threads to the interpreter's finalizers. Local: no rank waits for another."""
+    tdist = sys.modules.get("torch.distributed")
+    if tdist is not None and tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 if __name__ == "__main__":
