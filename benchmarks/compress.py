@@ -95,7 +95,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from bonsai.compress.pipeline import compress, latency_ratio
+    from bonsai.compress.pipeline import compress, latency_ratio, round_ratios
 
     t0 = time.time()
     bits = tuple(int(b) for b in args.share_bits.split(","))
@@ -116,9 +116,7 @@ def main() -> None:
         "size_reduction": round(dense_fp32["size_bytes"] / final["size_bytes"], 2),
         "acc_drop_points": round(100 * (dense_fp32["test_acc"] - final["test_acc"]), 2),
         "int8_latency_ratio": latency_ratio(st["pruned"]["ONNX int8"], st["pruned"]["ONNX fp32"]),
-        "int8_latency_ratio_rounds": [
-            round(a / b, 3) for a, b in zip(st["pruned"]["ONNX int8"]["latency_b64_ms_rounds"], st["pruned"]["ONNX fp32"]["latency_b64_ms_rounds"], strict=True)
-        ],
+        "int8_latency_ratio_rounds": [round(r, 3) for r in round_ratios(st["pruned"]["ONNX int8"], st["pruned"]["ONNX fp32"])],
         "int8_latency_ratio_dense": latency_ratio(st["dense"]["ONNX int8"], st["dense"]["ONNX fp32"]),
         # the pruned model quantized at its trained widths, without the zero channels that round them to 16
         "int8_latency_ratio_unpadded": (

@@ -90,6 +90,7 @@ def main() -> None:
         print(f"round {len(rounds)} at {rounds[-1]['t']:.0f} s", flush=True)
 
     names = dict(zip(args.runs, ("pruned", "dense", *(f"run{i}" for i in range(2, len(args.runs)))), strict=False))
+    labels = {(run, kind, th): f"{names[run]} {kind} {th}t" for (run, kind, th) in sessions}
     ratios = {
         f"{names[run]}, {th} thread{'s' * (th > 1)}": [r["ms"][(run, "int8", th)] / r["ms"][(run, "fp32", th)] for r in rounds]
         for run in args.runs for th in THREADS
@@ -104,7 +105,7 @@ def main() -> None:
         "slow_round_share": round(float(np.mean([r > 1.1 * med for r in pruned])), 3),
         "rounds": len(rounds),
         "minutes": args.minutes,
-        "median_ms": {k: round(float(np.median([r["ms"][(run, kind, th)] for r in rounds])), 2) for (run, kind, th) in sessions for k in [f"{names[run]} {kind} {th}t"]},
+        "median_ms": {labels[k]: round(float(np.median([r["ms"][k] for r in rounds])), 2) for k in sessions},
         "target": "int8_latency_ratio <= 0.5",
     }
     if "dense, 2 threads" in ratios:
@@ -114,7 +115,7 @@ def main() -> None:
         "runs": {names[run]: portable([run]) for run in args.runs},
         "round_t_s": [r["t"] for r in rounds],
         "round_ratios": {k: [round(v, 4) for v in r] for k, r in ratios.items()},
-        "round_ms": {f"{names[run]} {kind} {th}t": [round(r["ms"][(run, kind, th)], 3) for r in rounds] for (run, kind, th) in sessions},
+        "round_ms": {labels[k]: [round(r["ms"][k], 3) for r in rounds] for k in sessions},
     }
     out = write_result(args.name, summary, details, portable([Path(sys.executable).name, *sys.argv]))
     plot([r["t"] for r in rounds], ratios, RESULTS / f"{args.name}.png")

@@ -136,19 +136,24 @@ def _latencies(runners: list, x: torch.Tensor, repeats: int, rounds: int = 1, wa
                         fn(sample)
                         times[i][r].append(time.perf_counter() - t0)
             for (row, _), t in zip(group, times, strict=True):
-                row[f"latency_b{b}_ms"] = round(1000 * float(np.median(sum(t, []))), 3)
+                row[f"latency_b{b}_ms"] = round(1000 * float(np.median([v for tr in t for v in tr])), 3)
                 row[f"latency_b{b}_ms_rounds"] = [round(1000 * float(np.median(tr)), 3) for tr in t]
     for row, _ in runners:
         log.info("%-54s %8.1f KB  val %.2f%%  b1 %.2f ms  b64 %.1f ms", row["stage"], row["size_bytes"] / 1024, 100 * row["val_acc"], row["latency_b1_ms"], row["latency_b64_ms"])
 
 
-def latency_ratio(stage: dict, reference: dict, batch: int = 64) -> float:
-    """``stage``'s latency over ``reference``'s: the median over timing rounds of the ratio of their medians in
-    that round. Both were timed in the same rounds, call by call in turn, so each round's ratio compares the two
-    at one moment; a shared host that changes pace between rounds changes which rounds are slow, not what a
-    round compares (though a slow phase need not slow both stages alike)."""
+def round_ratios(stage: dict, reference: dict, batch: int = 64) -> list[float]:
+    """``stage``'s latency over ``reference``'s in each timing round (the ratio of their medians in that round)."""
     key = f"latency_b{batch}_ms_rounds"
-    return round(float(np.median([a / b for a, b in zip(stage[key], reference[key], strict=True)])), 3)
+    return [a / b for a, b in zip(stage[key], reference[key], strict=True)]
+
+
+def latency_ratio(stage: dict, reference: dict, batch: int = 64) -> float:
+    """``stage``'s latency over ``reference``'s: the median over timing rounds of :func:`round_ratios`. Both were
+    timed in the same rounds, call by call in turn, so each round's ratio compares the two at one moment; a shared
+    host that changes pace between rounds changes which rounds are slow, not what a round compares (though a slow
+    phase need not slow both stages alike)."""
+    return round(float(np.median(round_ratios(stage, reference, batch))), 3)
 
 
 def _module_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
