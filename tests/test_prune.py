@@ -237,3 +237,86 @@ def test_prox_of_k_steps_is_one_prox_with_k_times_the_threshold():
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
     assert any(bool((p == 0).any()) for p in a.parameters())  # the threshold was large enough to zero groups
+
+
+def _penalty_bn_autograd(model) -> torch.Tensor:
+    """The penalty with groups="bn", written out directly: each channel's BN scale and shift, and each
+    identity-shortcut block's bn2, weighted by the square root of the group's size."""
+    total = 0
+    for conv, bn in {conv: bn for g in channel_groups(model) for conv, bn in g.writers}.items():
+        total = total + 2**0.5 * (bn.weight.pow(2) + bn.bias.pow(2)).sqrt().sum()
+    for stage in model.stages:
+        for block in stage:
+            if block.shortcut is None:
+                ps = [block.bn2.weight, block.bn2.bias]
+                total = total + sum(p.numel() for p in ps) ** 0.5 * sum(p.pow(2).sum() for p in ps).sqrt()
+    return total
+
+
+def test_bn_groups_penalize_only_bn_scales_and_shifts():
+    torch.manual_seed(0)
+    model = build(preset("resnet20"), zero_init_residual=False)
+    ref = build(preset("resnet20"))
+    ref.load_state_dict(model.state_dict())
+    lasso = GroupLasso(lpr=0.2, lam=0.37, weighting="size", groups="bn")
+    (0.37 * _penalty_bn_autograd(ref)).backward()
+    lasso.add_grad_(model)
+    torch.testing.assert_close(lasso.penalty(model), _penalty_bn_autograd(ref).detach())
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        expected = q.grad if q.grad is not None else torch.zeros_like(q)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=name)
+        if p.dim() > 1:  # convs and the head: no gradient at all
+            assert got.abs().max() == 0, name
+    # the proximal step leaves every conv and the head as they were, and shrinks BN parameters
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lasso.prox_(model, opt)
+    for n, p in model.named_parameters():
+        if p.dim() > 1:
+            assert torch.equal(p, before[n]), n
+    assert model.stem[1].weight.abs().sum() < before["stem.1.weight"].abs().sum()
+
+
+def test_bn_groups_remove_channels_and_blocks_exactly_while_their_filters_are_not_zero():
+    from bonsai.surgery.channels import remove_channels_
+    from bonsai.surgery.depth import dead_blocks, remove_blocks_
+
+    torch.manual_seed(0)
+    model = build(preset("resnet20"), zero_init_residual=False)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
+    model.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.0)  # tau = lambda
+    inner = model.stages[0][0].bn1
+    lasso = GroupLasso(lpr=0.2, lam=float((inner.weight.pow(2) + inner.bias.pow(2)).sqrt().median().detach()), weighting="none", groups="bn")
+    with torch.no_grad():
+        model.stages[1][1].bn2.weight.mul_(1e-6)  # a whole block's bn2 tiny: the block group goes to zero
+        model.stages[1][1].bn2.bias.mul_(1e-6)
+    lasso.prox_(model, opt)
+    assert bool((model.stages[0][0].conv1.weight.flatten(1).norm(dim=1) > 0.1).all())  # the filters are untouched
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    before = model(x)
+    # the weights rule sees no dead channel (the filters are not zero); the bn rule does
+    assert "s0b0.inner" not in plan_keep(model, threshold=1e-4, min_width=1, round_to=1)
+    assert dead_blocks(model, 1e-4) == []
+    blocks = dead_blocks(model, 1e-4, bn_only=True)
+    assert (1, 1) in blocks
+    remove_blocks_(model, blocks, opt)
+    keep = plan_keep(model, threshold=1e-4, min_width=1, round_to=1, bn_only=True)
+    assert "s0b0.inner" in keep and len(keep["s0b0.inner"]) < 16
+    remove_channels_(model, keep, opt)
+    assert model.stages[0][0].conv1.out_channels == len(keep["s0b0.inner"])
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_lambda_from_lpr_gives_the_requested_share_with_bn_groups():
+    torch.manual_seed(0)
+    model = build(preset("resnet8"))
+    x = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    ce = F.cross_entropy(model(x), torch.arange(16) % 10).detach()
+    lasso = GroupLasso(lpr=0.3, groups="bn")
+    lam = lasso.set_lambda(float(ce), model)
+    pen = lam * float(lasso.penalty(model))
+    assert abs(pen / (float(ce) + pen) - 0.3) < 1e-6

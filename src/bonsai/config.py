@@ -135,6 +135,10 @@ class PruneConfig:
     until: float = 0.5
     min_width: int = 8  # no layer drops below this many channels (never zero)
     round_to: int = 8  # kept widths are rounded up to a multiple of this (full SIMD/AMX tiles)
+    # what the penalty's groups hold: weights (PruneTrain's: each channel's filter with its BN scale and shift, each
+    # input channel, the head's columns, whole residual branches) or bn (each channel's BN scale and shift, and each
+    # branch's bn2: a filter before a BN is scale-invariant, so shrinking it only raises its effective learning rate)
+    groups: str = "weights"
     # MorphNet's expand step: after the last reconfiguration (the end of prune.until), the widths are scaled by the
     # largest factor that keeps forward FLOPs per image within this target, then topped up group by group (weights
     # carried over: growing keeps the function, shrinking keeps the strongest channels). With adapt.on, the target
@@ -230,6 +234,7 @@ class FitConfig:
         p = self.prune
         _check(0 < p.lpr < 1, "prune.lpr must be in (0, 1)")
         _check(p.weighting in ("flops", "size", "none"), "prune.weighting must be flops, size or none")
+        _check(p.groups in ("weights", "bn"), "prune.groups must be weights or bn")
         _check(p.interval is None or p.interval >= 1, "prune.interval must be >= 1")
         _check(0 < p.until <= 1, "prune.until must be in (0, 1]")
         _check(p.prox_every >= 1, "prune.prox_every must be >= 1")

@@ -44,9 +44,10 @@ def _small(t: torch.Tensor, threshold: float) -> bool:
     return t.numel() == 0 or float(t.detach().abs().max()) <= threshold
 
 
-def stuck(block: BasicBlock, threshold: float) -> bool:
-    """Whether every inner channel of ``block`` is dead, so that its branch outputs a constant (module docstring)."""
-    writers = _small(block.conv1.weight, threshold) and _small(block.bn1.weight, threshold) and _small(block.bn1.bias, threshold)
+def stuck(block: BasicBlock, threshold: float, bn_only: bool = False) -> bool:
+    """Whether every inner channel of ``block`` is dead, so that its branch outputs a constant (module docstring;
+    ``bn_only``: bn1's scales and shifts alone decide whether the inner channels are dead)."""
+    writers = (bn_only or _small(block.conv1.weight, threshold)) and _small(block.bn1.weight, threshold) and _small(block.bn1.bias, threshold)
     return writers or _small(block.conv2.weight, threshold)
 
 
@@ -58,17 +59,21 @@ def branch_constant(block: BasicBlock) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dead_blocks(model: ResNet, threshold: float, constant: bool = False) -> list[tuple[int, int]]:
-    """(stage, block) of the blocks whose residual branch has ``max |w| <= threshold`` everywhere (and, if
-    ``constant``, of the :func:`stuck` ones), that can be removed while every stage keeps at least one block (when
-    all of a stage's blocks qualify, its first stays)."""
+def dead_blocks(model: ResNet, threshold: float, constant: bool = False, bn_only: bool = False) -> list[tuple[int, int]]:
+    """(stage, block) of the blocks whose residual branch has ``max |w| <= threshold`` everywhere (``bn_only``: in
+    bn2's scales and shifts, which make the branch output zero whatever its convs) and, if ``constant``, of the
+    :func:`stuck` ones, that can be removed while every stage keeps at least one block (when all of a stage's blocks
+    qualify, its first stays)."""
     out = []
     for s, stage in enumerate(model.stages):
         dead = [
             b
             for b, block in enumerate(stage)
             if block.shortcut is None
-            and (all(_small(p, threshold) for p in branch_params(block)) or (constant and stuck(block, threshold)))
+            and (
+                all(_small(p, threshold) for p in ([block.bn2.weight, block.bn2.bias] if bn_only else branch_params(block)))
+                or (constant and stuck(block, threshold, bn_only))
+            )
         ]
         if len(dead) == len(stage):
             dead = dead[1:]

@@ -27,9 +27,17 @@ Lym et al., "PruneTrain: Fast Neural Network Training by Dynamic Sparse Model Re
   stand-in for the network's FLOPs; ``size`` by the square root of the group's size; ``none`` by 1.
 * **lambda** comes from the lasso penalty ratio (LPR), the single knob: at the first step
   ``lambda = LPR * CE / (GL * (1 - LPR))``, so the penalty is the share LPR of the total loss; then it stays fixed.
+* **BN groups** (``groups="bn"``; ``"weights"``, PruneTrain's, is the default). Every conv here feeds a BN, which
+  normalizes each output channel: scaling a conv's filter changes nothing but its effective learning rate (the
+  gradient scales with the inverse of the filter's norm). A penalty on the filters therefore shrinks every live
+  filter too, and raises every layer's effective learning rate while it lasts. With ``"bn"`` the groups are each
+  channel's BN scale and shift (Network Slimming's and MorphNet's gamma penalty, made group-wise) and, for blocks,
+  bn2's scales and shifts; a channel whose BN scale and shift are zero outputs exactly zero whatever its filter, and
+  a block whose bn2 is all zero is the identity, so removing either stays exact. No input-channel or head groups:
+  a dead writer already silences its readers.
 * **Dead channels.** A channel of a channel group (see :mod:`bonsai.surgery.channels`) is dead when every writer's
   output group has ``max |w| <= threshold`` or every reader's input group has ``max |w| <= threshold`` (absolute
-  values: negative weights count too).
+  values: negative weights count too); with ``groups="bn"``, when every writer's BN scale and shift are.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from bonsai.surgery.depth import branch_params, layout
 
 _EPS = 1e-12  # keeps w / ||w|| finite for a group that is exactly zero
 WEIGHTINGS = ("flops", "size", "none")
+GROUPS = ("weights", "bn")
 
 
 @torch.no_grad()
@@ -85,12 +94,15 @@ class GroupLasso:
     True
     """
 
-    def __init__(self, lpr: float = 0.2, lam: float | None = None, weighting: str = "flops", depth: bool = True):
+    def __init__(self, lpr: float = 0.2, lam: float | None = None, weighting: str = "flops", depth: bool = True, groups: str = "weights"):
         if not 0 < lpr < 1:
             raise ValueError("lpr must be in (0, 1)")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}")
+        if groups not in GROUPS:
+            raise ValueError(f"groups must be one of {', '.join(GROUPS)}")
         self.lpr = lpr
+        self.bn_only = groups == "bn"
         self.lam = lam
         self.weighting = weighting
         self.depth = depth
@@ -138,15 +150,20 @@ class GroupLasso:
 
         for conv, bn, w_out, w_in in self._groups(model):
             w = conv.weight
-            out_norm = (w.float().pow(2).sum(dim=(1, 2, 3)) + bn.weight.float().pow(2) + bn.bias.float().pow(2)).sqrt()
+            out_norm = bn.weight.float().pow(2) + bn.bias.float().pow(2)
+            if self.bn_only:
+                shrink([bn.weight, bn.bias], out_norm.sqrt(), w_out, (-1,))
+                continue
+            out_norm = (out_norm + w.float().pow(2).sum(dim=(1, 2, 3))).sqrt()
             shrink([w], out_norm, w_out, (-1, 1, 1, 1))
             shrink([bn.weight, bn.bias], out_norm, w_out, (-1,))
             if w_in:
                 shrink([w], w.float().pow(2).sum(dim=(0, 2, 3)).sqrt(), w_in, (1, -1, 1, 1))
-        h = model.head.weight
-        shrink([h], h.float().pow(2).sum(dim=0).sqrt(), self._head_weight(model), (1, -1))
+        if not self.bn_only:
+            h = model.head.weight
+            shrink([h], h.float().pow(2).sum(dim=0).sqrt(), self._head_weight(model), (1, -1))
         for block, w_block in self._blocks(model):
-            params = branch_params(block)
+            params = self._block_params(block)
             norm = sum(p.float().pow(2).sum() for p in params).sqrt().view(1)
             for p in params:
                 shrink([p], norm, w_block, (1,) * p.dim())
@@ -159,6 +176,10 @@ class GroupLasso:
     def _blocks(self, model: ResNet) -> list[tuple[BasicBlock, float]]:
         """(block, weight) of every block whose residual branch is a group (identity shortcut), if ``depth``."""
         return self._cache(model)[1]
+
+    def _block_params(self, block: BasicBlock) -> list[torch.Tensor]:
+        """A block's group: its whole residual branch, or with ``groups="bn"`` bn2's scales and shifts."""
+        return [block.bn2.weight, block.bn2.bias] if self.bn_only else branch_params(block)
 
     def invalidate(self) -> None:
         """Forget the cached groups: call after any surgery (a removed block and an inserted one can leave the
@@ -177,10 +198,10 @@ class GroupLasso:
             if self.weighting == "flops":  # multiply-adds per image that one output / input channel costs
                 w_out, w_in = pixels[conv] * i * kh * kw, pixels[conv] * o * kh * kw
             elif self.weighting == "size":
-                w_out, w_in = math.sqrt(i * kh * kw + 2), math.sqrt(o * kh * kw)
+                w_out, w_in = math.sqrt(2 if self.bn_only else i * kh * kw + 2), math.sqrt(o * kh * kw)
             else:
                 w_out, w_in = 1.0, 1.0
-            rows.append((conv, bn, float(w_out), 0.0 if conv is first else float(w_in)))
+            rows.append((conv, bn, float(w_out), 0.0 if conv is first or self.bn_only else float(w_in)))
         blocks = []
         for stage in model.stages if self.depth else ():
             for block in stage:
@@ -189,7 +210,7 @@ class GroupLasso:
                 if self.weighting == "flops":  # both convs' multiply-adds per image
                     w = sum(pixels[c] * c.weight[0].numel() * c.out_channels for c in (block.conv1, block.conv2))
                 elif self.weighting == "size":
-                    w = math.sqrt(sum(p.numel() for p in branch_params(block)))
+                    w = math.sqrt(sum(p.numel() for p in self._block_params(block)))
                 else:
                     w = 1.0
                 blocks.append((block, float(w)))
@@ -211,28 +232,31 @@ class GroupLasso:
         for conv, bn, w_out, w_in in self._groups(model):
             w = conv.weight
             sq = w.float().pow(2)
-            # output channels: the filter with its BN scale and shift
-            out_norm = (sq.sum(dim=(1, 2, 3)) + bn.weight.float().pow(2) + bn.bias.float().pow(2)).sqrt()
+            # output channels: the filter with its BN scale and shift (with groups="bn": the scale and shift only)
+            out_norm = bn.weight.float().pow(2) + bn.bias.float().pow(2)
+            out_norm = (out_norm if self.bn_only else out_norm + sq.sum(dim=(1, 2, 3))).sqrt()
             inv = w_out / (out_norm + _EPS)
             scale = inv.view(-1, 1, 1, 1)
             if w_in:  # input channels (the image's channels are never pruned)
                 in_norm = sq.sum(dim=(0, 2, 3)).sqrt()
                 scale = scale + w_in / (in_norm + _EPS).view(1, -1, 1, 1)
             if add_grad:
-                add(w, w * scale)
+                if not self.bn_only:
+                    add(w, w * scale)
                 add(bn.weight, bn.weight * inv)
                 add(bn.bias, bn.bias * inv)
             else:
                 total += w_out * out_norm.sum() + (w_in * in_norm.sum() if w_in else 0.0)
-        h = model.head.weight  # the head's input columns
-        w_h = self._head_weight(model)
-        in_norm = h.float().pow(2).sum(dim=0).sqrt()
-        if add_grad:
-            add(h, w_h * h / (in_norm + _EPS).view(1, -1))
-        else:
-            total += w_h * in_norm.sum()
-        for block, w_block in self._blocks(model):  # whole residual branches
-            params = branch_params(block)
+        if not self.bn_only:
+            h = model.head.weight  # the head's input columns
+            w_h = self._head_weight(model)
+            in_norm = h.float().pow(2).sum(dim=0).sqrt()
+            if add_grad:
+                add(h, w_h * h / (in_norm + _EPS).view(1, -1))
+            else:
+                total += w_h * in_norm.sum()
+        for block, w_block in self._blocks(model):  # whole residual branches (or their bn2)
+            params = self._block_params(block)
             norm = sum(p.float().pow(2).sum() for p in params).sqrt()
             if add_grad:
                 for p in params:
@@ -243,13 +267,16 @@ class GroupLasso:
 
 
 @torch.no_grad()
-def dead_channels(model: ResNet, threshold: float, groups: list | None = None) -> dict[str, torch.Tensor]:
-    """Boolean masks (True = dead) per channel group; see the module docstring for the rule."""
+def dead_channels(model: ResNet, threshold: float, groups: list | None = None, bn_only: bool = False) -> dict[str, torch.Tensor]:
+    """Boolean masks (True = dead) per channel group; see the module docstring for the rule (``bn_only``: the
+    writers' BN scales and shifts alone decide, as for ``GroupLasso(groups="bn")``)."""
     out = {}
     for g in groups if groups is not None else channel_groups(model):
         writers_dead = torch.ones(g.width, dtype=torch.bool, device=model.head.weight.device)
         for conv, bn in g.writers:
-            amax = torch.maximum(conv.weight.abs().amax(dim=(1, 2, 3)), torch.maximum(bn.weight.abs(), bn.bias.abs()))
+            amax = torch.maximum(bn.weight.abs(), bn.bias.abs())
+            if not bn_only:
+                amax = torch.maximum(conv.weight.abs().amax(dim=(1, 2, 3)), amax)
             writers_dead &= amax <= threshold
         readers_dead = torch.ones_like(writers_dead)
         for r in g.readers:
@@ -260,13 +287,13 @@ def dead_channels(model: ResNet, threshold: float, groups: list | None = None) -
 
 
 @torch.no_grad()
-def plan_keep(model: ResNet, threshold: float, min_width: int = 8, round_to: int = 8) -> dict[str, torch.Tensor]:
+def plan_keep(model: ResNet, threshold: float, min_width: int = 8, round_to: int = 8, bn_only: bool = False) -> dict[str, torch.Tensor]:
     """Channel indices to keep per group: the live ones, at least ``min_width`` (never zero), rounded up to a
     multiple of ``round_to`` (never above the current width). Extra channels are the dead ones with the largest
     weights. Only groups that shrink appear in the result."""
     keep = {}
     groups = channel_groups(model)
-    masks = dead_channels(model, threshold, groups)
+    masks = dead_channels(model, threshold, groups, bn_only)
     for g in groups:
         dead = masks[g.name]
         alive = int((~dead).sum())

@@ -314,7 +314,7 @@ class Engine:
         self.teacher_flops = 0 if teacher is None else count_flops(teacher.spec, model.spec.image_size)
         self._penalized = False  # whether the last epoch's steps applied the group-lasso penalty
         self._next_penalty: tuple[int, bool] | None = None  # (epoch, before prune.until), fixed at the previous epoch's end
-        self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda, cfg.prune.weighting, cfg.prune.depth) if cfg.prune.enabled else None
+        self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda, cfg.prune.weighting, cfg.prune.depth, cfg.prune.groups) if cfg.prune.enabled else None
         if self.state.start_flops is None:
             self.state.start_flops = self.flops
         self._signal: str | None = None  # "sigint" / "sigterm" once one arrives during run()
@@ -539,7 +539,8 @@ class Engine:
     def _reconfigure(self, epoch: int, progress: bool) -> None:
         """Remove dead blocks and dead channels, grow the batch if prune.grow_batch, log the event."""
         p, st, loader = self.cfg.prune, self.state, self.train_loader
-        blocks = dead_blocks(self.model, p.threshold, constant=True) if p.depth else []
+        bn_only = p.groups == "bn"
+        blocks = dead_blocks(self.model, p.threshold, constant=True, bn_only=bn_only) if p.depth else []
         if self.dist.on:  # every rank carries out rank 0's plan
             blocks = [tuple(b) for b in self.dist.broadcast_json(blocks)]
         # the surgery is tried on a copy first: a result with non-finite weights or outputs is rejected
@@ -547,7 +548,7 @@ class Engine:
         trial = copy.deepcopy(self.model)
         remove_blocks_(trial, blocks)
         group_widths = {g.name: g.width for g in channel_groups(trial)}
-        keep = plan_keep(trial, p.threshold, p.min_width, p.round_to)
+        keep = plan_keep(trial, p.threshold, p.min_width, p.round_to, bn_only)
         if self.dist.on:
             keep = {k: torch.tensor(v, dtype=torch.long) for k, v in self.dist.broadcast_json({k: v.tolist() for k, v in keep.items()}).items()}
         if not keep and not blocks:  # nothing to remove: recorded all the same, as a measurement for --adapt
