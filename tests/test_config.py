@@ -47,6 +47,7 @@ def test_resolved_defaults_to_20_epochs_only_without_other_stopping_rule():
         ("budget=soon", "use a duration like"),
         ("prune.target_flops=lots", "config key prune.target_flops: 'lots': use a number like 40M"),
         ("prune.lpr=1k", "config key prune.lpr: expected float"),
+        ("prune.groups=filters", "prune.groups must be weights or bn"),
         ("noequals", "expected key=value"),
         ("log=tensorboard,wandb", "log: unknown logger wandb"),
     ],

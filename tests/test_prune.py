@@ -320,3 +320,26 @@ def test_lambda_from_lpr_gives_the_requested_share_with_bn_groups():
     lam = lasso.set_lambda(float(ce), model)
     pen = lam * float(lasso.penalty(model))
     assert abs(pen / (float(ce) + pen) - 0.3) < 1e-6
+
+
+def test_end_to_end_prune_run_with_bn_groups_removes_channels_and_keeps_training(tmp_path):
+    import json
+
+    import numpy as np
+
+    import bonsai
+    from conftest import make_images
+
+    x, y = make_images(40)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
+    run = bonsai.fit(
+        data, epochs=3, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32",
+        **{"prune.enabled": True, "prune.groups": "bn", "prune.lpr": 0.5, "prune.interval": 1, "prune.threshold": 0.5,
+           "prune.min_width": 2, "prune.round_to": 1, "prune.until": 1.0},
+    )
+    events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines()]
+    assert events and events[0]["event"] == "prune" and events[0]["flops_after"] < events[0]["flops_before"]
+    metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and metrics[-1]["flops_per_image"] < metrics[0]["flops_per_image"]
+    assert "groups: bn" in (run.dir / "config.yaml").read_text()  # the run directory says how it pruned
