@@ -231,10 +231,10 @@ class GroupLasso:
 
         for conv, bn, w_out, w_in in self._groups(model):
             w = conv.weight
-            sq = w.float().pow(2)
+            sq = None if self.bn_only else w.float().pow(2)
             # output channels: the filter with its BN scale and shift (with groups="bn": the scale and shift only)
             out_norm = bn.weight.float().pow(2) + bn.bias.float().pow(2)
-            out_norm = (out_norm if self.bn_only else out_norm + sq.sum(dim=(1, 2, 3))).sqrt()
+            out_norm = (out_norm if sq is None else out_norm + sq.sum(dim=(1, 2, 3))).sqrt()
             inv = w_out / (out_norm + _EPS)
             scale = inv.view(-1, 1, 1, 1)
             if w_in:  # input channels (the image's channels are never pruned)
