@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -48,13 +49,14 @@ def test_add_grad_is_the_gradient_of_lambda_times_the_penalty():
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_lambda_from_lpr_gives_the_requested_penalty_share_on_a_batch():
+@pytest.mark.parametrize("groups", ["weights", "bn"])
+def test_lambda_from_lpr_gives_the_requested_penalty_share_on_a_batch(groups: str):
     torch.manual_seed(0)
     model = build(preset("resnet8"))
     x = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
     ce = F.cross_entropy(model(x), torch.arange(16) % 10).detach()
     for lpr in (0.05, 0.2, 0.5):
-        lasso = GroupLasso(lpr=lpr)
+        lasso = GroupLasso(lpr=lpr, groups=groups)
         lam = lasso.set_lambda(float(ce), model)
         share = lam * float(lasso.penalty(model)) / (float(ce) + lam * float(lasso.penalty(model)))
         assert abs(share - lpr) < 1e-6
@@ -99,11 +101,10 @@ def test_plan_keep_floor_and_rounding():
     assert len(plan_keep(model, 1e-4, min_width=4, round_to=1)["s2"]) == 4  # the floor: never zero channels
 
 
-def test_end_to_end_prune_run_removes_channels_and_keeps_training(tmp_path):
-    import json
-
+def _tiny_prune_run(tmp_path, epochs: int, **prune):
+    """A --prune run of resnet8 on 40 synthetic images that prunes hard from the first epoch; ``prune``: more
+    prune.* settings (without the prefix)."""
     import numpy as np
-    from safetensors import safe_open
 
     import bonsai
     from conftest import make_images
@@ -111,11 +112,21 @@ def test_end_to_end_prune_run_removes_channels_and_keeps_training(tmp_path):
     x, y = make_images(40)
     data = tmp_path / "d.npz"
     np.savez(data, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
-    run = bonsai.fit(
-        data, epochs=4, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32",
-        **{"prune.enabled": True, "prune.lpr": 0.5, "prune.interval": 1, "prune.threshold": 0.5, "prune.min_width": 2, "prune.round_to": 1,
-           "prune.grow_batch": True, "prune.until": 1.0},
+    settings = {"enabled": True, "lpr": 0.5, "interval": 1, "threshold": 0.5, "min_width": 2, "round_to": 1, "until": 1.0, **prune}
+    return bonsai.fit(
+        data, epochs=epochs, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32",
+        **{f"prune.{k}": v for k, v in settings.items()},
     )
+
+
+def test_end_to_end_prune_run_removes_channels_and_keeps_training(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    import bonsai
+
+    run = _tiny_prune_run(tmp_path, 4, grow_batch=True)
     events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines()]
     assert events and events[0]["event"] == "prune"
     assert events[0]["flops_after"] < events[0]["flops_before"]
@@ -311,33 +322,10 @@ def test_bn_groups_remove_channels_and_blocks_exactly_while_their_filters_are_no
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
 
 
-def test_lambda_from_lpr_gives_the_requested_share_with_bn_groups():
-    torch.manual_seed(0)
-    model = build(preset("resnet8"))
-    x = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
-    ce = F.cross_entropy(model(x), torch.arange(16) % 10).detach()
-    lasso = GroupLasso(lpr=0.3, groups="bn")
-    lam = lasso.set_lambda(float(ce), model)
-    pen = lam * float(lasso.penalty(model))
-    assert abs(pen / (float(ce) + pen) - 0.3) < 1e-6
-
-
 def test_end_to_end_prune_run_with_bn_groups_removes_channels_and_keeps_training(tmp_path):
     import json
 
-    import numpy as np
-
-    import bonsai
-    from conftest import make_images
-
-    x, y = make_images(40)
-    data = tmp_path / "d.npz"
-    np.savez(data, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
-    run = bonsai.fit(
-        data, epochs=3, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32",
-        **{"prune.enabled": True, "prune.groups": "bn", "prune.lpr": 0.5, "prune.interval": 1, "prune.threshold": 0.5,
-           "prune.min_width": 2, "prune.round_to": 1, "prune.until": 1.0},
-    )
+    run = _tiny_prune_run(tmp_path, 3, groups="bn")
     events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines()]
     assert events and events[0]["event"] == "prune" and events[0]["flops_after"] < events[0]["flops_before"]
     metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
