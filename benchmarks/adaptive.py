@@ -11,7 +11,8 @@ Runs, one after another, each as its own `bonsai fit DATA --budget B` process (a
 - ``scratch_grown``: the architecture ``adapt_small`` ended with, trained from scratch under the same budget
   (Net2Net's claim: growing reaches an accuracy sooner than training the grown network from the start).
 
-Every run has the same defaults otherwise (schedule over the budget, progressive resizing, bf16). Test accuracy is
+Every run has the same defaults otherwise (schedule over the budget, progressive resizing, bf16); the --adapt runs
+size the network to the FLOP target the budget affords in the first fifth of the run (the ``adapt_target`` event). Test accuracy is
 measured after every epoch for the curves only (it never steers training); times are the budget clock (training
 steps + validation + checkpoints). Accuracy is the final network's, so that it and the FLOPs describe one model.
 Summary: ``adapt_acc`` and ``adapt_flops`` (the better --adapt run), ``best_fixed_acc`` and ``best_fixed_flops``
@@ -72,6 +73,8 @@ def _fit(data: str, out: Path, args: list[str], reuse: bool = False) -> dict:
         "reused": reuse,
         "final_widths": last["widths"],
         "final_depths": [len(b) for b in last["block_ids"]] if last.get("block_ids") else None,
+        "adapt_target": next(({k: e.get(k) for k in ("target_flops", "start_flops", "images_per_s", "expected_epochs", "refined")} for e in events if e.get("event") == "adapt_target"), None),
+        "lasso_lpr": next((e["lpr"] for e in events if e.get("event") == "lasso"), None),
         "decisions": [
             {k: e.get(k) for k in ("epoch", "event", "decision", "stages", "reason", "flops_before", "flops_after", "blocks_removed")}
             for e in events
@@ -143,7 +146,15 @@ def main() -> None:
         "net2net_time_ratio": ratio,
         "net2net_target_acc": target,
         "by_run": {
-            k: {"test_acc": v["test_acc"], "inference_flops": v["inference_flops"], "params": v["params"], "epochs": v["epochs"], "clock_s": v["clock_s"], "final_depths": v["final_depths"]}
+            k: {
+                "test_acc": v["test_acc"],
+                "inference_flops": v["inference_flops"],
+                "params": v["params"],
+                "epochs": v["epochs"],
+                "clock_s": v["clock_s"],
+                "final_depths": v["final_depths"],
+                "target_flops": (v.get("adapt_target") or {}).get("target_flops"),
+            }
             for k, v in details.items()
         },
     }

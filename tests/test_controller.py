@@ -75,6 +75,35 @@ def test_growth_respects_the_flop_target_and_the_growth_cap():
     assert decide(sig(pruned_share=[0.0, 0.0, 0.0]), Rule(plateau_epochs=3)).action == "continue"  # 3 flat epochs needed
 
 
+def test_well_under_the_target_in_the_sizing_phase_grows_every_stage_to_it():
+    d = decide(sig(val_acc=[0.3], flops=10e6, target_flops=40e6, sizing=True))
+    assert d.action == "widen" and d.to_target and d.stages == [0, 1, 2] and d.event()["to_target"]
+    # not in the sizing phase: the plateau rules as before (one epoch: too few to judge)
+    assert decide(sig(val_acc=[0.3], flops=10e6, target_flops=40e6)).action == "continue"
+    # under the target by less than one widening step (x1.5 squared): no growth to it
+    assert decide(sig(val_acc=[0.3], flops=20e6, target_flops=40e6, sizing=True)).action == "continue"
+    assert decide(sig(val_acc=[0.3], flops=10e6, target_flops=40e6, sizing=True, growths=3)).action == "continue"
+    # over the target in the sizing phase: prune, whatever else
+    assert decide(sig(val_acc=[0.3], flops=50e6, target_flops=40e6, sizing=True)).action == "prune"
+
+
+def test_under_a_time_budget_a_plateau_continues_instead_of_stopping():
+    d = decide(sig(left=0.1, pruned_share=[0.0, 0.0, 0.0], anneals=True))
+    assert d.action == "continue" and "anneals" in d.reason
+    d = decide(sig(pruned_share=[0.0, 0.0, 0.0], growths=3, anneals=True))
+    assert d.action == "continue" and "no more growth" in d.reason
+    # the other rules are unchanged by a budget
+    assert decide(sig(train_acc=[0.9] * 5, anneals=True)).action == "prune"
+    assert decide(sig(pruned_share=[0.3, 0.01, 0.0], anneals=True)).action == "widen"
+
+
+def test_no_measurement_when_even_the_smallest_growth_would_exceed_the_target():
+    # at the target, pruning to see which stages use their width could lead to no growth
+    d = decide(sig(pruned_share=None, flops=39e6, target_flops=40e6))
+    assert d.action == "stop" and "exceed the FLOP target" in d.reason
+    assert decide(sig(pruned_share=None, flops=25e6, target_flops=40e6)).action == "prune"  # a block fits (x4/3)
+
+
 def test_a_scripted_run_goes_through_prune_widen_and_stop():
     """A run as the engine would feed it: over target, then pruned and improving, then saturated, then done."""
     r = Rule()
@@ -138,3 +167,76 @@ def test_adapt_carries_out_the_controllers_decisions_end_to_end(tmp_path, rule: 
     if action == "deepen":
         grown = decisions[1]["stages"][0]
         assert len(metrics[2]["block_ids"][grown]) == 2 and metrics[2]["block_ids"][grown][-1] == 1
+
+
+def _adapt_run(tmp_path, epochs: int | None, **over):
+    """A tiny --adapt run on random images; returns (run, its adapt decisions, all events, metrics, start FLOPs)."""
+    import bonsai
+    from bonsai.models.arch import ArchSpec
+    from bonsai.models.resnet import count_flops
+    from conftest import make_images
+
+    x, y = make_images(20)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
+    spec = ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16)
+    spec.to_json(tmp_path / "arch.json")
+    length = {"epochs": epochs} if epochs else {}
+    base = {"adapt.on": True, "train.low_res": 1.0, "prune.round_to": 1, "adapt.plateau_epochs": 10}
+    run = bonsai.fit(data, out=str(tmp_path / "r"), arch=str(tmp_path / "arch.json"), batch_size=16, quiet=True, precision="fp32", **length, **base | over)
+    events = [json.loads(line) for line in (run.dir / "events.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    return run, [e for e in events if e["event"] == "adapt"], events, metrics, count_flops(spec)
+
+
+def test_a_network_over_the_target_is_pruned_in_the_sizing_phase_then_sized_to_the_target(tmp_path):
+    from bonsai.models.arch import ArchSpec
+    from bonsai.models.resnet import count_flops
+
+    start = count_flops(ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16))
+    target = 0.45 * start
+    run, decisions, events, metrics, _ = _adapt_run(tmp_path, 5, **{"prune.target_flops": target, "adapt.sizing": 0.4})
+    # the penalty's strength follows how much must go: LPR 1 - 0.45 = 0.55 (within prune.lpr 0.2 and max_lpr 0.62)
+    lasso = [e for e in events if e["event"] == "lasso"]
+    assert len(lasso) == 1 and abs(lasso[0]["lpr"] - 0.55) < 1e-9
+    # the sizing phase is the first 40% (epochs 1 and 2); no penalty after it
+    assert [m["lasso"] for m in metrics] == [True, True, False, False, False]
+    assert decisions[0]["decision"] == "prune" and "above the target" in decisions[0]["reason"]
+    # at its end (after epoch 2) the network is taken to the target (MorphNet's step, either way) and stays there
+    for m in metrics[2:]:
+        assert 0.9 * target <= m["flops_per_image"] <= 1.02 * target
+    assert all(d["decision"] == "continue" for d in decisions[1:])
+    assert all(np.isfinite(m["train_loss"]) for m in metrics)
+
+
+def test_a_network_well_under_the_target_grows_to_it_after_its_first_epoch(tmp_path):
+    from bonsai.models.arch import ArchSpec
+    from bonsai.models.resnet import count_flops
+
+    start = count_flops(ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16))
+    target = 3.0 * start
+    run, decisions, events, metrics, _ = _adapt_run(tmp_path, 3, **{"prune.target_flops": target, "adapt.sizing": 0.5})
+    assert decisions[0]["decision"] == "widen" and decisions[0]["to_target"] and decisions[0]["stages"] == [0, 1]
+    assert metrics[0]["flops_per_image"] == start
+    assert 0.95 * target <= metrics[1]["flops_per_image"] <= 1.02 * target
+    assert [m["lasso"] for m in metrics] == [False, False, False]  # nothing to prune: no penalty by schedule
+    morph = [e for e in events if e["event"] == "morph"]
+    assert len(morph) == 1 and morph[0]["omega"] > 1.5 and "well under" in morph[0]["why"]
+    assert all(d["decision"] == "continue" for d in decisions[1:])  # grown once; the rest trains at the target
+
+
+def test_under_a_time_budget_the_target_is_what_the_budget_affords(tmp_path):
+    run, decisions, events, metrics, start = _adapt_run(tmp_path, None, budget="6s")
+    target = [e for e in events if e["event"] == "adapt_target"]
+    assert len(target) == 1 and target[0]["start_flops"] == start and target[0]["images_per_s"] > 0
+    # the probe's pace and the planner's epochs set it: FLOPs x expected epochs / required epochs, at most 4x the
+    # start; a target above the start is refined by probing the start widened to it
+    t = target[0]
+    first = min(start * t["expected_epochs"] / t["required_epochs"], 4 * start)
+    if first <= start:
+        assert t["refined"] is None and abs(t["target_flops"] - first) <= 0.01 * first
+    else:
+        assert t["refined"]["flops"] > start and start <= t["target_flops"] <= min(2 * first, 4 * start)
+    assert decisions and all(d["signals"]["target_flops"] == t["target_flops"] for d in decisions)
+    assert all(d["decision"] != "stop" for d in decisions)  # a budget's schedule runs to its end
+    assert run.summary["stop_reason"] == "budget"

@@ -127,7 +127,8 @@ def test_end_to_end_prune_run_removes_channels_and_keeps_training(tmp_path):
     import bonsai
 
     run = _tiny_prune_run(tmp_path, 4, grow_batch=True)
-    events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines()]
+    lasso, *events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines()]
+    assert lasso["event"] == "lasso" and lasso["lpr"] == 0.5 and lasso["lambda"] > 0  # lambda set at the first step
     assert events and events[0]["event"] == "prune"
     assert events[0]["flops_after"] < events[0]["flops_before"]
     assert events[0]["batch_size"] > events[0]["batch_size_before"] == 16  # freed compute goes into a larger batch
@@ -326,7 +327,7 @@ def test_end_to_end_prune_run_with_bn_groups_removes_channels_and_keeps_training
     import json
 
     run = _tiny_prune_run(tmp_path, 3, groups="bn")
-    events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines()]
+    events = [e for e in map(json.loads, (run.dir / "events.jsonl").read_text().splitlines()) if e["event"] != "lasso"]
     assert events and events[0]["event"] == "prune" and events[0]["flops_after"] < events[0]["flops_before"]
     metrics = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3] and metrics[-1]["flops_per_image"] < metrics[0]["flops_per_image"]

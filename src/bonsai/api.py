@@ -39,7 +39,7 @@ from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_o
 from bonsai.report.html import write_report, write_samples
 from bonsai.report.log import append_jsonl, truncate_jsonl
 from bonsai.train import distributed
-from bonsai.train.plan import plan_arch, required_epochs
+from bonsai.train.plan import budget_flops, plan_arch, required_epochs
 from bonsai.train.resources import available_memory, check_disk, fit_batch, run_dir_bytes, train_memory_bytes
 from bonsai.utils import STOP_SIGNALS, atomic_write_text, existing_ancestor
 
@@ -399,6 +399,17 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
         )
     else:
         spec = _spec(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, cfg, ds)
+    target = None  # --adapt under a time budget: the FLOP target the budget affords (bonsai.train.plan.budget_flops)
+    a, t = cfg.adapt, cfg.train
+    if a.on and a.budget_target and cfg.budget_s is not None and t.epochs is None and not cfg.prune.target_flops and resume is None:
+        target = budget_flops(
+            spec, len(train_split), cfg.budget_s, t.batch_size, device, resolve_precision(t.precision, device), t.channels_last,
+            t.low_res, t.low_res_share, required_epochs(t.plan_epochs, t.plan_images, len(train_split)),
+        )
+        if dist.on:  # each rank timed its own probe; rank 0's target holds for all
+            target = dist.broadcast_json(target)
+        torch.manual_seed(cfg.seed)  # the probe drew random numbers; the run starts from the seed's weights
+        log.info("--adapt: the budget affords about %.1fM FLOPs per image (the start has %.1fM)", target["target_flops"] / 1e6, target["start_flops"] / 1e6)
     model = build(spec, cfg.model.zero_init_residual, mean=tuple(ds.mean), std=tuple(ds.std))
     whitened = _whiten_stem(model, train_split, ds, cfg.seed, dist) if cfg.model.whiten_stem and resume is None else 0
     state = None
@@ -420,6 +431,9 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
             atomic_write_text(work / name, "")
         if plan is not None:
             append_jsonl(work / "events.jsonl", plan.event())
+        if target is not None:
+            append_jsonl(work / "events.jsonl", target)
+            state = TrainState(target_flops=target["target_flops"])
         if whitened:
             append_jsonl(work / "events.jsonl", {"event": "whiten_stem", "epoch": 0, "filters": whitened})
     model = model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)

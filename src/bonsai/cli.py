@@ -29,7 +29,9 @@ train.tta=false all test-time augmentation).
 
 Shape: --prune removes channels and whole blocks that a FLOP-weighted group lasso drives to zero (prune.lpr,
 default 0.2, is its strength; 10-epoch runs need about 0.35-0.5). --flops 40M then scales every width to that
-many FLOPs per image (MorphNet). --adapt decides after every epoch to continue, prune, widen, deepen or stop.
+many FLOPs per image (MorphNet). --adapt decides after every epoch to continue, prune, widen, deepen or stop;
+with --budget it first moves the network to the FLOPs per image the budget affords (pruned down, or grown by
+Net2Net), unless --flops gives the target.
 
 Several processes: `torchrun --nproc-per-node N -m bonsai fit ...` trains with DistributedDataParallel (gloo on
 CPUs, NCCL on GPUs); batch_size stays the global batch, rank 0 writes the run directory, surgery runs in lockstep.
@@ -82,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         "--adapt",
         action="store_true",
         help="prune while training and let a controller decide after every epoch to continue, prune, widen, deepen or "
-        "stop (adapt.* keys tune it; implies --prune)",
+        "stop; with a FLOP target (--flops, or under --budget the FLOPs the budget affords) the network is first moved "
+        "to it (adapt.* keys tune it; implies --prune)",
     )
     f.add_argument("--quiet", action="store_true", help="no progress output")
     f.add_argument("--teacher", metavar="RUN", help="distill: also learn this run's soft targets (distill.* keys tune it)")

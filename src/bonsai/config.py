@@ -163,6 +163,17 @@ class AdaptConfig:
     saturated: float = 0.05  # a stage that lost less than this share of channels in the window is saturated: widen
     widen_factor: float = 1.5  # at most 4
     max_growths: int = 3
+    # with a time budget and no --flops: the FLOP target is the forward FLOPs per image of a network expected to
+    # train as many epochs in the budget as the planner asks of its networks (train.plan_images images, at most
+    # train.plan_epochs epochs), from a pace probe of the starting network (its FLOP rate taken to hold for other
+    # sizes). false: no target unless --flops
+    budget_target: bool = True
+    # with a FLOP target: the share of the run in which the network is moved to the target's size. A network over
+    # it trains with the penalty at an LPR set by how much must go (1 - target / FLOPs, within prune.lpr and
+    # max_lpr), then MorphNet's step takes it to the target exactly; one well under it grows to the target after
+    # its first epoch (Net2WiderNet). Replaces prune.until when there is a target
+    sizing: float = 0.2
+    max_lpr: float = 0.62
 
 
 @dataclass
@@ -258,6 +269,8 @@ class FitConfig:
         _check(a.min_delta >= 0, "adapt.min_delta must be >= 0")
         _check(0 <= a.min_left < 1, "adapt.min_left must be in [0, 1)")
         _check(0 <= a.saturated <= 1, "adapt.saturated must be in [0, 1]")
+        _check(0 < a.sizing < 1, "adapt.sizing must be in (0, 1)")
+        _check(0 < a.max_lpr < 1, "adapt.max_lpr must be in (0, 1)")
         unknown = sorted(set(self.loggers()) - {"tensorboard"})
         _check(not unknown, f"log: unknown logger {', '.join(unknown)} (known: tensorboard)")
         return self

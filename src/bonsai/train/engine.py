@@ -127,6 +127,8 @@ class TrainState:
     growths: int = 0  # widen / deepen decisions carried out
     grown_at: int = 0  # the epoch after which the last growth was made (0: none)
     block_next: list[int] = field(default_factory=list)  # per stage, the id an inserted block gets (see block_ids)
+    target_flops: float | None = None  # the FLOP target a time budget affords (adapt.budget_target), fixed at the start
+    sized: bool = False  # the sizing phase's closing step to the target has run
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -314,9 +316,9 @@ class Engine:
         self.teacher_flops = 0 if teacher is None else count_flops(teacher.spec, model.spec.image_size)
         self._penalized = False  # whether the last epoch's steps applied the group-lasso penalty
         self._next_penalty: tuple[int, bool] | None = None  # (epoch, before prune.until), fixed at the previous epoch's end
-        self.lasso = GroupLasso(cfg.prune.lpr, self.state.lasso_lambda, cfg.prune.weighting, cfg.prune.depth, cfg.prune.groups) if cfg.prune.enabled else None
         if self.state.start_flops is None:
             self.state.start_flops = self.flops
+        self.lasso = GroupLasso(self._lpr(), self.state.lasso_lambda, cfg.prune.weighting, cfg.prune.depth, cfg.prune.groups) if cfg.prune.enabled else None
         self._signal: str | None = None  # "sigint" / "sigterm" once one arrives during run()
         self._cut_short = False  # the signal ended an epoch before its last step
         self._last_val: float | None = None  # the last epoch's validation accuracy, for the progress bar
@@ -411,7 +413,7 @@ class Engine:
         seen, stopped = 0, False
         smoothing = self.cfg.train.label_smoothing
         check_grads = not self.scaler.is_enabled()  # fp16's scaler skips non-finite steps by itself
-        # the penalty applies to whole epochs that start before prune.until of the planned training
+        # the penalty applies to whole epochs that start before prune.until (adapt.sizing) of the planned training
         lasso = self.lasso if self.lasso is not None and self._penalty_on(epoch, clock) else None
         self._penalized = lasso is not None
         comm0, steps = self.dist.comm_bytes, 0
@@ -454,6 +456,7 @@ class Engine:
                     if lasso is not None:
                         if lasso.lam is None:
                             st.lasso_lambda = lasso.set_lambda(self.dist.mean(float(loss.detach())), model)
+                            append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "lasso", "lpr": lasso.lpr, "lambda": st.lasso_lambda})
                         if not self.cfg.prune.proximal:
                             self.scaler.unscale_(opt)  # the penalty's gradient is added at true scale
                             lasso.add_grad_(model)
@@ -520,6 +523,33 @@ class Engine:
             planned = max(1, int(self.budget / max(clock_s / self.state.epoch, 1e-9)))
         return max(1, round(0.05 * planned))
 
+    @property
+    def target_flops(self) -> float | None:
+        """The FLOP target: the user's (``--flops``), else, under --adapt, the one the time budget affords."""
+        return self.cfg.prune.target_flops or (self.state.target_flops if self.cfg.adapt.on else None)
+
+    def _sizing(self) -> bool:
+        """--adapt with a FLOP target: the network is moved to the target's size over the first ``adapt.sizing`` of
+        the run, which replaces ``prune.until``."""
+        return self.cfg.adapt.on and self.target_flops is not None
+
+    def _until(self) -> float:
+        """The share of the run whose epochs apply the penalty by schedule. With a sizing phase: ``adapt.sizing``
+        when the network started over the target, else none (it grows instead; the controller's prune decisions
+        still apply the penalty)."""
+        if not self._sizing():
+            return self.cfg.prune.until
+        return self.cfg.adapt.sizing if self.state.start_flops > self.target_flops * 1.02 else 0.0
+
+    def _lpr(self) -> float:
+        """The penalty's LPR: ``prune.lpr``; in a sizing phase from over the target, the share of FLOPs that must go
+        (``1 - target / FLOPs``), at least ``prune.lpr`` and at most ``adapt.max_lpr``. On 10-epoch resnet32 runs
+        with the penalty over the first 20%, LPR 0.6-0.65 removed 65-79% of the FLOPs (README, PruneTrain)."""
+        lpr = self.cfg.prune.lpr
+        if self._sizing() and self.state.start_flops > self.target_flops:
+            lpr = max(lpr, min(self.cfg.adapt.max_lpr, 1 - self.target_flops / self.state.start_flops))
+        return lpr
+
     def _penalty_on(self, epoch: int, clock: Clock) -> bool:
         """Whether epoch ``epoch`` applies the penalty: it starts before ``prune.until`` of the planned training, or
         the controller asked for pruning through it. Decided once per epoch, at the end of the one before (see
@@ -527,7 +557,7 @@ class Engine:
         when the surgery's own time moves a budget's progress past ``until``."""
         if self._next_penalty is not None and self._next_penalty[0] == epoch:
             return self._next_penalty[1] or epoch <= self.state.penalty_until
-        return self._progress(clock) < self.cfg.prune.until or epoch <= self.state.penalty_until
+        return self._progress(clock) < self._until() or epoch <= self.state.penalty_until
 
     def _reconfigure_due(self, epoch: int, planned: int | None, clock: Clock) -> bool:
         """After every ``interval``-th epoch that had the penalty, and after the last such epoch (the next one has
@@ -653,14 +683,27 @@ class Engine:
         # the old plateau would carry straight over)
         hist = slice(st.grown_at, None)
         left = max(0.0, 1 - self._progress(clock))
-        signals = Signals(st.val_hist[hist], st.train_hist[hist], shares, self.flops, left, st.growths, self.cfg.prune.target_flops)
+        target = self.target_flops
+        sizing = self._sizing() and not st.sized
+        anneals = self.budget is not None and self.cfg.train.epochs is None
+        signals = Signals(st.val_hist[hist], st.train_hist[hist], shares, self.flops, left, st.growths, target, sizing, anneals, len(self.model.spec.stages))
         decision = decide(signals, rule)
         if self.dist.on:  # every rank carries out rank 0's decision
-            decision = Decision(**self.dist.broadcast_json({"action": decision.action, "reason": decision.reason, "stages": decision.stages}))
+            decision = Decision(**self.dist.broadcast_json(vars(decision)))
         flops_before, widths_before = self.flops, self.model.spec.widths()
         if decision.action == "prune":
-            if st.penalty_until <= epoch:  # a measurement already under way is not pushed back
+            over = target is not None and self.flops > target * (1 + rule.flops_tolerance)
+            if over and self._sizing():
+                # in the sizing phase its scheduled penalty is removing channels and its end takes the network to
+                # the target; after it, the network is shrunk to the target now (keeping the strongest channels)
+                if st.sized:
+                    self._morph(epoch, progress, target, "over the target after the sizing phase")
+            elif st.penalty_until <= epoch:  # a measurement already under way is not pushed back
                 st.penalty_until = epoch + a.window
+        elif decision.action == "widen" and decision.to_target:
+            if self._morph(epoch, progress, target, "well under the target in the sizing phase"):
+                st.growths += 1
+                st.grown_at = epoch
         elif decision.action in ("widen", "deepen"):
             grown = copy.deepcopy(self.model.spec)  # the result, checked against the FLOP target before any surgery
             widths = {}
@@ -674,10 +717,13 @@ class Engine:
             else:
                 for s in decision.stages:
                     grown.stages[s].inner.append(grown.stages[s].width)
-            target = self.cfg.prune.target_flops
             if target and spec_flops(grown) > target * (1 + rule.flops_tolerance):
-                decision = Decision("stop", f"{decision.action} would take FLOPs to {spec_flops(grown) / 1e6:.1f}M, above the target {target / 1e6:.1f}M")
-                st.stop_reason = "controller"
+                why = f"{decision.action} would take FLOPs to {spec_flops(grown) / 1e6:.1f}M, above the target {target / 1e6:.1f}M"
+                if signals.anneals:  # a time budget's schedule runs to its end
+                    decision = Decision("continue", why)
+                else:
+                    decision = Decision("stop", why)
+                    st.stop_reason = "controller"
             else:
                 self.opt.zero_grad(set_to_none=True)
                 gen = torch.Generator().manual_seed(st.step)
@@ -696,7 +742,12 @@ class Engine:
                 self._after_surgery()
         elif decision.action == "stop":
             st.stop_reason = "controller"
-        event = {"epoch": epoch, "event": "adapt", **decision.event(), "signals": {"pruned_share": None if shares is None else [round(x, 3) for x in shares], "left": round(signals.left, 3)}}
+        event = {
+            "epoch": epoch,
+            "event": "adapt",
+            **decision.event(),
+            "signals": {"pruned_share": None if shares is None else [round(x, 3) for x in shares], "left": round(signals.left, 3), "target_flops": target, "sizing": sizing},
+        }
         if decision.action in ("widen", "deepen"):
             event |= {"widths_before": widths_before, "widths_after": self.model.spec.widths(), "flops_before": flops_before, "flops_after": self.flops}
         append_jsonl(self.run_dir / "events.jsonl", event)
@@ -724,20 +775,20 @@ class Engine:
             self.dist.check_same(self.model, self.opt, f"the surgery after epoch {self.state.epoch}")
             self._wrap()
 
-    def _morph(self, epoch: int, progress: bool) -> None:
-        """Scale every width by the largest factor that keeps FLOPs within prune.target_flops and top it up
+    def _morph(self, epoch: int, progress: bool, target_flops: float, why: str = "the last reconfiguration") -> bool:
+        """Scale every width by the largest factor that keeps FLOPs within ``target_flops`` and top it up
         (MorphNet's expand step, :func:`~bonsai.surgery.morphnet.fit_widths`), widening with Net2WiderNet (same
-        function, momentum carried) or keeping the strongest channels."""
+        function, momentum carried) or keeping the strongest channels. Returns whether the widths changed."""
         p = self.cfg.prune
         spec = self.model.spec
         try:
-            target, omega = fit_widths(spec, p.target_flops, p.round_to, p.min_width)
+            target, omega = fit_widths(spec, target_flops, p.round_to, p.min_width)
         except BonsaiError as e:
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "surgery_rejected", "surgery": "morph", "reason": str(e)})
             log.warning("no width multiplier after epoch %d: %s", epoch, e)
-            return
+            return False
         if target.widths() == spec.widths():
-            return
+            return False
         widths_before, flops_before = spec.widths(), self.flops
         self.opt.zero_grad(set_to_none=True)
         resize_(self.model, target, self.opt, generator=torch.Generator().manual_seed(self.state.step))
@@ -746,7 +797,8 @@ class Engine:
             "epoch": epoch,
             "event": "morph",
             "omega": round(omega, 4),
-            "target_flops": p.target_flops,
+            "target_flops": target_flops,
+            "why": why,
             "widths_before": widths_before,
             "widths_after": self.model.spec.widths(),
             "flops_before": flops_before,
@@ -758,6 +810,7 @@ class Engine:
             from tqdm import tqdm
 
             tqdm.write(f"morph after epoch {epoch}: widths x{omega:.3f}, FLOPs/image {flops_before / 1e6:.1f}M -> {self.flops / 1e6:.1f}M")
+        return True
 
     @torch.no_grad()
     def _broken(self, model: ResNet) -> str | None:
@@ -1026,11 +1079,16 @@ class Engine:
                         if k != "epoch" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
                             self.tensorboard.add_scalar(k, v, epoch)
                     self.tensorboard.flush()
-                self._next_penalty = (epoch + 1, self._progress(clock) < cfg.prune.until)
+                self._next_penalty = (epoch + 1, self._progress(clock) < self._until())
                 if self._reconfigure_due(epoch, planned, clock):
                     self._reconfigure(epoch, progress)
                     if self.cfg.prune.target_flops and not self.cfg.adapt.on and not self._penalty_on(epoch + 1, clock):
-                        self._morph(epoch, progress)  # the last reconfiguration: MorphNet's expand step
+                        self._morph(epoch, progress, self.cfg.prune.target_flops)  # the last reconfiguration: MorphNet's expand step
+                if self._sizing() and not st.sized and self._progress(clock) >= cfg.adapt.sizing:
+                    # the sizing phase is over: MorphNet's step takes the network to the target, either way
+                    st.sized = True
+                    if abs(self.flops - self.target_flops) > 0.02 * self.target_flops:
+                        self._morph(epoch, progress, self.target_flops, "the sizing phase ends")
                 if self.cfg.adapt.on and not st.stop_reason and (planned is None or epoch < planned):
                     self._adapt(epoch, clock, progress)
                 st.clock_s = clock.now()

@@ -158,3 +158,64 @@ def plan_arch(
             break
     spec, mult, epochs = chosen
     return Plan(spec, mult, epochs, time.perf_counter() - t0, candidates, min_epochs)
+
+
+def budget_flops(
+    spec: ArchSpec,
+    n_train: int,
+    budget_s: float,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    channels_last: bool,
+    low_res: float,
+    low_res_share: float,
+    min_epochs: float,
+    pace=measure_pace,
+    max_scale: float = 4.0,
+) -> dict:
+    """``--adapt``'s FLOP target under a time budget: the forward FLOPs per image of a network expected to train
+    ``min_epochs`` epochs of ``n_train`` images within ``budget_s``, from the measured pace of ``spec`` and the
+    assumption that a network of another size reaches the same FLOP rate. A small network's rate is the lower one
+    (small convs fill the AMX/SIMD tiles worse), so when the target lies above the start, the start widened to it
+    (MorphNet's expand step, widths rounded to 8) is probed as well and its pace sets the target (at most twice the
+    first estimate). Shrinking removes whole blocks as well as channels, whose result no width scaling predicts, so a
+    target below the start stays the first estimate. At most ``max_scale`` times the FLOPs of ``spec`` (4:
+    widths x2, the planner's widest multiplier; a tiny dataset under a long budget would otherwise ask for a huge
+    network). Returned as the ``adapt_target`` event.
+
+    >>> from bonsai.models.arch import preset
+    >>> e = budget_flops(preset("resnet8"), 1000, 100, 64, torch.device("cpu"), None, False, 1.0, 0.0, 20, pace=lambda *a: 100.0)
+    >>> e["expected_epochs"], round(e["target_flops"] / e["start_flops"], 3)
+    (10.0, 0.5)
+    >>> budget_flops(preset("resnet8"), 1000, 1e4, 64, torch.device("cpu"), None, False, 1.0, 0.0, 20, pace=lambda *a: 100.0)["target_flops"] / e["start_flops"]
+    4.0
+    """
+    from bonsai.surgery.morphnet import fit_widths
+
+    t0 = time.perf_counter()
+    batch = min(batch, 128, max(n_train, 1))
+    flops = count_flops(spec)
+
+    def target(s: ArchSpec) -> tuple[float, float, float]:
+        rate = pace(s, batch, device, dtype, channels_last)
+        epochs = expected_epochs(budget_s, rate, n_train, low_res, low_res_share)
+        return min(count_flops(s) * epochs / max(min_epochs, 1e-9), max_scale * flops), rate, epochs
+
+    zeta, rate, epochs = target(spec)
+    refined = None
+    if zeta > flops:  # a wider network runs at a better FLOP rate than a small one: probe the widened start too
+        wider, _ = fit_widths(spec, zeta, 8, 8)
+        refined = target(wider)
+        zeta = max(min(refined[0], zeta * 2), flops)  # at most one doubling from the probe, never below the start
+    return {
+        "epoch": 0,
+        "event": "adapt_target",
+        "target_flops": zeta,
+        "start_flops": flops,
+        "images_per_s": round(rate, 1),
+        "expected_epochs": round(epochs, 2),
+        "required_epochs": round(min_epochs, 2),
+        "refined": None if refined is None else {"flops": count_flops(wider), "images_per_s": round(refined[1], 1), "expected_epochs": round(refined[2], 2)},
+        "probe_s": round(time.perf_counter() - t0, 2),
+    }
