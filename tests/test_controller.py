@@ -198,7 +198,10 @@ def test_a_network_over_the_target_is_pruned_in_the_sizing_phase_then_sized_to_t
     run, decisions, events, metrics, _ = _adapt_run(tmp_path, 5, **{"prune.target_flops": target, "adapt.sizing": 0.4})
     # the penalty's strength follows how much must go: LPR 1 - 0.45 = 0.55 (within prune.lpr 0.2 and max_lpr 0.62)
     lasso = [e for e in events if e["event"] == "lasso"]
-    assert len(lasso) == 1 and abs(lasso[0]["lpr"] - 0.55) < 1e-9
+    assert len(lasso) == 2 and abs(lasso[0]["lpr"] - 0.55) < 1e-9
+    # after the sizing phase, lambda goes back to prune.lpr's (0.2) for the controller's later prune decisions
+    assert lasso[1]["epoch"] == 2 and lasso[1]["lpr"] == 0.2
+    assert abs(lasso[1]["lambda"] / lasso[0]["lambda"] - (0.2 / 0.8) / (0.55 / 0.45)) < 1e-9
     # the sizing phase is the first 40% (epochs 1 and 2); no penalty after it
     assert [m["lasso"] for m in metrics] == [True, True, False, False, False]
     assert decisions[0]["decision"] == "prune" and "above the target" in decisions[0]["reason"]
@@ -223,6 +226,32 @@ def test_a_network_well_under_the_target_grows_to_it_after_its_first_epoch(tmp_p
     morph = [e for e in events if e["event"] == "morph"]
     assert len(morph) == 1 and morph[0]["omega"] > 1.5 and "well under" in morph[0]["why"]
     assert all(d["decision"] == "continue" for d in decisions[1:])  # grown once; the rest trains at the target
+
+
+def test_the_end_of_the_sizing_phase_grows_a_network_a_little_under_the_target_and_counts_it(tmp_path):
+    from bonsai.models.arch import ArchSpec
+    from bonsai.models.resnet import count_flops
+    from bonsai.train.engine import read_checkpoint
+
+    start = count_flops(ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16))
+    target = 1.8 * start  # under by less than one widening step (1.5 squared): no growth after the first epoch
+    run, decisions, events, metrics, _ = _adapt_run(tmp_path, 4, **{"prune.target_flops": target, "adapt.sizing": 0.5})
+    assert all(d["decision"] == "continue" for d in decisions)
+    morph = [e for e in events if e["event"] == "morph"]
+    assert len(morph) == 1 and morph[0]["epoch"] == 2 and morph[0]["why"] == "the sizing phase ends"
+    assert [m["flops_per_image"] for m in metrics][:2] == [start, start] and 0.95 * target <= metrics[2]["flops_per_image"] <= 1.02 * target
+    _, state, _, _ = read_checkpoint(run.dir / "checkpoint.safetensors")
+    assert state.sized and state.growths == 1 and state.grown_at == 2  # the plateau is judged on the grown network
+
+
+def test_when_no_width_fits_the_target_the_penalty_keeps_pruning(tmp_path):
+    """A target below the narrowest network of this shape: MorphNet's step is rejected, and the controller's prune
+    decisions fall back to the penalty instead of doing nothing."""
+    run, decisions, events, metrics, _ = _adapt_run(tmp_path, 4, **{"prune.target_flops": 1000, "adapt.sizing": 0.25})
+    rejected = [e for e in events if e["event"] == "surgery_rejected"]
+    assert rejected and all(e["surgery"] == "morph" for e in rejected)
+    assert all(d["decision"] == "prune" for d in decisions)
+    assert [m["lasso"] for m in metrics] == [True, True, True, True]  # the sizing epoch, then adapt.window (3) epochs
 
 
 def test_under_a_time_budget_the_target_is_what_the_budget_affords(tmp_path):

@@ -543,10 +543,10 @@ class Engine:
 
     def _lpr(self) -> float:
         """The penalty's LPR: ``prune.lpr``; in a sizing phase from over the target, the share of FLOPs that must go
-        (``1 - target / FLOPs``), at least ``prune.lpr`` and at most ``adapt.max_lpr``. On 10-epoch resnet32 runs
+        (``1 - target / FLOPs``) capped at ``adapt.max_lpr``, and never below ``prune.lpr``. On 10-epoch resnet32 runs
         with the penalty over the first 20%, LPR 0.6-0.65 removed 65-79% of the FLOPs (README, PruneTrain)."""
         lpr = self.cfg.prune.lpr
-        if self._sizing() and self.state.start_flops > self.target_flops:
+        if self._sizing() and not self.state.sized and self.state.start_flops > self.target_flops:
             lpr = max(lpr, min(self.cfg.adapt.max_lpr, 1 - self.target_flops / self.state.start_flops))
         return lpr
 
@@ -696,14 +696,17 @@ class Engine:
             if over and self._sizing():
                 # in the sizing phase its scheduled penalty is removing channels and its end takes the network to
                 # the target; after it, the network is shrunk to the target now (keeping the strongest channels)
-                if st.sized:
-                    self._morph(epoch, progress, target, "over the target after the sizing phase")
+                shrunk = st.sized and self._morph(epoch, progress, target, "over the target after the sizing phase")
+                if st.sized and not shrunk and st.penalty_until <= epoch:  # no width fits: the penalty instead
+                    st.penalty_until = epoch + a.window
             elif st.penalty_until <= epoch:  # a measurement already under way is not pushed back
                 st.penalty_until = epoch + a.window
         elif decision.action == "widen" and decision.to_target:
             if self._morph(epoch, progress, target, "well under the target in the sizing phase"):
                 st.growths += 1
                 st.grown_at = epoch
+            else:
+                decision = Decision("continue", f"{decision.reason}, but no widths fit it")
         elif decision.action in ("widen", "deepen"):
             grown = copy.deepcopy(self.model.spec)  # the result, checked against the FLOP target before any surgery
             widths = {}
@@ -774,6 +777,24 @@ class Engine:
         if self.dist.on:  # checked before the new wrapper copies rank 0's weights over the others'
             self.dist.check_same(self.model, self.opt, f"the surgery after epoch {self.state.epoch}")
             self._wrap()
+
+    def _end_sizing(self, epoch: int, progress: bool) -> None:
+        """The sizing phase is over: MorphNet's step takes the network to the target, either way (a growth counts
+        as one, so the plateau is judged afresh), and the penalty's lambda goes back to ``prune.lpr``'s for the
+        controller's later prune decisions (lambda is proportional to ``lpr / (1 - lpr)`` at the first step's loss)."""
+        st = self.state
+        sizing_lpr = self._lpr()
+        st.sized = True
+        before = self.flops
+        if abs(self.flops - self.target_flops) > 0.02 * self.target_flops and self._morph(epoch, progress, self.target_flops, "the sizing phase ends"):
+            if self.flops > before:
+                st.growths += 1
+                st.grown_at = epoch
+        lpr = self.cfg.prune.lpr
+        if self.lasso is not None and st.lasso_lambda is not None and sizing_lpr != lpr:
+            st.lasso_lambda *= (lpr / (1 - lpr)) / (sizing_lpr / (1 - sizing_lpr))
+            self.lasso.lpr, self.lasso.lam = lpr, st.lasso_lambda
+            append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "lasso", "lpr": lpr, "lambda": st.lasso_lambda})
 
     def _morph(self, epoch: int, progress: bool, target_flops: float, why: str = "the last reconfiguration") -> bool:
         """Scale every width by the largest factor that keeps FLOPs within ``target_flops`` and top it up
@@ -1079,16 +1100,16 @@ class Engine:
                         if k != "epoch" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
                             self.tensorboard.add_scalar(k, v, epoch)
                     self.tensorboard.flush()
-                self._next_penalty = (epoch + 1, self._progress(clock) < self._until())
+                # read once: the next epoch's penalty and the end of the sizing phase must agree, though the
+                # surgery below moves a budget's clock on
+                done = self._progress(clock)
+                self._next_penalty = (epoch + 1, done < self._until())
                 if self._reconfigure_due(epoch, planned, clock):
                     self._reconfigure(epoch, progress)
                     if self.cfg.prune.target_flops and not self.cfg.adapt.on and not self._penalty_on(epoch + 1, clock):
                         self._morph(epoch, progress, self.cfg.prune.target_flops)  # the last reconfiguration: MorphNet's expand step
-                if self._sizing() and not st.sized and self._progress(clock) >= cfg.adapt.sizing:
-                    # the sizing phase is over: MorphNet's step takes the network to the target, either way
-                    st.sized = True
-                    if abs(self.flops - self.target_flops) > 0.02 * self.target_flops:
-                        self._morph(epoch, progress, self.target_flops, "the sizing phase ends")
+                if self._sizing() and not st.sized and done >= cfg.adapt.sizing and not st.stop_reason and (planned is None or epoch < planned):
+                    self._end_sizing(epoch, progress)
                 if self.cfg.adapt.on and not st.stop_reason and (planned is None or epoch < planned):
                     self._adapt(epoch, clock, progress)
                 st.clock_s = clock.now()
