@@ -121,6 +121,7 @@ def main() -> None:
             arch = Path(tmp) / "grown_arch.json"
             arch.write_text(json.dumps(grown["arch_json"]))
             details["scratch_grown"] = _fit(data, runs / "adaptive_scratch_grown", ["--arch", str(arch), *b], "scratch_grown" in reuse)
+            details["scratch_grown"]["args"][1] = "grown_arch.json (adapt_small's final architecture)"  # not a temporary path
     for d in details.values():
         d.pop("arch_json", None)
     if only:
