@@ -12,9 +12,9 @@ Runs, one after another, each as its own `bonsai fit DATA --budget B` process (a
   (Net2Net's claim: growing reaches an accuracy sooner than training the grown network from the start).
 
 Every run has the same defaults otherwise (schedule over the budget, progressive resizing, bf16); the --adapt runs
-size the network to the FLOP target the budget affords in the first fifth of the run (the ``adapt_target`` event). Test accuracy is
-measured after every epoch for the curves only (it never steers training); times are the budget clock (training
-steps + validation + checkpoints). Accuracy is the final network's, so that it and the FLOPs describe one model.
+size the network to the FLOP target the budget affords in the first fifth of the run (the ``adapt_target``
+event). Test accuracy is measured after every epoch for the curves only (it never steers training); times are the
+budget clock (training steps + validation + checkpoints). Accuracy is the final network's, so that it and the FLOPs describe one model.
 Summary: ``adapt_acc`` and ``adapt_flops`` (the better --adapt run), ``best_fixed_acc`` and ``best_fixed_flops``
 (the better fixed dense run), ``net2net_time_ratio`` (budget-clock time to the lower of the two final accuracies of
 ``adapt_small`` and ``scratch_grown``, with growth / from scratch; None when ``adapt_small`` never grew).

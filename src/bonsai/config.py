@@ -169,9 +169,9 @@ class AdaptConfig:
     # sizes). false: no target unless --flops
     budget_target: bool = True
     # with a FLOP target: the share of the run in which the network is moved to the target's size. A network over
-    # it trains with the penalty at an LPR set by how much must go (1 - target / FLOPs, within prune.lpr and
-    # max_lpr), then MorphNet's step takes it to the target exactly; one well under it grows to the target after
-    # its first epoch (Net2WiderNet). Replaces prune.until when there is a target
+    # it trains with the penalty at an LPR set by how much must go (1 - target / FLOPs, capped at max_lpr, never
+    # below prune.lpr), then MorphNet's step takes it to the target exactly; one well under it grows to the target
+    # after its first epoch (Net2WiderNet). Replaces prune.until when there is a target
     sizing: float = 0.2
     max_lpr: float = 0.62
 

@@ -34,7 +34,7 @@ The rule, in order (the first that applies wins):
 9. Otherwise ``stop`` (``continue`` under a time budget, as in 4): plateaued, and no growth is allowed.
 
 Growth is estimated here (``widen_factor`` squared for widening); the engine checks the exact FLOPs of the grown
-network before carrying it out and stops instead when they exceed the target.
+network before carrying it out, and when they exceed the target it stops instead (continues under a time budget).
 """
 
 from __future__ import annotations
