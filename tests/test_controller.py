@@ -132,24 +132,12 @@ import pytest  # noqa: E402
     ],
 )
 def test_adapt_carries_out_the_controllers_decisions_end_to_end(tmp_path, rule: dict, action: str):
-    import bonsai
-    from bonsai.models.arch import ArchSpec
-    from conftest import make_images
-
-    x, y = make_images(20)
-    data = tmp_path / "d.npz"
-    np.savez(data, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
-    arch = tmp_path / "arch.json"
-    ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16).to_json(arch)
     # a plateau after every epoch from the second on, and no end-of-run cut-off
-    forced = {"train.low_res": 1.0, "adapt.plateau_epochs": 1, "adapt.window": 2, "adapt.min_delta": 1.0, "adapt.min_left": 0.0, "adapt.max_growths": 1, "prune.round_to": 1}
+    forced = {"adapt.plateau_epochs": 1, "adapt.window": 2, "adapt.min_delta": 1.0, "adapt.min_left": 0.0, "adapt.max_growths": 1}
     epochs = 5 if action == "widen" else 4  # after a growth, the grown network needs its own plateau
-    run = bonsai.fit(data, epochs=epochs, out=str(tmp_path / "r"), arch=str(arch), batch_size=16, quiet=True, precision="fp32", **{"adapt.on": True} | forced | rule)
-    events = [json.loads(line) for line in (run.dir / "events.jsonl").read_text().splitlines()]
-    decisions = [e for e in events if e["event"] == "adapt"]
+    run, decisions, _, metrics = _adapt_run(tmp_path, epochs, **forced | rule)
     assert [d["epoch"] for d in decisions][:3] == [1, 2, 3] and decisions[0]["decision"] == "continue"
     assert decisions[1]["decision"] == action and decisions[1]["reason"]
-    metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(m["train_loss"]) for m in metrics)
     assert [m["lasso"] for m in metrics[:2]] == [True, True]  # prune.until 0.5 of 4 epochs
     if action == "prune":  # the decision after epoch 2 puts the penalty back on for adapt.window (3) epochs
@@ -169,33 +157,41 @@ def test_adapt_carries_out_the_controllers_decisions_end_to_end(tmp_path, rule: 
         assert len(metrics[2]["block_ids"][grown]) == 2 and metrics[2]["block_ids"][grown][-1] == 1
 
 
-def _adapt_run(tmp_path, epochs: int | None, **over):
-    """A tiny --adapt run on random images; returns (run, its adapt decisions, all events, metrics, start FLOPs)."""
-    import bonsai
+def _tiny_spec():
     from bonsai.models.arch import ArchSpec
+
+    return ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16)
+
+
+def _start_flops() -> int:
     from bonsai.models.resnet import count_flops
+
+    return count_flops(_tiny_spec())
+
+
+def _adapt_run(tmp_path, epochs: int | None, **over):
+    """A tiny --adapt run of :func:`_tiny_spec` on random images; returns (run, its adapt decisions, all events,
+    metrics)."""
+    import bonsai
     from conftest import make_images
 
     x, y = make_images(20)
     data = tmp_path / "d.npz"
     np.savez(data, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
-    spec = ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16)
+    spec = _tiny_spec()
     spec.to_json(tmp_path / "arch.json")
     length = {"epochs": epochs} if epochs else {}
     base = {"adapt.on": True, "train.low_res": 1.0, "prune.round_to": 1, "adapt.plateau_epochs": 10}
     run = bonsai.fit(data, out=str(tmp_path / "r"), arch=str(tmp_path / "arch.json"), batch_size=16, quiet=True, precision="fp32", **length, **base | over)
     events = [json.loads(line) for line in (run.dir / "events.jsonl").read_text().splitlines()]
     metrics = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
-    return run, [e for e in events if e["event"] == "adapt"], events, metrics, count_flops(spec)
+    return run, [e for e in events if e["event"] == "adapt"], events, metrics
 
 
 def test_a_network_over_the_target_is_pruned_in_the_sizing_phase_then_sized_to_the_target(tmp_path):
-    from bonsai.models.arch import ArchSpec
-    from bonsai.models.resnet import count_flops
-
-    start = count_flops(ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16))
+    start = _start_flops()
     target = 0.45 * start
-    run, decisions, events, metrics, _ = _adapt_run(tmp_path, 5, **{"prune.target_flops": target, "adapt.sizing": 0.4})
+    run, decisions, events, metrics = _adapt_run(tmp_path, 5, **{"prune.target_flops": target, "adapt.sizing": 0.4})
     # the penalty's strength follows how much must go: LPR 1 - 0.45 = 0.55 (within prune.lpr 0.2 and max_lpr 0.62)
     lasso = [e for e in events if e["event"] == "lasso"]
     assert len(lasso) == 2 and abs(lasso[0]["lpr"] - 0.55) < 1e-9
@@ -213,12 +209,9 @@ def test_a_network_over_the_target_is_pruned_in_the_sizing_phase_then_sized_to_t
 
 
 def test_a_network_well_under_the_target_grows_to_it_after_its_first_epoch(tmp_path):
-    from bonsai.models.arch import ArchSpec
-    from bonsai.models.resnet import count_flops
-
-    start = count_flops(ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16))
+    start = _start_flops()
     target = 3.0 * start
-    run, decisions, events, metrics, _ = _adapt_run(tmp_path, 3, **{"prune.target_flops": target, "adapt.sizing": 0.5})
+    run, decisions, events, metrics = _adapt_run(tmp_path, 3, **{"prune.target_flops": target, "adapt.sizing": 0.5})
     assert decisions[0]["decision"] == "widen" and decisions[0]["to_target"] and decisions[0]["stages"] == [0, 1]
     assert metrics[0]["flops_per_image"] == start
     assert 0.95 * target <= metrics[1]["flops_per_image"] <= 1.02 * target
@@ -229,13 +222,11 @@ def test_a_network_well_under_the_target_grows_to_it_after_its_first_epoch(tmp_p
 
 
 def test_the_end_of_the_sizing_phase_grows_a_network_a_little_under_the_target_and_counts_it(tmp_path):
-    from bonsai.models.arch import ArchSpec
-    from bonsai.models.resnet import count_flops
     from bonsai.train.engine import read_checkpoint
 
-    start = count_flops(ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16))
+    start = _start_flops()
     target = 1.8 * start  # under by less than one widening step (1.5 squared): no growth after the first epoch
-    run, decisions, events, metrics, _ = _adapt_run(tmp_path, 4, **{"prune.target_flops": target, "adapt.sizing": 0.5})
+    run, decisions, events, metrics = _adapt_run(tmp_path, 4, **{"prune.target_flops": target, "adapt.sizing": 0.5})
     assert all(d["decision"] == "continue" for d in decisions)
     morph = [e for e in events if e["event"] == "morph"]
     assert len(morph) == 1 and morph[0]["epoch"] == 2 and morph[0]["why"] == "the sizing phase ends"
@@ -247,7 +238,7 @@ def test_the_end_of_the_sizing_phase_grows_a_network_a_little_under_the_target_a
 def test_when_no_width_fits_the_target_the_penalty_keeps_pruning(tmp_path):
     """A target below the narrowest network of this shape: MorphNet's step is rejected, and the controller's prune
     decisions fall back to the penalty instead of doing nothing."""
-    run, decisions, events, metrics, _ = _adapt_run(tmp_path, 4, **{"prune.target_flops": 1000, "adapt.sizing": 0.25})
+    run, decisions, events, metrics = _adapt_run(tmp_path, 4, **{"prune.target_flops": 1000, "adapt.sizing": 0.25})
     rejected = [e for e in events if e["event"] == "surgery_rejected"]
     assert rejected and all(e["surgery"] == "morph" for e in rejected)
     assert all(d["decision"] == "prune" for d in decisions)
@@ -255,7 +246,8 @@ def test_when_no_width_fits_the_target_the_penalty_keeps_pruning(tmp_path):
 
 
 def test_under_a_time_budget_the_target_is_what_the_budget_affords(tmp_path):
-    run, decisions, events, metrics, start = _adapt_run(tmp_path, None, budget="6s")
+    run, decisions, events, metrics = _adapt_run(tmp_path, None, budget="6s")
+    start = _start_flops()
     target = [e for e in events if e["event"] == "adapt_target"]
     assert len(target) == 1 and target[0]["start_flops"] == start and target[0]["images_per_s"] > 0
     # the probe's pace and the planner's epochs set it: FLOPs x expected epochs / required epochs, at most 4x the

@@ -539,7 +539,7 @@ class Engine:
         still apply the penalty)."""
         if not self._sizing():
             return self.cfg.prune.until
-        return self.cfg.adapt.sizing if self.state.start_flops > self.target_flops * 1.02 else 0.0
+        return self.cfg.adapt.sizing if self.state.start_flops > self.target_flops * (1 + Rule.flops_tolerance) else 0.0
 
     def _lpr(self) -> float:
         """The penalty's LPR: ``prune.lpr``; in a sizing phase from over the target, the share of FLOPs that must go
@@ -786,7 +786,7 @@ class Engine:
         sizing_lpr = self._lpr()
         st.sized = True
         before = self.flops
-        if abs(self.flops - self.target_flops) > 0.02 * self.target_flops and self._morph(epoch, progress, self.target_flops, "the sizing phase ends"):
+        if abs(self.flops - self.target_flops) > Rule.flops_tolerance * self.target_flops and self._morph(epoch, progress, self.target_flops, "the sizing phase ends"):
             if self.flops > before:
                 st.growths += 1
                 st.grown_at = epoch
