@@ -1,13 +1,15 @@
 """Adaptive training on full CIFAR-10: fixed architectures, PruneTrain and --adapt under one equal wall-clock budget.
 
-    python benchmarks/adaptive.py [--data ../shared/data/cifar10] [--budget 15m] [--small resnet8] [--large resnet56]
+    python benchmarks/adaptive.py [--data ../shared/data/cifar10] [--budget 15m] [--small bonsai*0.5] [--large resnet56]
 
 Runs, one after another, each as its own `bonsai fit DATA --budget B` process (about 100 minutes at 15m):
 
 - ``resnet20``, ``resnet56``: the fixed dense architectures;
 - ``prunetrain``: the large net with ``--prune`` (PruneTrain only: penalty over the first half, channels and blocks
   removed, no growth);
-- ``adapt_small``, ``adapt_large``: ``--adapt`` from the small and from the large net;
+- ``adapt_small``, ``adapt_large``: ``--adapt`` from the small and from the large net. The small net is the
+  default family at half width (``bonsai*0.5``: the ``bonsai`` preset with its widths x0.5, as the budget planner
+  scales it), which is what ``--adapt``'s width growth keeps the shape of; the large is resnet56;
 - ``scratch_grown``: the architecture ``adapt_small`` ended with, trained from scratch under the same budget
   (Net2Net's claim: growing reaches an accuracy sooner than training the grown network from the start).
 
@@ -44,6 +46,29 @@ def time_to(curve: list[dict], target: float) -> float | None:
         if r.get("test_acc") is not None and r["test_acc"] >= target - 1e-9:
             return r["clock_s"]
     return None
+
+
+def _grew(e: dict) -> bool:
+    """Whether a decision or surgery event grew the network: a widen or deepen decision, or a MorphNet step (at the
+    sizing phase's end) that added FLOPs."""
+    if e["event"] == "adapt":
+        return e["decision"] in ("widen", "deepen")
+    return e["event"] == "morph" and (e.get("flops_after") or 0) > (e.get("flops_before") or 0)
+
+
+def _arch(name: str, where: Path) -> str:
+    """``--arch`` for ``name``: a preset or arch.json as is; ``PRESET*MULT`` written to an arch.json in ``where``
+    (the runs directory: a stable path, so that --reuse finds the same arguments)."""
+    if "*" not in name:
+        return name
+    from bonsai.models.arch import preset
+    from bonsai.train.plan import scaled
+
+    base, mult = name.split("*")
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / f"{base}x{mult}.json"
+    scaled(preset(base), float(mult)).to_json(path)
+    return str(path)
 
 
 def _fit(data: str, out: Path, args: list[str], reuse: bool = False) -> dict:
@@ -91,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data/cifar10")
     ap.add_argument("--budget", default="15m", help="wall-clock budget of every run")
-    ap.add_argument("--small", default="resnet8", help="the net --adapt grows from")
+    ap.add_argument("--small", default="bonsai*0.5", help="the net --adapt grows from (a preset, or PRESET*MULT: its widths scaled as the planner does)")
     ap.add_argument("--large", default="resnet56", help="the net --adapt and PruneTrain shrink from")
     ap.add_argument("--only", default="", help="comma-separated run names (a partial re-run; no result written)")
     ap.add_argument("--reuse", default="", help="comma-separated run names whose finished run directories are read, not trained again")
@@ -115,9 +140,12 @@ def main() -> None:
         data = _subset(args.data, args.limit, Path(tmp)) if args.limit else args.data
         for name, cli in plan.items():
             if not only or name in only:
+                named = cli[1]
+                cli = [cli[0], _arch(named, runs), *cli[2:]]
                 details[name] = _fit(data, runs / f"adaptive_{name}", cli, name in reuse)
+                details[name]["args"][1] = named  # not a temporary path
         grown = details.get("adapt_small", {})
-        if grown and any(d["decision"] in ("widen", "deepen") for d in grown["decisions"] if d["event"] == "adapt"):
+        if grown and any(_grew(d) for d in grown["decisions"]):
             arch = Path(tmp) / "grown_arch.json"
             arch.write_text(json.dumps(grown["arch_json"]))
             details["scratch_grown"] = _fit(data, runs / "adaptive_scratch_grown", ["--arch", str(arch), *b], "scratch_grown" in reuse)
@@ -178,17 +206,17 @@ def _plot(details: dict, name: str, target: float | None) -> None:
         c = d["curve"]
         ax.plot([r["clock_s"] for r in c], [100 * r["test_acc"] for r in c], marker="o", ms=3, label=f"{run}: {d['test_acc']:.1%}")
         for e in d["decisions"]:  # mark growth and surgery on the curve
-            if e["event"] == "adapt" and e["decision"] in ("widen", "deepen"):
+            if _grew(e) or (e["event"] == "morph" and e.get("blocks_removed")):
                 r = next((r for r in c if r["epoch"] == e["epoch"]), None)
                 if r:
-                    ax.annotate(e["decision"][0], (r["clock_s"], 100 * r["test_acc"]), fontsize=8, xytext=(0, 6), textcoords="offset points")
+                    ax.annotate("g" if _grew(e) else "s", (r["clock_s"], 100 * r["test_acc"]), fontsize=8, xytext=(0, 6), textcoords="offset points")
         bx.scatter(d["inference_flops"] / 1e6, 100 * d["test_acc"], s=30)
         bx.annotate(run, (d["inference_flops"] / 1e6, 100 * d["test_acc"]), fontsize=8, xytext=(4, 2), textcoords="offset points")
     if target is not None:
         ax.axhline(100 * target, color="grey", ls=":", lw=1)
     ax.set_xlabel("budget clock (s): training + validation")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("CIFAR-10, equal budget (w: widen, d: deepen)")
+    ax.set_title("CIFAR-10, equal budget (g: grown, s: blocks shed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     bx.set_xscale("log")

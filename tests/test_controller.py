@@ -169,16 +169,16 @@ def _start_flops() -> int:
     return count_flops(_tiny_spec())
 
 
-def _adapt_run(tmp_path, epochs: int | None, **over):
-    """A tiny --adapt run of :func:`_tiny_spec` on random images; returns (run, its adapt decisions, all events,
-    metrics)."""
+def _adapt_run(tmp_path, epochs: int | None, spec=None, **over):
+    """A tiny --adapt run of ``spec`` (:func:`_tiny_spec`) on random images; returns (run, its adapt decisions, all
+    events, metrics)."""
     import bonsai
     from conftest import make_images
 
     x, y = make_images(20)
     data = tmp_path / "d.npz"
     np.savez(data, x_train=x, y_train=y, x_test=x[:6], y_test=y[:6])
-    spec = _tiny_spec()
+    spec = spec or _tiny_spec()
     spec.to_json(tmp_path / "arch.json")
     length = {"epochs": epochs} if epochs else {}
     base = {"adapt.on": True, "train.low_res": 1.0, "prune.round_to": 1, "adapt.plateau_epochs": 10}
@@ -205,6 +205,29 @@ def test_a_network_over_the_target_is_pruned_in_the_sizing_phase_then_sized_to_t
     for m in metrics[2:]:
         assert 0.9 * target <= m["flops_per_image"] <= 1.02 * target
     assert all(d["decision"] == "continue" for d in decisions[1:])
+    assert all(np.isfinite(m["train_loss"]) for m in metrics)
+
+
+@pytest.mark.parametrize("shed", [True, False])
+def test_a_deep_network_over_the_target_sheds_its_weakest_blocks_before_its_widths(tmp_path, shed: bool):
+    from bonsai.models.arch import ArchSpec
+    from bonsai.models.resnet import count_flops
+
+    deep = ArchSpec.resnet((16, 32), 3, num_classes=3, image_size=16)
+    target = 0.45 * count_flops(deep)
+    run, _, events, metrics = _adapt_run(tmp_path, 4, deep, **{"prune.target_flops": target, "adapt.sizing": 0.5, "adapt.shed_blocks": shed, "prune.depth": False})
+    morph = [e for e in events if e["event"] == "morph"]
+    assert len(morph) == 1 and morph[0]["epoch"] == 2 and morph[0]["why"] == "the sizing phase ends"
+    assert morph[0]["depths_before"] == [3, 3]  # the penalty alone (without its depth groups) removed no block
+    if shed:
+        # blocks went first (at most two per stage, never stage 1's projection block), then the widths were fitted
+        assert morph[0]["blocks_removed"] and sum(morph[0]["depths_after"]) == 6 - len(morph[0]["blocks_removed"])
+        assert all(not name.startswith("s1b0") for name in morph[0]["blocks_removed"])
+        assert metrics[2]["block_ids"] != [[0, 1, 2], [0, 1, 2]]
+    else:
+        assert morph[0]["blocks_removed"] == [] and morph[0]["depths_after"] == [3, 3]
+    for m in metrics[2:]:
+        assert 0.9 * target <= m["flops_per_image"] <= 1.02 * target
     assert all(np.isfinite(m["train_loss"]) for m in metrics)
 
 

@@ -174,6 +174,11 @@ class AdaptConfig:
     # after its first epoch (Net2WiderNet). Replaces prune.until when there is a target
     sizing: float = 0.2
     max_lpr: float = 0.62
+    # a network shrunk to the target (at the sizing phase's end, or over it later) first loses its weakest residual
+    # blocks (smallest last-BN scales and shifts) until it is within the target, then its widths are fitted to the
+    # target (which may widen them): on a CPU a block costs more time than its FLOPs, so fewer, wider blocks train
+    # faster than a thinned deep network of equal FLOPs. false: widths only
+    shed_blocks: bool = True
 
 
 @dataclass

@@ -13,6 +13,10 @@ and shrinks one by keeping its strongest channels.
   FLOPs of ``scaled_spec(spec, omega)`` never decrease as ``omega`` grows), so the target is never exceeded.
 * :func:`fit_widths` tops that spec up channel group by channel group (see there), to within one group's step of
   ``zeta`` (the tests ask for 2%).
+* :func:`blocks_to_shed` (bonsai's addition, for ``--adapt``): the weakest residual blocks whose removal takes a
+  network over ``zeta`` to or under it, so that a shrink removes depth before width. On this CPU a block costs more
+  time than its FLOPs (batch norm, ReLU and the residual add do not shrink with the width; see
+  ``benchmarks/prune_costs.py``), so a network thinned to a target runs slower than a shallower one of equal FLOPs.
 
 >>> from bonsai.models.arch import preset
 >>> spec = preset("resnet20")
@@ -94,6 +98,45 @@ def spec_flops(spec: ArchSpec, image_size: int | None = None) -> int:
                 total += 2 * out * out * cin * st.width
             size, cin = out, st.width
     return total + 2 * cin * spec.num_classes
+
+
+def block_strength(block) -> float:
+    """How much a residual block's branch adds: the root mean square of its last BN's scales and shifts, which set
+    the branch's output level (its conv's output is normalised). Comparable across stages of different widths; 0
+    for a branch that outputs zero (:mod:`bonsai.surgery.depth`)."""
+    bn = block.bn2
+    return float(torch.sqrt((bn.weight.detach().float().pow(2) + bn.bias.detach().float().pow(2)).mean()))
+
+
+@torch.no_grad()
+def blocks_to_shed(model: ResNet, zeta: float) -> list[tuple[int, int]]:
+    """(stage, block) of the weakest blocks (:func:`block_strength`) whose removal brings the network's FLOPs to at
+    most ``zeta``, weakest first: none when it is within ``zeta`` already; as many as may go when even that is not
+    enough. Only blocks :func:`~bonsai.surgery.depth.remove_blocks_` can remove: no projection shortcut, and every
+    stage keeps a block. Removing a block whose branch is not zero changes the function (by dropping that branch);
+    after a penalty phase the weakest are close to zero."""
+    spec = model.spec
+    order = sorted(
+        (block_strength(blk), s, b) for s, stage in enumerate(model.stages) for b, blk in enumerate(stage) if blk.shortcut is None
+    )
+    chosen: set[tuple[int, int]] = set()
+    left = [len(stage) for stage in model.stages]
+
+    def flops() -> int:
+        trial = copy.deepcopy(spec)
+        for s, st in enumerate(trial.stages):
+            st.inner = [w for b, w in enumerate(spec.stages[s].inner) if (s, b) not in chosen]
+        return spec_flops(trial)
+
+    out = []
+    for _, s, b in order:
+        if flops() <= zeta:
+            break
+        if left[s] > 1:
+            chosen.add((s, b))
+            out.append((s, b))
+            left[s] -= 1
+    return out
 
 
 def _fields(spec: ArchSpec) -> list[list[tuple]]:

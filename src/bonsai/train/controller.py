@@ -8,7 +8,8 @@ can be tested on scripted histories; the engine turns its decisions into surgery
 The rule, in order (the first that applies wins):
 
 1. **Over the FLOP target** (``flops > target * (1 + flops_tolerance)``): ``prune``. In the sizing phase the
-   scheduled penalty is already removing channels; after it, the engine shrinks the network to the target at once.
+   scheduled penalty is already removing channels; after it, the engine shrinks the network to the target at once
+   (its weakest blocks first, then its widths: ``adapt.shed_blocks``).
 2. **Well under the FLOP target in the sizing phase** (``flops * widen_factor**2 <= target``, a growth still
    allowed): ``widen`` every stage to the target (MorphNet's expand step with Net2WiderNet, ``to_target``). The
    network has learned for an epoch; growing it now keeps that work and leaves the rest of the run to the size the

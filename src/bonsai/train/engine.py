@@ -29,7 +29,7 @@ from bonsai.report.log import append_jsonl
 from bonsai.surgery.channels import channel_groups, remove_channels_
 from bonsai.surgery.depth import branch_constant, dead_blocks, layout, remove_blocks_
 from bonsai.surgery.grow import deepen_, widen_
-from bonsai.surgery.morphnet import fit_widths, resize_, set_field, spec_flops
+from bonsai.surgery.morphnet import blocks_to_shed, fit_widths, resize_, set_field, spec_flops
 from bonsai.train.controller import Decision, Rule, Signals, decide
 from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.distill import distillation_loss
@@ -602,15 +602,10 @@ class Engine:
             log.warning("pruning after epoch %d rejected (%s); training goes on with the network as it was", epoch, problem)
             return
         channels_before = _stage_channels(self.model.spec)
-        ids = st.block_ids or [list(range(d)) for d in depths_before]
-        removed_ids = [f"s{s}b{ids[s][b]}" for s, b in blocks]  # named as in the starting network
+        removed_ids = self._block_names(blocks)
         # a stuck block's branch added a constant; removing it drops that constant (about 0 for an all-zero branch)
         dropped = max((float(branch_constant(self.model.stages[s][b]).abs().max()) for s, b in blocks), default=0.0)
-        remove_blocks_(self.model, blocks, self.opt)
-        if blocks:
-            if not st.block_next:  # the first removal: ids so far are the starting network's
-                st.block_next = [len(stage) for stage in ids]
-            st.block_ids = [[i for b, i in enumerate(stage) if (s, b) not in blocks] for s, stage in enumerate(ids)]
+        self._remove_blocks(blocks)
         remove_channels_(self.model, keep, self.opt)
         self._after_surgery()
         st.pruned_log.append([epoch, channels_before, _stage_channels(self.model.spec)])
@@ -650,6 +645,21 @@ class Engine:
                 + (f"{len(blocks)} blocks removed, " if blocks else "")
                 + f"batch {batch_before} -> {loader.batch_size}"
             )
+
+    def _block_names(self, blocks: list[tuple[int, int]]) -> list[str]:
+        """Blocks ``(stage, block)`` of the network now, named as in the starting network (``s<stage>b<id>``)."""
+        ids = self.state.block_ids or [list(range(s.depth)) for s in self.model.spec.stages]
+        return [f"s{s}b{ids[s][b]}" for s, b in blocks]
+
+    def _remove_blocks(self, blocks: list[tuple[int, int]]) -> None:
+        """Remove blocks ``(stage, block)`` with their optimizer state, and keep the block ids in step."""
+        st = self.state
+        ids = st.block_ids or [list(range(s.depth)) for s in self.model.spec.stages]
+        remove_blocks_(self.model, blocks, self.opt)
+        if blocks:
+            if not st.block_next:  # the first removal: ids so far are the starting network's
+                st.block_next = [len(stage) for stage in ids]
+            st.block_ids = [[i for b, i in enumerate(stage) if (s, b) not in blocks] for s, stage in enumerate(ids)]
 
     def _adapt(self, epoch: int, clock: Clock, progress: bool) -> None:
         """Ask the controller (:mod:`bonsai.train.controller`) and carry out its decision; log it with its reason.
@@ -696,7 +706,7 @@ class Engine:
             if over and self._sizing():
                 # in the sizing phase its scheduled penalty is removing channels and its end takes the network to
                 # the target; after it, the network is shrunk to the target now (keeping the strongest channels)
-                shrunk = st.sized and self._morph(epoch, progress, target, "over the target after the sizing phase")
+                shrunk = st.sized and self._morph(epoch, progress, target, "over the target after the sizing phase", a.shed_blocks)
                 if st.sized and not shrunk and st.penalty_until <= epoch:  # no width fits: the penalty instead
                     st.penalty_until = epoch + a.window
             elif st.penalty_until <= epoch:  # a measurement already under way is not pushed back
@@ -786,7 +796,7 @@ class Engine:
         sizing_lpr = self._lpr()
         st.sized = True
         before = self.flops
-        if abs(self.flops - self.target_flops) > Rule.flops_tolerance * self.target_flops and self._morph(epoch, progress, self.target_flops, "the sizing phase ends"):
+        if abs(self.flops - self.target_flops) > Rule.flops_tolerance * self.target_flops and self._morph(epoch, progress, self.target_flops, "the sizing phase ends", self.cfg.adapt.shed_blocks):
             if self.flops > before:
                 st.growths += 1
                 st.grown_at = epoch
@@ -796,22 +806,31 @@ class Engine:
             self.lasso.lpr, self.lasso.lam = lpr, st.lasso_lambda
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "lasso", "lpr": lpr, "lambda": st.lasso_lambda})
 
-    def _morph(self, epoch: int, progress: bool, target_flops: float, why: str = "the last reconfiguration") -> bool:
+    def _morph(self, epoch: int, progress: bool, target_flops: float, why: str = "the last reconfiguration", shed: bool = False) -> bool:
         """Scale every width by the largest factor that keeps FLOPs within ``target_flops`` and top it up
         (MorphNet's expand step, :func:`~bonsai.surgery.morphnet.fit_widths`), widening with Net2WiderNet (same
-        function, momentum carried) or keeping the strongest channels. Returns whether the widths changed."""
+        function, momentum carried) or keeping the strongest channels. With ``shed`` (``--adapt``'s shrinks, when
+        ``adapt.shed_blocks``), a network over the target first loses its weakest blocks until it is within it
+        (:func:`~bonsai.surgery.morphnet.blocks_to_shed`); the widths are then fitted to the target, which may
+        widen them. Returns whether the network changed."""
         p = self.cfg.prune
         spec = self.model.spec
+        blocks = blocks_to_shed(self.model, target_flops) if shed and self.flops > target_flops else []
+        trial = copy.deepcopy(spec)
+        for s, st in enumerate(trial.stages):
+            st.inner = [w for b, w in enumerate(st.inner) if (s, b) not in blocks]
         try:
-            target, omega = fit_widths(spec, target_flops, p.round_to, p.min_width)
+            target, omega = fit_widths(trial, target_flops, p.round_to, p.min_width)
         except BonsaiError as e:
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "surgery_rejected", "surgery": "morph", "reason": str(e)})
             log.warning("no width multiplier after epoch %d: %s", epoch, e)
             return False
-        if target.widths() == spec.widths():
+        if not blocks and target.widths() == spec.widths():
             return False
-        widths_before, flops_before = spec.widths(), self.flops
+        widths_before, flops_before, depths_before = spec.widths(), self.flops, [s.depth for s in spec.stages]
         self.opt.zero_grad(set_to_none=True)
+        names = self._block_names(blocks)
+        self._remove_blocks(blocks)
         resize_(self.model, target, self.opt, generator=torch.Generator().manual_seed(self.state.step))
         self._after_surgery()
         event = {
@@ -825,12 +844,18 @@ class Engine:
             "flops_before": flops_before,
             "flops_after": self.flops,
             "params_after": count_params(self.model),
+            "blocks_removed": names,
+            "depths_before": depths_before,
+            "depths_after": [s.depth for s in self.model.spec.stages],
         }
         append_jsonl(self.run_dir / "events.jsonl", event)
         if progress:
             from tqdm import tqdm
 
-            tqdm.write(f"morph after epoch {epoch}: widths x{omega:.3f}, FLOPs/image {flops_before / 1e6:.1f}M -> {self.flops / 1e6:.1f}M")
+            tqdm.write(
+                f"morph after epoch {epoch}: " + (f"{len(blocks)} weakest blocks removed, " if blocks else "")
+                + f"widths x{omega:.3f}, FLOPs/image {flops_before / 1e6:.1f}M -> {self.flops / 1e6:.1f}M"
+            )
         return True
 
     @torch.no_grad()
