@@ -39,6 +39,13 @@ def test_fit_writes_a_self_describing_run_directory(npz_data: Path, tmp_path: Pa
     assert run.summary["test_acc"] > 0.6
 
 
+def test_a_capped_holdout_trains_on_the_images_it_frees(npz_data: Path, tmp_path: Path):
+    run = bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "run"), low_res=1.0, **(TINY | {"data.val_max": 3}))
+    meta = json.loads((run.dir / "dataset.json").read_text())
+    assert (meta["val_images"], meta["train_images_used"]) == (3, 57)  # one per class instead of 10% (two)
+    assert bonsai.config.load_yaml(run.dir / "config.yaml").data.val_max == 3
+
+
 def test_predictions_csv_shape_order_and_content(npz_data: Path, tmp_path: Path):
     run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "run"), **TINY)
     with open(run.dir / "predictions.csv", newline="") as f:

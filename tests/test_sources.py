@@ -230,6 +230,16 @@ def test_stratified_split_is_seeded_and_keeps_every_class():
     assert not np.array_equal(va, split_validation(y, 0.1, seed=4)[1])
 
 
+def test_a_capped_holdout_keeps_its_strata_and_trains_the_rest():
+    y = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+    tr, va = split_validation(y, 0.1, seed=3, max_images=50)
+    assert np.bincount(y[va].numpy(), minlength=3).tolist() == [30, 15, 5]  # 5% of each class instead of 10%
+    assert set(tr).isdisjoint(va) and len(tr) + len(va) == 1000
+    assert np.array_equal(va, split_validation(y, 0.05, seed=3)[1])  # the same as asking for 5%
+    # a cap above the fraction's holdout changes nothing
+    assert np.array_equal(split_validation(y, 0.1, seed=3)[1], split_validation(y, 0.1, seed=3, max_images=500)[1])
+
+
 def test_npz_parts_sorted_by_part_number_not_text(tmp_path: Path):
     x, y = make_images(4)  # 12 images
     d = tmp_path / "p"

@@ -64,7 +64,7 @@ def _data(run, data: str | Path | None):
     ds = api.read_dataset(source, cfg)
     if ds.classes != run.classes:
         raise BonsaiError(f"{source}: its classes differ from the run's ({len(ds.classes)} vs {len(run.classes)})")
-    tr, va = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed)
+    tr, va = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed, cfg.data.val_max)
     x = _images(ds.train, run.image_size, run.channels)
     test = None
     if ds.test is not None and ds.test.y is not None:

@@ -648,14 +648,21 @@ def _finish(path, kind, classes, channels, size, train, test, skipped, original)
     return Dataset(Path(path), kind, classes, channels, size, train, test, mean, std, skipped, original)
 
 
-def split_validation(y: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_validation(y: torch.Tensor, fraction: float, seed: int, max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, val) indices: ``fraction`` of every class (at least one image of each class that has two
-    or more; one-image classes stay in training), drawn with ``seed``.
+    or more; one-image classes stay in training), drawn with ``seed``. With ``max_images``, the fraction is lowered
+    to hold out about that many images in all (a large dataset's 10% is more than model selection needs; the rest
+    trains).
 
     >>> tr, va = split_validation(torch.tensor([0] * 10 + [1] * 10), 0.1, 0)
     >>> len(tr), len(va)
     (18, 2)
+    >>> tr, va = split_validation(torch.tensor([0] * 500 + [1] * 500), 0.1, 0, max_images=40)
+    >>> len(tr), len(va)
+    (960, 40)
     """
+    if max_images is not None:
+        fraction = min(fraction, max_images / max(len(y), 1))
     rng = np.random.default_rng(seed)
     y_np = y.numpy()
     train_idx, val_idx = [], []
