@@ -205,11 +205,14 @@ def _plot(details: dict, name: str, target: float | None) -> None:
     for run, d in details.items():
         c = d["curve"]
         ax.plot([r["clock_s"] for r in c], [100 * r["test_acc"] for r in c], marker="o", ms=3, label=f"{run}: {d['test_acc']:.1%}")
-        for e in d["decisions"]:  # mark growth and surgery on the curve
+        marks = {}  # mark growth and shedding on the curve, one label per epoch (a widen to the target logs a morph too)
+        for e in d["decisions"]:
             if _grew(e) or (e["event"] == "morph" and e.get("blocks_removed")):
-                r = next((r for r in c if r["epoch"] == e["epoch"]), None)
-                if r:
-                    ax.annotate("g" if _grew(e) else "s", (r["clock_s"], 100 * r["test_acc"]), fontsize=8, xytext=(0, 6), textcoords="offset points")
+                marks[e["epoch"]] = "".join(sorted(set(marks.get(e["epoch"], "")) | {"g" if _grew(e) else "s"}))
+        for epoch, label in marks.items():
+            r = next((r for r in c if r["epoch"] == epoch), None)
+            if r:
+                ax.annotate(label, (r["clock_s"], 100 * r["test_acc"]), fontsize=8, xytext=(0, 6), textcoords="offset points")
         bx.scatter(d["inference_flops"] / 1e6, 100 * d["test_acc"], s=30)
         bx.annotate(run, (d["inference_flops"] / 1e6, 100 * d["test_acc"]), fontsize=8, xytext=(4, 2), textcoords="offset points")
     if target is not None:

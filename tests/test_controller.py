@@ -222,8 +222,10 @@ def test_a_deep_network_over_the_target_sheds_its_weakest_blocks_before_its_widt
     if shed:
         # blocks went first (at most two per stage, never stage 1's projection block), then the widths were fitted
         assert morph[0]["blocks_removed"] and sum(morph[0]["depths_after"]) == 6 - len(morph[0]["blocks_removed"])
-        assert all(not name.startswith("s1b0") for name in morph[0]["blocks_removed"])
-        assert metrics[2]["block_ids"] != [[0, 1, 2], [0, 1, 2]]
+        strengths = morph[0]["blocks_strength"]
+        assert len(strengths) == len(morph[0]["blocks_removed"]) and strengths == sorted(strengths)  # weakest first
+        ids = metrics[2]["block_ids"]
+        assert [f"s{s}b{b}" for s in range(2) for b in range(3) if b not in ids[s]] == sorted(morph[0]["blocks_removed"])
     else:
         assert morph[0]["blocks_removed"] == [] and morph[0]["depths_after"] == [3, 3]
     for m in metrics[2:]:
@@ -258,10 +260,17 @@ def test_the_end_of_the_sizing_phase_grows_a_network_a_little_under_the_target_a
     assert state.sized and state.growths == 1 and state.grown_at == 2  # the plateau is judged on the grown network
 
 
-def test_when_no_width_fits_the_target_the_penalty_keeps_pruning(tmp_path):
-    """A target below the narrowest network of this shape: MorphNet's step is rejected, and the controller's prune
-    decisions fall back to the penalty instead of doing nothing."""
-    run, decisions, events, metrics = _adapt_run(tmp_path, 4, **{"prune.target_flops": 1000, "adapt.sizing": 0.25})
+@pytest.mark.parametrize("depth", [1, 3])
+def test_when_no_width_fits_the_target_the_penalty_keeps_pruning(tmp_path, depth: int):
+    """A target below the narrowest network of this shape: MorphNet's step is rejected (no block shed either), and
+    the controller's prune decisions fall back to the penalty instead of doing nothing."""
+    from bonsai.models.arch import ArchSpec
+
+    spec = ArchSpec.resnet((16, 32), depth, num_classes=3, image_size=16)
+    over = {"prune.target_flops": 1000, "adapt.sizing": 0.25, "prune.depth": False}
+    run, decisions, events, metrics = _adapt_run(tmp_path, 4, spec, **over)
+    assert all(m["block_ids"] == [list(range(depth))] * 2 for m in metrics)
+    assert not [e for e in events if e["event"] == "morph"]
     rejected = [e for e in events if e["event"] == "surgery_rejected"]
     assert rejected and all(e["surgery"] == "morph" for e in rejected)
     assert all(d["decision"] == "prune" for d in decisions)

@@ -162,3 +162,35 @@ def test_grown_network_trains_and_the_inserted_block_comes_alive():
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     assert block.bn2.weight.abs().max() > 0  # the zero-initialised scale moved: the new block is not dead
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+def test_without_noise_a_copied_unit_stays_its_originals_twin_for_ever(noise: float):
+    """Net2WiderNet's symmetry: a copy and its original have equal incoming weights and halved, equal outgoing
+    weights, so they receive equal gradients and stay equal under training; the noise (``adapt.widen_noise``) makes
+    them differ from the start."""
+    torch.manual_seed(0)
+    from bonsai.models.arch import ArchSpec
+
+    model = build(ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 3, (32,))
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    src = widen_(model, "s0b0.inner", 24, opt, noise=noise, generator=torch.Generator().manual_seed(1))
+    conv = model.stages[0][0].conv1
+    gap = lambda: float((conv.weight[16:] - conv.weight[src]).abs().max())  # noqa: E731
+    with torch.no_grad():
+        after = model(x)
+    assert float((after - before).abs().max()) <= (1e-5 if noise == 0 else 0.1 * float(before.abs().max()))
+    start = gap()
+    model.train()
+    for _ in range(20):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    if noise == 0:
+        assert start == 0 and gap() < 1e-6  # still twins after 20 steps
+    else:
+        assert start > 0 and gap() > 0.5 * start  # no longer twins, and training does not pull them back together

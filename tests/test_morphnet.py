@@ -128,40 +128,32 @@ def test_a_fit_with_a_flop_target_prunes_then_expands_to_the_target(tmp_path):
 
 @torch.no_grad()
 def test_the_weakest_blocks_are_shed_until_the_network_is_within_the_target():
+    from bonsai.surgery.depth import remove_blocks_
     from bonsai.surgery.morphnet import block_strength, blocks_to_shed
 
     model = build(preset("resnet20"))
-    strengths = {}
-    g = torch.Generator().manual_seed(0)
-    for s, stage in enumerate(model.stages):
-        for b, blk in enumerate(stage):
-            level = float(torch.rand((), generator=g)) + 0.1
-            blk.bn2.weight.fill_(level)
-            blk.bn2.bias.zero_()
-            strengths[(s, b)] = level
-            assert abs(block_strength(blk) - level) < 1e-6
+    # stage 0 (no projection block) weakest; the projection blocks opening stages 1 and 2 weaker still, never shed
+    levels = {(0, 0): 0.1, (0, 1): 0.2, (0, 2): 0.3, (1, 0): 0.05, (1, 1): 0.5, (1, 2): 0.6, (2, 0): 0.01, (2, 1): 0.7, (2, 2): 0.8}
+    for (s, b), level in levels.items():
+        blk = model.stages[s][b]
+        blk.bn2.weight.fill_(level)
+        blk.bn2.bias.zero_()
+        assert abs(block_strength(blk) - level) < 1e-6
     flops = count_flops(model.spec)
     assert blocks_to_shed(model, flops) == []  # within the target already
-    zeta = 0.7 * flops
+    zeta = 0.6 * flops
     shed = blocks_to_shed(model, zeta)
-    assert shed
-    # never a projection block (stages 1 and 2 start with one), and every stage keeps a block
-    assert all(model.stages[s][b].shortcut is None for s, b in shed)
-    # the weakest removable blocks, weakest first, and no more than needed
-    removable = sorted((strengths[k], k) for k in strengths if model.stages[k[0]][k[1]].shortcut is None)
-    assert shed == [k for _, k in removable[: len(shed)]]
+    # weakest first, skipping projection blocks and stage 0's last block (every stage keeps one)
+    order = [(0, 0), (0, 1), (1, 1), (1, 2), (2, 1), (2, 2)]
+    assert len(shed) >= 3 and shed == order[: len(shed)]
     trial = copy.deepcopy(model)
-    from bonsai.surgery.depth import remove_blocks_
-
     remove_blocks_(trial, shed)
     assert count_flops(trial.spec) <= zeta
     fewer = copy.deepcopy(model)
     remove_blocks_(fewer, shed[:-1])
-    assert count_flops(fewer.spec) > zeta
-    # a target below what removal can reach: every removable block goes (one per stage stays)
+    assert count_flops(fewer.spec) > zeta  # no more than needed
+    # a target below what removal can reach: every removable block goes, one per stage stays
     everything = blocks_to_shed(model, 1.0)
-    # stage 0 has no projection block: its strongest stays
-    kept = max((strengths[(0, b)], (0, b)) for b in range(3))[1]
-    assert sorted(everything) == sorted(k for _, k in removable if k != kept)
+    assert everything == order
     remove_blocks_(trial := copy.deepcopy(model), everything)
     assert [s.depth for s in trial.spec.stages] == [1, 1, 1]

@@ -191,11 +191,13 @@ def fit_widths(spec: ArchSpec, zeta: float, round_to: int = 1, min_width: int = 
 
 
 @torch.no_grad()
-def resize_(model: ResNet, target: ArchSpec, opt: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None) -> None:
+def resize_(
+    model: ResNet, target: ArchSpec, opt: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None, noise: float = 0.0
+) -> None:
     """Give ``model`` the widths of ``target`` (same depths), in place, carrying the weights over: a group that
     grows is widened with Net2WiderNet (the function is kept), a group that shrinks keeps its strongest channels
     (largest squared norm over its writers' filters and BN scales and shifts; exact when the dropped ones are zero).
-    Momentum buffers follow the weights."""
+    Momentum buffers follow the weights; ``noise`` is Net2WiderNet's symmetry-breaking noise (:func:`widen_`)."""
     if [s.depth for s in target.stages] != [s.depth for s in model.spec.stages]:
         raise BonsaiError("resize_: the target has other depths than the network; widths only")
     def field(f: tuple) -> int:
@@ -207,7 +209,7 @@ def resize_(model: ResNet, target: ArchSpec, opt: torch.optim.Optimizer | None =
             raise BonsaiError(f"resize_: the target gives channel group {g.name} several widths {sorted(wants)}")
         want = wants.pop()
         if want > g.width:
-            widen_(model, g.name, want, opt, generator=generator)
+            widen_(model, g.name, want, opt, noise=noise, generator=generator)
         elif want < g.width:
             strength = torch.zeros(g.width, device=g.writers[0][0].weight.device)
             for conv, bn in g.writers:

@@ -29,7 +29,7 @@ from bonsai.report.log import append_jsonl
 from bonsai.surgery.channels import channel_groups, remove_channels_
 from bonsai.surgery.depth import branch_constant, dead_blocks, layout, remove_blocks_
 from bonsai.surgery.grow import deepen_, widen_
-from bonsai.surgery.morphnet import blocks_to_shed, fit_widths, resize_, set_field, spec_flops
+from bonsai.surgery.morphnet import block_strength, blocks_to_shed, fit_widths, resize_, set_field, spec_flops
 from bonsai.train.controller import Decision, Rule, Signals, decide
 from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.distill import distillation_loss
@@ -705,7 +705,8 @@ class Engine:
             over = target is not None and self.flops > target * (1 + rule.flops_tolerance)
             if over and self._sizing():
                 # in the sizing phase its scheduled penalty is removing channels and its end takes the network to
-                # the target; after it, the network is shrunk to the target now (keeping the strongest channels)
+                # the target; after it, the network is shrunk to the target now (_morph: its weakest blocks first
+                # with adapt.shed_blocks, then its widths, keeping the strongest channels)
                 shrunk = st.sized and self._morph(epoch, progress, target, "over the target after the sizing phase", a.shed_blocks)
                 if st.sized and not shrunk and st.penalty_until <= epoch:  # no width fits: the penalty instead
                     st.penalty_until = epoch + a.window
@@ -741,7 +742,7 @@ class Engine:
                 self.opt.zero_grad(set_to_none=True)
                 gen = torch.Generator().manual_seed(st.step)
                 for name, width in widths.items():
-                    widen_(self.model, name, width, self.opt, generator=gen)
+                    widen_(self.model, name, width, self.opt, noise=a.widen_noise, generator=gen)
                 for s in decision.stages if decision.action == "deepen" else ():
                     ids = st.block_ids or [list(range(d.depth)) for d in self.model.spec.stages]
                     if not st.block_next:  # nothing removed yet: ids are never reused, so a report row stays one block
@@ -816,9 +817,11 @@ class Engine:
         p = self.cfg.prune
         spec = self.model.spec
         blocks = blocks_to_shed(self.model, target_flops) if shed and self.flops > target_flops else []
+        if self.dist.on:  # every rank carries out rank 0's plan
+            blocks = [tuple(b) for b in self.dist.broadcast_json(blocks)]
         trial = copy.deepcopy(spec)
-        for s, st in enumerate(trial.stages):
-            st.inner = [w for b, w in enumerate(st.inner) if (s, b) not in blocks]
+        for s, stage in enumerate(trial.stages):
+            stage.inner = [w for b, w in enumerate(stage.inner) if (s, b) not in blocks]
         try:
             target, omega = fit_widths(trial, target_flops, p.round_to, p.min_width)
         except BonsaiError as e:
@@ -830,8 +833,9 @@ class Engine:
         widths_before, flops_before, depths_before = spec.widths(), self.flops, [s.depth for s in spec.stages]
         self.opt.zero_grad(set_to_none=True)
         names = self._block_names(blocks)
+        strengths = [round(block_strength(self.model.stages[s][b]), 6) for s, b in blocks]
         self._remove_blocks(blocks)
-        resize_(self.model, target, self.opt, generator=torch.Generator().manual_seed(self.state.step))
+        resize_(self.model, target, self.opt, generator=torch.Generator().manual_seed(self.state.step), noise=self.cfg.adapt.widen_noise)
         self._after_surgery()
         event = {
             "epoch": epoch,
@@ -845,6 +849,8 @@ class Engine:
             "flops_after": self.flops,
             "params_after": count_params(self.model),
             "blocks_removed": names,
+            # each removed block's level (root mean square of its last BN's scales and shifts; 0: it added nothing)
+            "blocks_strength": strengths,
             "depths_before": depths_before,
             "depths_after": [s.depth for s in self.model.spec.stages],
         }
