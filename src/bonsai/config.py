@@ -184,7 +184,7 @@ class AdaptConfig:
     # faster than a thinned deep network of equal FLOPs. false: widths only
     shed_blocks: bool = True
     # Net2WiderNet's symmetry-breaking noise in every growth while training (--adapt's widenings and MorphNet's
-    # expand step): a copied unit's incoming weights get Gaussian noise of this times their standard deviation.
+    # expand step): a copied unit's incoming weights get Gaussian noise of this times the copied weights' standard deviation.
     # Without it a copy and its original have equal incoming and outgoing weights, receive equal gradients and stay
     # equal for ever, so the grown network computes no more than the one it grew from. Exact function preservation
     # needs 0 (the surgery tests use 0)
