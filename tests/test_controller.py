@@ -157,10 +157,10 @@ def test_adapt_carries_out_the_controllers_decisions_end_to_end(tmp_path, rule: 
         assert len(metrics[2]["block_ids"][grown]) == 2 and metrics[2]["block_ids"][grown][-1] == 1
 
 
-def _tiny_spec():
+def _tiny_spec(depth: int = 1):
     from bonsai.models.arch import ArchSpec
 
-    return ArchSpec.resnet((16, 32), 1, num_classes=3, image_size=16)
+    return ArchSpec.resnet((16, 32), depth, num_classes=3, image_size=16)
 
 
 def _start_flops() -> int:
@@ -210,10 +210,9 @@ def test_a_network_over_the_target_is_pruned_in_the_sizing_phase_then_sized_to_t
 
 @pytest.mark.parametrize("shed", [True, False])
 def test_a_deep_network_over_the_target_sheds_its_weakest_blocks_before_its_widths(tmp_path, shed: bool):
-    from bonsai.models.arch import ArchSpec
     from bonsai.models.resnet import count_flops
 
-    deep = ArchSpec.resnet((16, 32), 3, num_classes=3, image_size=16)
+    deep = _tiny_spec(depth=3)
     target = 0.45 * count_flops(deep)
     run, _, events, metrics = _adapt_run(tmp_path, 4, deep, **{"prune.target_flops": target, "adapt.sizing": 0.5, "adapt.shed_blocks": shed, "prune.depth": False})
     morph = [e for e in events if e["event"] == "morph"]
@@ -264,9 +263,7 @@ def test_the_end_of_the_sizing_phase_grows_a_network_a_little_under_the_target_a
 def test_when_no_width_fits_the_target_the_penalty_keeps_pruning(tmp_path, depth: int):
     """A target below the narrowest network of this shape: MorphNet's step is rejected (no block shed either), and
     the controller's prune decisions fall back to the penalty instead of doing nothing."""
-    from bonsai.models.arch import ArchSpec
-
-    spec = ArchSpec.resnet((16, 32), depth, num_classes=3, image_size=16)
+    spec = _tiny_spec(depth)
     over = {"prune.target_flops": 1000, "adapt.sizing": 0.25, "prune.depth": False}
     run, decisions, events, metrics = _adapt_run(tmp_path, 4, spec, **over)
     assert all(m["block_ids"] == [list(range(depth))] * 2 for m in metrics)

@@ -119,23 +119,23 @@ def blocks_to_shed(model: ResNet, zeta: float) -> list[tuple[int, int]]:
     order = sorted(
         (block_strength(blk), s, b) for s, stage in enumerate(model.stages) for b, blk in enumerate(stage) if blk.shortcut is None
     )
-    chosen: set[tuple[int, int]] = set()
     left = [len(stage) for stage in model.stages]
-
-    def flops() -> int:
-        trial = copy.deepcopy(spec)
-        for s, st in enumerate(trial.stages):
-            st.inner = [w for b, w in enumerate(spec.stages[s].inner) if (s, b) not in chosen]
-        return spec_flops(trial)
-
-    out = []
+    out: list[tuple[int, int]] = []
     for _, s, b in order:
-        if flops() <= zeta:
+        if spec_flops(without_blocks(spec, out)) <= zeta:
             break
         if left[s] > 1:
-            chosen.add((s, b))
             out.append((s, b))
             left[s] -= 1
+    return out
+
+
+def without_blocks(spec: ArchSpec, blocks: list[tuple[int, int]]) -> ArchSpec:
+    """A copy of ``spec`` without blocks ``(stage, block)``: the spec :func:`~bonsai.surgery.depth.remove_blocks_`
+    leaves (unchecked)."""
+    out = copy.deepcopy(spec)
+    for s, stage in enumerate(out.stages):
+        stage.inner = [w for b, w in enumerate(stage.inner) if (s, b) not in blocks]
     return out
 
 

@@ -29,7 +29,7 @@ from bonsai.report.log import append_jsonl
 from bonsai.surgery.channels import channel_groups, remove_channels_
 from bonsai.surgery.depth import branch_constant, dead_blocks, layout, remove_blocks_
 from bonsai.surgery.grow import deepen_, widen_
-from bonsai.surgery.morphnet import block_strength, blocks_to_shed, fit_widths, resize_, set_field, spec_flops
+from bonsai.surgery.morphnet import block_strength, blocks_to_shed, fit_widths, resize_, set_field, spec_flops, without_blocks
 from bonsai.train.controller import Decision, Rule, Signals, decide
 from bonsai.surgery.prune import GroupLasso, plan_keep
 from bonsai.train.distill import distillation_loss
@@ -646,15 +646,19 @@ class Engine:
                 + f"batch {batch_before} -> {loader.batch_size}"
             )
 
+    def _block_ids(self) -> list[list[int]]:
+        """Per stage, the ids of its blocks: the starting network's are 0..depth-1, inserted ones get new ids."""
+        return self.state.block_ids or [list(range(s.depth)) for s in self.model.spec.stages]
+
     def _block_names(self, blocks: list[tuple[int, int]]) -> list[str]:
         """Blocks ``(stage, block)`` of the network now, named as in the starting network (``s<stage>b<id>``)."""
-        ids = self.state.block_ids or [list(range(s.depth)) for s in self.model.spec.stages]
+        ids = self._block_ids()
         return [f"s{s}b{ids[s][b]}" for s, b in blocks]
 
     def _remove_blocks(self, blocks: list[tuple[int, int]]) -> None:
         """Remove blocks ``(stage, block)`` with their optimizer state, and keep the block ids in step."""
         st = self.state
-        ids = st.block_ids or [list(range(s.depth)) for s in self.model.spec.stages]
+        ids = self._block_ids()
         remove_blocks_(self.model, blocks, self.opt)
         if blocks:
             if not st.block_next:  # the first removal: ids so far are the starting network's
@@ -744,7 +748,7 @@ class Engine:
                 for name, width in widths.items():
                     widen_(self.model, name, width, self.opt, noise=a.widen_noise, generator=gen)
                 for s in decision.stages if decision.action == "deepen" else ():
-                    ids = st.block_ids or [list(range(d.depth)) for d in self.model.spec.stages]
+                    ids = self._block_ids()
                     if not st.block_next:  # nothing removed yet: ids are never reused, so a report row stays one block
                         st.block_next = [len(i) for i in ids]
                     deepen_(self.model, s, len(self.model.stages[s]), opt=self.opt)
@@ -819,11 +823,8 @@ class Engine:
         blocks = blocks_to_shed(self.model, target_flops) if shed and self.flops > target_flops else []
         if self.dist.on:  # every rank carries out rank 0's plan
             blocks = [tuple(b) for b in self.dist.broadcast_json(blocks)]
-        trial = copy.deepcopy(spec)
-        for s, stage in enumerate(trial.stages):
-            stage.inner = [w for b, w in enumerate(stage.inner) if (s, b) not in blocks]
         try:
-            target, omega = fit_widths(trial, target_flops, p.round_to, p.min_width)
+            target, omega = fit_widths(without_blocks(spec, blocks), target_flops, p.round_to, p.min_width)
         except BonsaiError as e:
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "surgery_rejected", "surgery": "morph", "reason": str(e)})
             log.warning("no width multiplier after epoch %d: %s", epoch, e)
@@ -1115,7 +1116,7 @@ class Engine:
                     record["lasso"] = self._penalized  # whether this epoch's steps applied the group-lasso penalty
                 if st.block_ids is not None or (self.lasso is not None and (self.lasso.depth or cfg.adapt.on)):
                     # which blocks are there: the starting network's are 0..depth-1, inserted ones get new ids
-                    record["block_ids"] = st.block_ids or [list(range(s.depth)) for s in self.model.spec.stages]
+                    record["block_ids"] = self._block_ids()
                 append_jsonl(metrics_path, {k: _finite_or_none(v) for k, v in record.items()})
                 if cfg.adapt.on:
                     st.val_hist.append(float(val_acc) if val_acc is not None else 0.0)
