@@ -2,14 +2,17 @@
 
     python benchmarks/adaptive.py [--data ../shared/data/cifar10] [--budget 15m] [--small bonsai*0.5] [--large resnet56]
 
-Runs, one after another, each as its own `bonsai fit DATA --budget B` process (about 100 minutes at 15m):
+Runs, one after another, each as its own `bonsai fit DATA --budget B` process (about 130 minutes at 15m):
 
 - ``resnet20``, ``resnet56``: the fixed dense architectures;
+- ``default``: ``bonsai fit DATA --budget B`` as it is, with no options: the budget planner's pick of the default
+  family (the ``bonsai`` preset scaled to fit the budget, conv-pool downsampling), a fixed architecture too;
 - ``prunetrain``: the large net with ``--prune`` (PruneTrain only: penalty over the first half, channels and blocks
   removed, no growth);
 - ``adapt_small``, ``adapt_large``: ``--adapt`` from the small and from the large net. The small net is the
   default family at half width (``bonsai*0.5``: the ``bonsai`` preset with its widths x0.5, as the budget planner
-  scales it), which is what ``--adapt``'s width growth keeps the shape of; the large is resnet56;
+  scales it, and with the planner's conv-pool downsampling, ``model.pool=true``): the planner's narrowest
+  candidate, which ``--adapt``'s width growth keeps the shape of; the large is resnet56;
 - ``scratch_grown``: the architecture ``adapt_small`` ended with, trained from scratch under the same budget
   (Net2Net's claim: growing reaches an accuracy sooner than training the grown network from the start).
 
@@ -18,7 +21,7 @@ size the network to the FLOP target the budget affords in the first fifth of the
 event). Test accuracy is measured after every epoch for the curves only (it never steers training); times are the
 budget clock (training steps + validation + checkpoints). Accuracy is the final network's, so that it and the FLOPs describe one model.
 Summary: ``adapt_acc`` and ``adapt_flops`` (the better --adapt run), ``best_fixed_acc`` and ``best_fixed_flops``
-(the better fixed dense run), ``net2net_time_ratio`` (budget-clock time to the lower of the two final accuracies of
+(the best fixed dense run: resnet20, resnet56 or the default), ``net2net_time_ratio`` (budget-clock time to the lower of the two final accuracies of
 ``adapt_small`` and ``scratch_grown``, with growth / from scratch; None when ``adapt_small`` never grew).
 Writes benchmarks/results/adaptive.json and adaptive.png. Use --limit and a short --budget to smoke-test; --reuse
 reads runs a previous invocation finished instead of training them again (their peak memory is then unknown).
@@ -129,8 +132,9 @@ def main() -> None:
     plan = {
         "resnet20": ["--arch", "resnet20", *b],
         "resnet56": ["--arch", "resnet56", *b],
+        "default": ["--arch", "auto", *b],
         "prunetrain": ["--arch", args.large, "--prune", *b],
-        "adapt_small": ["--arch", args.small, "--adapt", *b],
+        "adapt_small": ["--arch", args.small, "--adapt", "model.pool=true", *b],
         "adapt_large": ["--arch", args.large, "--adapt", *b],
     }
     only = {x for x in args.only.split(",") if x}
@@ -156,7 +160,7 @@ def main() -> None:
         print({k: v["test_acc"] for k, v in details.items()})
         return
 
-    fixed = max(("resnet20", "resnet56"), key=lambda k: details[k]["test_acc"])
+    fixed = max(("resnet20", "resnet56", "default"), key=lambda k: details[k]["test_acc"])
     adapt = max(("adapt_small", "adapt_large"), key=lambda k: details[k]["test_acc"])
     ratio = target = None
     if "scratch_grown" in details:
