@@ -232,6 +232,94 @@ def test_a_deep_network_over_the_target_sheds_its_weakest_blocks_before_its_widt
     assert all(np.isfinite(m["train_loss"]) for m in metrics)
 
 
+def test_the_model_handed_back_is_never_one_from_before_a_shed_and_a_shed_run_resumes(tmp_path, monkeypatch):
+    """Validation accuracy scripted to fall every epoch: the first epoch's network (before the sizing phase's end
+    sheds blocks and fits the widths) would be the best by validation, and handing it back would undo the shrink.
+    The run then resumes after the shed with the blocks it kept."""
+    import json
+
+    import bonsai
+    from bonsai.models.resnet import count_flops
+    from bonsai.train.engine import Engine, read_checkpoint
+
+    evaluate = Engine._evaluate
+
+    def falling(self, loader):
+        acc = evaluate(self, loader)
+        return 0.9 - 0.1 * self.state.epoch if loader is self.val_loader else acc  # state.epoch: the last one finished
+
+    monkeypatch.setattr(Engine, "_evaluate", falling)
+    deep = _tiny_spec(depth=3)
+    target = 0.45 * count_flops(deep)
+    run, _, events, metrics = _adapt_run(tmp_path, 4, deep, **{"prune.target_flops": target, "adapt.sizing": 0.5, "prune.depth": False})
+    morph = [e for e in events if e["event"] == "morph"]
+    assert len(morph) == 1 and morph[0]["epoch"] == 2 and morph[0]["blocks_removed"]
+    assert [m["val_acc"] for m in metrics] == pytest.approx([0.9, 0.8, 0.7, 0.6])
+    assert run.summary["best_epoch"] == 3  # the first epoch after the shrink, not epoch 1
+    handed = bonsai.ArchSpec.from_json(run.dir / "arch.json")
+    assert handed.widths() == metrics[2]["widths"] == morph[0]["widths_after"] and count_flops(handed) <= 1.02 * target
+    assert [s.depth for s in handed.stages] == morph[0]["depths_after"]
+    # resumed after the shed: the same blocks, ids and widths go on training, and epoch 5's penalty is the one
+    # epoch 4's end fixed (kept in the checkpoint: after the sizing phase, none)
+    _, state, _, _ = read_checkpoint(run.dir / "checkpoint.safetensors")
+    assert state.next_penalty == [5, False] and state.shrunk_at == 2
+    more = bonsai.fit(None, resume=run.dir, epochs=5)
+    after = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert more.summary["epochs"] == 5 and len(after) == 5
+    assert after[4]["block_ids"] == after[3]["block_ids"] == metrics[2]["block_ids"]
+    assert after[4]["widths"] == after[3]["widths"] and np.isfinite(after[4]["train_loss"]) and after[4]["lasso"] is False
+
+
+def test_after_a_shrink_to_the_target_the_plateau_is_judged_on_the_shrunk_network(tmp_path, monkeypatch):
+    """Shedding blocks changes the function, so validation accuracy dips and then climbs: judged with the epochs
+    from before the shrink, the dip would read as a plateau (and the controller would prune, grow or stop)."""
+    from bonsai.models.resnet import count_flops
+    from bonsai.train.engine import Engine
+
+    curve = [0.9, 0.8, 0.5, 0.6, 0.65, 0.7]
+    evaluate = Engine._evaluate
+
+    def scripted(self, loader):
+        acc = evaluate(self, loader)
+        return curve[self.state.epoch] if loader is self.val_loader else acc
+
+    monkeypatch.setattr(Engine, "_evaluate", scripted)
+    deep = _tiny_spec(depth=3)
+    target = 0.45 * count_flops(deep)
+    over = {"prune.target_flops": target, "adapt.sizing": 0.3, "prune.depth": False, "adapt.plateau_epochs": 2}
+    run, decisions, events, metrics = _adapt_run(tmp_path, 6, deep, **over)
+    morph = [e for e in events if e["event"] == "morph"]
+    assert len(morph) == 1 and morph[0]["epoch"] == 2 and morph[0]["flops_after"] < morph[0]["flops_before"]
+    assert [d["epoch"] for d in decisions] == [1, 2, 3, 4, 5]
+    assert [d["decision"] for d in decisions[1:]] == ["continue"] * 4, [d["reason"] for d in decisions]
+    assert run.summary["stop_reason"] == "epochs"
+
+
+def test_a_run_stopped_right_after_a_shed_hands_back_the_shrunk_network(tmp_path, monkeypatch):
+    """Stopped after the sizing phase's end shrank the network and before any validation of the result (a budget
+    or a signal can do that): the network handed back is the shrunk one, with no validation accuracy claimed."""
+    import bonsai
+    from bonsai.models.resnet import count_flops
+    from bonsai.train.engine import Engine
+
+    end_sizing = Engine._end_sizing
+
+    def then_stop(self, epoch, progress):
+        end_sizing(self, epoch, progress)
+        self.state.stop_reason = "budget"
+
+    monkeypatch.setattr(Engine, "_end_sizing", then_stop)
+    deep = _tiny_spec(depth=3)
+    target = 0.45 * count_flops(deep)
+    run, _, events, metrics = _adapt_run(tmp_path, 4, deep, **{"prune.target_flops": target, "adapt.sizing": 0.5, "prune.depth": False})
+    morph = [e for e in events if e["event"] == "morph"]
+    assert len(metrics) == 2 and len(morph) == 1 and morph[0]["epoch"] == 2 and morph[0]["blocks_removed"]
+    handed = bonsai.ArchSpec.from_json(run.dir / "arch.json")
+    assert handed.widths() == morph[0]["widths_after"] and count_flops(handed) <= 1.02 * target
+    assert run.summary["best_epoch"] == 2 and run.summary["best_epoch_val_acc"] is None
+    assert run.summary["test_acc"] is not None  # the shrunk network still predicts the test set
+
+
 def test_a_network_well_under_the_target_grows_to_it_after_its_first_epoch(tmp_path):
     start = _start_flops()
     target = 3.0 * start
@@ -270,6 +358,8 @@ def test_when_no_width_fits_the_target_the_penalty_keeps_pruning(tmp_path, depth
     assert not [e for e in events if e["event"] == "morph"]
     rejected = [e for e in events if e["event"] == "surgery_rejected"]
     assert rejected and all(e["surgery"] == "morph" for e in rejected)
+    tried = [e["epoch"] for e in rejected]
+    assert len(tried) == len(set(tried))  # a step no widths fit is not tried twice in one epoch (sizing end, then rule 1)
     assert all(d["decision"] == "prune" for d in decisions)
     assert [m["lasso"] for m in metrics] == [True, True, True, True]  # the sizing epoch, then adapt.window (3) epochs
 

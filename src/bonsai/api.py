@@ -553,7 +553,8 @@ def _finish(out: Path, cfg: FitConfig, ds: Dataset, state: TrainState, val_loade
         "best_epoch": state.best_epoch,
         # the best model's accuracy with the final predictions' views
         "val_acc": accuracy(probs_v, val_loader.split.y) if len(val_loader.split) else state.best_val,
-        "best_epoch_val_acc": state.best_val,  # as measured after that epoch (with the mirror only)
+        # as measured after that epoch (with the mirror only); None: the network shrank after the last validation
+        "best_epoch_val_acc": state.best_val if state.best_val >= 0 else None,
         "test_acc": None,
         "train_time_s": round(state.train_time_s, 2),
         "clock_s": round(state.clock_s, 2),

@@ -59,7 +59,7 @@ def _extend_(p: torch.Tensor, dim: int, idx: torch.Tensor, divide: torch.Tensor 
     def grow(t: torch.Tensor, add_noise: bool) -> torch.Tensor:
         extra = t.index_select(dim, idx)
         if add_noise and noise > 0:
-            extra = extra + noise * extra.std() * torch.randn(extra.shape, generator=gen).to(extra)
+            extra = extra + noise * extra.std(correction=0) * torch.randn(extra.shape, generator=gen).to(extra)
         out = torch.cat([t, extra], dim=dim)
         if divide is not None:
             shape = [1] * t.dim()

@@ -4,8 +4,8 @@ MorphNet alternates a shrink step, a FLOP-weighted sparsity penalty that removes
 (bonsai's ``--prune`` with ``prune.weighting=flops`` is exactly that), and an expand step: every width of the shrunk
 network is multiplied by one factor ``omega``, the largest for which the network's FLOPs stay within the target
 ``zeta``. The original retrains each resulting architecture from scratch; bonsai carries the weights over instead:
-:func:`resize_` grows a channel group with Net2WiderNet (:func:`bonsai.surgery.grow.widen_`, function-preserving)
-and shrinks one by keeping its strongest channels.
+:func:`resize_` grows a channel group with Net2WiderNet (:func:`bonsai.surgery.grow.widen_`, function-preserving
+without its symmetry-breaking noise) and shrinks one by keeping its strongest channels.
 
 * :func:`scaled_spec` multiplies every width (stem, residual widths, inner widths) by ``omega`` and rounds up to a
   multiple of ``round_to``, never below ``min_width``; depths stay.
@@ -195,7 +195,7 @@ def resize_(
     model: ResNet, target: ArchSpec, opt: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None, noise: float = 0.0
 ) -> None:
     """Give ``model`` the widths of ``target`` (same depths), in place, carrying the weights over: a group that
-    grows is widened with Net2WiderNet (the function is kept), a group that shrinks keeps its strongest channels
+    grows is widened with Net2WiderNet (the function is kept, exactly with ``noise`` 0), a group that shrinks keeps its strongest channels
     (largest squared norm over its writers' filters and BN scales and shifts; exact when the dropped ones are zero).
     Momentum buffers follow the weights; ``noise`` is Net2WiderNet's symmetry-breaking noise (:func:`widen_`)."""
     if [s.depth for s in target.stages] != [s.depth for s in model.spec.stages]:

@@ -126,9 +126,13 @@ class TrainState:
     penalty_until: int = 0  # a prune decision applies the penalty through this epoch
     growths: int = 0  # widen / deepen decisions carried out
     grown_at: int = 0  # the epoch after which the last growth was made (0: none)
+    shrunk_at: int = 0  # the epoch after which MorphNet's step last shrank the network (0: never)
     block_next: list[int] = field(default_factory=list)  # per stage, the id an inserted block gets (see block_ids)
     target_flops: float | None = None  # the FLOP target a time budget affords (adapt.budget_target), fixed at the start
     sized: bool = False  # the sizing phase's closing step to the target has run
+    # [epoch, whether it is before prune.until], fixed at the end of the epoch before (see Engine._penalty_on) and
+    # kept in the checkpoint, so a resumed run agrees with the reconfiguration its last epoch already planned
+    next_penalty: list | None = None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -315,12 +319,12 @@ class Engine:
         self.teacher = teacher  # distillation: its soft targets join the loss; its forward passes count as FLOPs
         self.teacher_flops = 0 if teacher is None else count_flops(teacher.spec, model.spec.image_size)
         self._penalized = False  # whether the last epoch's steps applied the group-lasso penalty
-        self._next_penalty: tuple[int, bool] | None = None  # (epoch, before prune.until), fixed at the previous epoch's end
         if self.state.start_flops is None:
             self.state.start_flops = self.flops
         self.lasso = GroupLasso(self._lpr(), self.state.lasso_lambda, cfg.prune.weighting, cfg.prune.depth, cfg.prune.groups) if cfg.prune.enabled else None
         self._signal: str | None = None  # "sigint" / "sigterm" once one arrives during run()
         self._cut_short = False  # the signal ended an epoch before its last step
+        self._morph_rejected: tuple[int, float] | None = None  # (epoch, target) of the last MorphNet step no widths fit
         self._last_val: float | None = None  # the last epoch's validation accuracy, for the progress bar
         self._test_probs: torch.Tensor | None = None  # this epoch's test-set probabilities, when computed
         self.on_best = on_best  # called with the test-set probabilities whenever validation accuracy improves
@@ -555,8 +559,9 @@ class Engine:
         the controller asked for pruning through it. Decided once per epoch, at the end of the one before (see
         ``_run``), so that the reconfiguration that follows the last penalised epoch and the next epoch agree even
         when the surgery's own time moves a budget's progress past ``until``."""
-        if self._next_penalty is not None and self._next_penalty[0] == epoch:
-            return self._next_penalty[1] or epoch <= self.state.penalty_until
+        nxt = self.state.next_penalty
+        if nxt is not None and nxt[0] == epoch:
+            return bool(nxt[1]) or epoch <= self.state.penalty_until
         return self._progress(clock) < self._until() or epoch <= self.state.penalty_until
 
     def _reconfigure_due(self, epoch: int, planned: int | None, clock: Clock) -> bool:
@@ -670,8 +675,9 @@ class Engine:
 
         prune: the penalty applies for the next ``adapt.window`` epochs. widen: every channel group of the chosen
         stages (residual and inner widths) grows by ``adapt.widen_factor`` with Net2WiderNet. deepen: an identity
-        block is appended to the chosen stage. Both keep the network's function, and copy momentum with the
-        weights, so the LR schedule and batch continue unchanged. stop: the run ends here."""
+        block is appended to the chosen stage. Both keep the network's function (widening up to its symmetry-breaking
+        noise, ``adapt.widen_noise``), and copy momentum with the weights, so the LR schedule and batch continue
+        unchanged. stop: the run ends here."""
         a, st = self.cfg.adapt, self.state
         # The pruned shares are unknown unless every epoch of the window applied the penalty (a channel the lasso
         # has had one epoch to reach is no evidence that its stage uses its width) and the window lies wholly after
@@ -694,8 +700,9 @@ class Engine:
                 shares.append(removed / max(before, 1))
         rule = Rule(a.plateau_epochs, a.min_delta, a.min_left, a.max_gap, a.saturated, a.widen_factor, a.max_growths)
         # after a growth, the plateau is judged on the grown network's epochs only (growth keeps the function, so
-        # the old plateau would carry straight over)
-        hist = slice(st.grown_at, None)
+        # the old plateau would carry straight over); after MorphNet's step shrank it (blocks shed, the strongest
+        # channels kept: the function changes), on the shrunk network's, or its dip would read as a plateau
+        hist = slice(max(st.grown_at, st.shrunk_at), None)
         left = max(0.0, 1 - self._progress(clock))
         target = self.target_flops
         sizing = self._sizing() and not st.sized
@@ -776,8 +783,16 @@ class Engine:
 
     def _after_surgery(self) -> None:
         """What every surgery needs afterwards: FLOPs counted afresh, the lasso's cached groups dropped, and a batch
-        that still fits in memory for the new shape (growth can make the network larger)."""
-        self.flops = count_flops(self.model.spec)
+        that still fits in memory for the new shape (growth can make the network larger). A network that shrank
+        starts the best-by-validation choice afresh and is saved as the model to hand back at once (a run stopped
+        before its next validation hands it back too): the model handed back is never one from before a shrink (a
+        prune or a FLOP target would be undone). One that grew may still hand back the smaller network it grew
+        from while that stays better on validation."""
+        before, self.flops = self.flops, count_flops(self.model.spec)
+        if self.flops < before:
+            st = self.state
+            st.best_val, st.best_epoch = -1.0, st.epoch  # -1: not validated since (summary.json: null)
+            save_model(self.model, self.run_dir)
         if self.lasso is not None:
             self.lasso.invalidate()
         loader = self.train_loader
@@ -813,19 +828,22 @@ class Engine:
 
     def _morph(self, epoch: int, progress: bool, target_flops: float, why: str = "the last reconfiguration", shed: bool = False) -> bool:
         """Scale every width by the largest factor that keeps FLOPs within ``target_flops`` and top it up
-        (MorphNet's expand step, :func:`~bonsai.surgery.morphnet.fit_widths`), widening with Net2WiderNet (same
-        function, momentum carried) or keeping the strongest channels. With ``shed`` (``--adapt``'s shrinks, when
+        (MorphNet's expand step, :func:`~bonsai.surgery.morphnet.fit_widths`), widening with Net2WiderNet (the
+        same function up to ``adapt.widen_noise``, momentum carried) or keeping the strongest channels. With ``shed`` (``--adapt``'s shrinks, when
         ``adapt.shed_blocks``), a network over the target first loses its weakest blocks until it is within it
         (:func:`~bonsai.surgery.morphnet.blocks_to_shed`); the widths are then fitted to the target, which may
         widen them. Returns whether the network changed."""
         p = self.cfg.prune
         spec = self.model.spec
+        if self._morph_rejected == (epoch, target_flops):  # the sizing phase's end tried it this epoch: once is enough
+            return False
         blocks = blocks_to_shed(self.model, target_flops) if shed and self.flops > target_flops else []
         if self.dist.on:  # every rank carries out rank 0's plan
             blocks = [tuple(b) for b in self.dist.broadcast_json(blocks)]
         try:
             target, omega = fit_widths(without_blocks(spec, blocks), target_flops, p.round_to, p.min_width)
         except BonsaiError as e:
+            self._morph_rejected = (epoch, target_flops)
             append_jsonl(self.run_dir / "events.jsonl", {"epoch": epoch, "event": "surgery_rejected", "surgery": "morph", "reason": str(e)})
             log.warning("no width multiplier after epoch %d: %s", epoch, e)
             return False
@@ -838,6 +856,8 @@ class Engine:
         self._remove_blocks(blocks)
         resize_(self.model, target, self.opt, generator=torch.Generator().manual_seed(self.state.step), noise=self.cfg.adapt.widen_noise)
         self._after_surgery()
+        if self.flops < flops_before:
+            self.state.shrunk_at = epoch
         event = {
             "epoch": epoch,
             "event": "morph",
@@ -1135,7 +1155,7 @@ class Engine:
                 # read once: the next epoch's penalty and the end of the sizing phase must agree, though the
                 # surgery below moves a budget's clock on
                 done = self._progress(clock)
-                self._next_penalty = (epoch + 1, done < self._until())
+                st.next_penalty = [epoch + 1, done < self._until()]
                 if self._reconfigure_due(epoch, planned, clock):
                     self._reconfigure(epoch, progress)
                     if self.cfg.prune.target_flops and not self.cfg.adapt.on and not self._penalty_on(epoch + 1, clock):
