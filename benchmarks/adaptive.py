@@ -2,7 +2,7 @@
 
     python benchmarks/adaptive.py [--data ../shared/data/cifar10] [--budget 15m] [--small bonsai*0.5] [--large resnet56]
 
-Runs, one after another, each as its own `bonsai fit DATA --budget B` process (about 130 minutes at 15m):
+Runs, one after another, each as its own `bonsai fit DATA --budget B` process (about 125 minutes at 15m):
 
 - ``resnet20``, ``resnet56``: the fixed dense architectures;
 - ``default``: ``bonsai fit DATA --budget B`` as it is, with no options: the budget planner's pick of the default
@@ -21,8 +21,9 @@ size the network to the FLOP target the budget affords in the first fifth of the
 event). Test accuracy is measured after every epoch for the curves only (it never steers training); times are the
 budget clock (training steps + validation + checkpoints). Accuracy is the final network's, so that it and the FLOPs describe one model.
 Summary: ``adapt_acc`` and ``adapt_flops`` (the better --adapt run), ``best_fixed_acc`` and ``best_fixed_flops``
-(the best fixed dense run: resnet20, resnet56 or the default), ``net2net_time_ratio`` (budget-clock time to the lower of the two final accuracies of
-``adapt_small`` and ``scratch_grown``, with growth / from scratch; None when ``adapt_small`` never grew).
+(the best fixed dense run: resnet20, resnet56 or the default), ``net2net_time_ratio`` (budget-clock time to the
+lower of the two final accuracies of ``adapt_small`` and ``scratch_grown``, with growth / from scratch; None when
+``adapt_small`` never grew).
 Writes benchmarks/results/adaptive.json and adaptive.png. Use --limit and a short --budget to smoke-test; --reuse
 reads runs a previous invocation finished instead of training them again (their peak memory is then unknown).
 """

@@ -195,8 +195,9 @@ def resize_(
     model: ResNet, target: ArchSpec, opt: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None, noise: float = 0.0
 ) -> None:
     """Give ``model`` the widths of ``target`` (same depths), in place, carrying the weights over: a group that
-    grows is widened with Net2WiderNet (the function is kept, exactly with ``noise`` 0), a group that shrinks keeps its strongest channels
-    (largest squared norm over its writers' filters and BN scales and shifts; exact when the dropped ones are zero).
+    grows is widened with Net2WiderNet (the function is kept, exactly with ``noise`` 0), a group that shrinks
+    keeps its strongest channels (largest squared norm over its writers' filters and BN scales and shifts; exact
+    when the dropped ones are zero).
     Momentum buffers follow the weights; ``noise`` is Net2WiderNet's symmetry-breaking noise (:func:`widen_`)."""
     if [s.depth for s in target.stages] != [s.depth for s in model.spec.stages]:
         raise BonsaiError("resize_: the target has other depths than the network; widths only")

@@ -829,10 +829,11 @@ class Engine:
     def _morph(self, epoch: int, progress: bool, target_flops: float, why: str = "the last reconfiguration", shed: bool = False) -> bool:
         """Scale every width by the largest factor that keeps FLOPs within ``target_flops`` and top it up
         (MorphNet's expand step, :func:`~bonsai.surgery.morphnet.fit_widths`), widening with Net2WiderNet (the
-        same function up to ``adapt.widen_noise``, momentum carried) or keeping the strongest channels. With ``shed`` (``--adapt``'s shrinks, when
-        ``adapt.shed_blocks``), a network over the target first loses its weakest blocks until it is within it
-        (:func:`~bonsai.surgery.morphnet.blocks_to_shed`); the widths are then fitted to the target, which may
-        widen them. Returns whether the network changed."""
+        same function up to ``adapt.widen_noise``, momentum carried) or keeping the strongest channels. With
+        ``shed`` (``--adapt``'s shrinks, when ``adapt.shed_blocks``), a network over the target first loses its
+        weakest blocks until it is within it (:func:`~bonsai.surgery.morphnet.blocks_to_shed`); the widths are then
+        fitted to the target, which may widen them. A rejected step is not tried again at the same epoch. Returns
+        whether the network changed."""
         p = self.cfg.prune
         spec = self.model.spec
         if self._morph_rejected == (epoch, target_flops):  # the sizing phase's end tried it this epoch: once is enough
