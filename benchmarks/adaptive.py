@@ -1,6 +1,6 @@
 """Adaptive training on full CIFAR-10: fixed architectures, PruneTrain and --adapt under one equal wall-clock budget.
 
-    python benchmarks/adaptive.py [--data ../shared/data/cifar10] [--budget 15m] [--small bonsai*0.5] [--large resnet56]
+    python benchmarks/adaptive.py [--data ../shared/data/cifar10] [--budget 15m] [--small auto] [--large resnet56]
 
 Runs, one after another, each as its own `bonsai fit DATA --budget B` process (about 125 minutes at 15m):
 
@@ -9,10 +9,11 @@ Runs, one after another, each as its own `bonsai fit DATA --budget B` process (a
   family (the ``bonsai`` preset scaled to fit the budget, conv-pool downsampling), a fixed architecture too;
 - ``prunetrain``: the large net with ``--prune`` (PruneTrain only: penalty over the first half, channels and blocks
   removed, no growth);
-- ``adapt_small``, ``adapt_large``: ``--adapt`` from the small and from the large net. The small net is the
-  default family at half width (``bonsai*0.5``: the ``bonsai`` preset with its widths x0.5, as the budget planner
-  scales it, and with the planner's conv-pool downsampling, ``model.pool=true``): the planner's narrowest
-  candidate, which ``--adapt``'s width growth keeps the shape of; the large is resnet56;
+- ``adapt_small``, ``adapt_large``: ``--adapt`` from the small and from the large net. The small start is, by
+  default (``--small auto``), ``bonsai fit DATA --budget B --adapt`` with no ``--arch``: the planner's next
+  narrower candidate than its pick (e.g. ``bonsai`` x0.5 for a x0.75 pick), grown to the pick after the first
+  epoch, so that it ends at the default's size. ``--small PRESET*MULT`` (e.g. ``bonsai*0.5``) starts from that
+  network with conv-pool downsampling and the probed FLOP target instead. The large is resnet56;
 - ``scratch_grown``: the architecture ``adapt_small`` ended with, trained from scratch under the same budget
   (Net2Net's claim: growing reaches an accuracy sooner than training the grown network from the start).
 
@@ -120,7 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data/cifar10")
     ap.add_argument("--budget", default="15m", help="wall-clock budget of every run")
-    ap.add_argument("--small", default="bonsai*0.5", help="the net --adapt grows from (a preset, or PRESET*MULT: its widths scaled as the planner does)")
+    ap.add_argument("--small", default="auto", help="the net --adapt grows from: auto (the planner's next narrower candidate), a preset, or PRESET*MULT (its widths scaled as the planner does)")
     ap.add_argument("--large", default="resnet56", help="the net --adapt and PruneTrain shrink from")
     ap.add_argument("--only", default="", help="comma-separated run names (a partial re-run; no result written)")
     ap.add_argument("--reuse", default="", help="comma-separated run names whose finished run directories are read, not trained again")
@@ -135,7 +136,7 @@ def main() -> None:
         "resnet56": ["--arch", "resnet56", *b],
         "default": ["--arch", "auto", *b],
         "prunetrain": ["--arch", args.large, "--prune", *b],
-        "adapt_small": ["--arch", args.small, "--adapt", "model.pool=true", *b],
+        "adapt_small": ["--arch", args.small, "--adapt", *([] if args.small == "auto" else ["model.pool=true"]), *b],
         "adapt_large": ["--arch", args.large, "--adapt", *b],
     }
     only = {x for x in args.only.split(",") if x}

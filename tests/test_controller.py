@@ -380,3 +380,31 @@ def test_under_a_time_budget_the_target_is_what_the_budget_affords(tmp_path):
     assert decisions and all(d["signals"]["target_flops"] == t["target_flops"] for d in decisions)
     assert all(d["decision"] != "stop" for d in decisions)  # a budget's schedule runs to its end
     assert run.summary["stop_reason"] == "budget"
+
+
+def test_with_the_planned_network_adapt_starts_one_multiplier_narrower_and_grows_to_the_planners_pick(npz_data, tmp_path, monkeypatch):
+    """--adapt with no --arch under a budget: the planner's pick is the FLOP target (what the fixed default trains),
+    the start is the next narrower candidate, and the first epoch's growth takes it to the target."""
+    import bonsai
+    import bonsai.api as api_mod
+    import bonsai.train.plan as plan_mod
+    from bonsai.models.resnet import count_flops
+    from bonsai.report.log import read_jsonl
+
+    fits = {}
+
+    def pace(spec, *a):  # the planner's x0.75 fits the budget, x1 does not
+        fits.setdefault(spec.name, count_flops(spec))
+        return 1e6 if spec.name in ("bonsaix0.5", "bonsaix0.75") else 1e-3
+
+    monkeypatch.setattr(api_mod, "plan_arch", lambda *a, **k: plan_mod.plan_arch(*a, **k, pace=pace))
+    run = bonsai.fit(npz_data, budget="10s", **{"adapt.on": True}, out=str(tmp_path / "r"), batch_size=16, quiet=True, precision="fp32", low_res=1.0)
+    events = read_jsonl(run.dir / "events.jsonl")
+    metrics = read_jsonl(run.dir / "metrics.jsonl")
+    (plan,) = [e for e in events if e["event"] == "plan"]
+    (target,) = [e for e in events if e["event"] == "adapt_target"]
+    assert plan["multiplier"] == 0.75 and target["source"] == "plan" and target["start_multiplier"] == 0.5
+    assert target["target_flops"] == fits["bonsaix0.75"] and target["start_flops"] == fits["bonsaix0.5"]
+    assert metrics[0]["flops_per_image"] == fits["bonsaix0.5"]  # trained from the narrower start
+    grown = [m["flops_per_image"] for m in metrics[1:]]
+    assert len(metrics) >= 2 and all(0.95 * target["target_flops"] <= f <= 1.02 * target["target_flops"] for f in grown)

@@ -39,7 +39,7 @@ from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_o
 from bonsai.report.html import write_report, write_samples
 from bonsai.report.log import append_jsonl, truncate_jsonl
 from bonsai.train import distributed
-from bonsai.train.plan import budget_flops, plan_arch, required_epochs
+from bonsai.train.plan import adapt_start, budget_flops, plan_arch, required_epochs
 from bonsai.train.resources import available_memory, check_disk, fit_batch, run_dir_bytes, train_memory_bytes
 from bonsai.utils import STOP_SIGNALS, atomic_write_text, existing_ancestor
 
@@ -382,26 +382,33 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
         log.info("%s: killed before its first checkpoint; starting it again from the beginning", out)
         resume = None
     plan = None
+    target = None  # --adapt under a time budget: the FLOP target the budget affords (bonsai.train.plan)
+    a, t = cfg.adapt, cfg.train
+    budget_target = a.on and a.budget_target and cfg.budget_s is not None and t.epochs is None and not cfg.prune.target_flops and resume is None
     if cfg.model.arch == "auto" and cfg.budget_s is not None and resume is None and cfg.train.epochs is None:
-        t = cfg.train
+        base = _spec(DEFAULT_ARCH, cfg, ds, planned=True)
         plan = plan_arch(
-            _spec(DEFAULT_ARCH, cfg, ds, planned=True), len(train_split), cfg.budget_s,
+            base, len(train_split), cfg.budget_s,
             t.batch_size, device, resolve_precision(t.precision, device), t.channels_last, t.low_res, t.low_res_share,
             required_epochs(t.plan_epochs, t.plan_images, len(train_split)),
         )
         spec = plan.spec
+        if budget_target:  # --adapt grows to the planner's pick from the next narrower candidate
+            spec, target = adapt_start(plan, base)
         if dist.on:  # each rank timed its own probes; rank 0's plan holds for all
             spec = ArchSpec.from_dict(dist.broadcast_json(spec.to_dict()))
+            if target is not None:
+                target = dist.broadcast_json(target)
         torch.manual_seed(cfg.seed)  # the probes drew random numbers; the run starts from the seed's weights
         log.info(
             "planned %s (widths x%g%s): about %.0f epochs in the budget (probe %.1f s)",
-            spec.name, plan.multiplier, ", conv-pool downsampling" if any(s.pool for s in spec.stages) else "", plan.expected_epochs, plan.probe_s,
+            plan.spec.name, plan.multiplier, ", conv-pool downsampling" if any(s.pool for s in spec.stages) else "", plan.expected_epochs, plan.probe_s,
         )
+        if target is not None:
+            log.info("--adapt: starting from %s (%.1fM FLOPs per image), to grow to the planned %.1fM", spec.name, target["start_flops"] / 1e6, target["target_flops"] / 1e6)
     else:
         spec = _spec(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, cfg, ds)
-    target = None  # --adapt under a time budget: the FLOP target the budget affords (bonsai.train.plan.budget_flops)
-    a, t = cfg.adapt, cfg.train
-    if a.on and a.budget_target and cfg.budget_s is not None and t.epochs is None and not cfg.prune.target_flops and resume is None:
+    if budget_target and target is None:
         target = budget_flops(
             spec, len(train_split), cfg.budget_s, t.batch_size, device, resolve_precision(t.precision, device), t.channels_last,
             t.low_res, t.low_res_share, required_epochs(t.plan_epochs, t.plan_images, len(train_split)),

@@ -31,7 +31,8 @@ Shape: --prune removes channels and whole blocks that a FLOP-weighted group lass
 default 0.2, is its strength; 10-epoch runs need about 0.35-0.5). --flops 40M then scales every width to that
 many FLOPs per image (MorphNet). --adapt decides after every epoch to continue, prune, widen, deepen or stop;
 with --budget it first moves the network to the FLOPs per image the budget affords (pruned down, or grown by
-Net2Net), unless --flops gives the target.
+Net2Net), unless --flops gives the target; with no --arch it starts from the planner's next narrower network and
+grows to the planner's pick after the first epoch.
 
 Several processes: `torchrun --nproc-per-node N -m bonsai fit ...` trains with DistributedDataParallel (gloo on
 CPUs, NCCL on GPUs); batch_size stays the global batch, rank 0 writes the run directory, surgery runs in lockstep.

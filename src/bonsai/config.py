@@ -169,7 +169,8 @@ class AdaptConfig:
     max_growths: int = 3
     # with a time budget and no --flops: the FLOP target is the forward FLOPs per image of a network expected to
     # train as many epochs in the budget as the planner asks of its networks (train.plan_images images, at most
-    # train.plan_epochs epochs), from a pace probe of the starting network (its FLOP rate taken to hold for other
+    # train.plan_epochs epochs). With the planned network (no --arch): the planner's pick, started from the next
+    # narrower candidate. With --arch: from a pace probe of that network (its FLOP rate taken to hold for other
     # sizes). false: no target unless --flops
     budget_target: bool = True
     # with a FLOP target: the share of the run in which the network is moved to the target's size. A network over

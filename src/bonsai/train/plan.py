@@ -160,6 +160,41 @@ def plan_arch(
     return Plan(spec, mult, epochs, time.perf_counter() - t0, candidates, min_epochs)
 
 
+def adapt_start(plan: Plan, base: ArchSpec) -> tuple[ArchSpec, dict]:
+    """``--adapt``'s start and FLOP target when the planner chose the network: the target is the planner's pick (the
+    network the budget affords, the one ``bonsai fit`` trains without ``--adapt``), and the start is ``base`` at the
+    next narrower multiplier of :data:`MULTIPLIERS` (half the pick's multiplier when the pick is the narrowest), which
+    MorphNet's expand step widens to the target after its first epoch. So ``--adapt`` and the fixed default train
+    the same final size, and the grown one spends its first epoch on a network about half as costly. Returns the
+    start and the ``adapt_target`` event.
+
+    >>> from bonsai.models.arch import preset
+    >>> p = Plan(scaled(preset("bonsai"), 0.75), 0.75, 20.0, 1.0, [], 20.0)
+    >>> start, e = adapt_start(p, preset("bonsai"))
+    >>> start.name, e["target_flops"] == count_flops(p.spec), e["start_flops"] < e["target_flops"]
+    ('bonsaix0.5', True, True)
+    >>> adapt_start(Plan(scaled(preset("bonsai"), 0.5), 0.5, 20.0, 1.0, [], 20.0), preset("bonsai"))[0].name
+    'bonsaix0.25'
+    """
+    below = [m for m in MULTIPLIERS if m < plan.multiplier]
+    mult = below[-1] if below else plan.multiplier / 2
+    start = scaled(base, mult)
+    event = {
+        "epoch": 0,
+        "event": "adapt_target",
+        "target_flops": count_flops(plan.spec),
+        "start_flops": count_flops(start),
+        "source": "plan",
+        "start_multiplier": mult,
+        "plan_multiplier": plan.multiplier,
+        "expected_epochs": round(plan.expected_epochs, 2),
+        "required_epochs": None if plan.required_epochs is None else round(plan.required_epochs, 2),
+        "refined": None,
+        "probe_s": round(plan.probe_s, 2),
+    }
+    return start, event
+
+
 def budget_flops(
     spec: ArchSpec,
     n_train: int,
@@ -213,6 +248,7 @@ def budget_flops(
         "event": "adapt_target",
         "target_flops": zeta,
         "start_flops": flops,
+        "source": "probe",
         "images_per_s": round(rate, 1),
         "expected_epochs": round(epochs, 2),
         "required_epochs": round(min_epochs, 2),
