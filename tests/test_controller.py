@@ -382,9 +382,11 @@ def test_under_a_time_budget_the_target_is_what_the_budget_affords(tmp_path):
     assert run.summary["stop_reason"] == "budget"
 
 
-def test_with_the_planned_network_adapt_starts_one_multiplier_narrower_and_grows_to_the_planners_pick(npz_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pick", [0.75, 1.0])
+def test_with_the_planned_network_adapt_grows_to_the_planners_pick_after_the_first_epoch(npz_data, tmp_path, monkeypatch, pick):
     """--adapt with no --arch under a budget: the planner's pick is the FLOP target (what the fixed default trains),
-    the start is the next narrower candidate, and the first epoch's growth takes it to the target."""
+    and the start is the widest narrower candidate that the first epoch's growth takes to the target (widen_factor
+    1.5: x0.5 for a x0.75 pick, and x0.5 for a x1 pick as well, since x0.75 is within 1.5^2 of x1)."""
     import bonsai
     import bonsai.api as api_mod
     import bonsai.train.plan as plan_mod
@@ -392,19 +394,22 @@ def test_with_the_planned_network_adapt_starts_one_multiplier_narrower_and_grows
     from bonsai.report.log import read_jsonl
 
     fits = {}
+    fast = {"bonsaix0.5", "bonsaix0.75", "bonsai"} if pick == 1.0 else {"bonsaix0.5", "bonsaix0.75"}
 
-    def pace(spec, *a):  # the planner's x0.75 fits the budget, x1 does not
+    def pace(spec, *a):  # the pick fits the budget, the next wider does not
         fits.setdefault(spec.name, count_flops(spec))
-        return 1e6 if spec.name in ("bonsaix0.5", "bonsaix0.75") else 1e-3
+        return 1e6 if spec.name in fast else 1e-3
 
     monkeypatch.setattr(api_mod, "plan_arch", lambda *a, **k: plan_mod.plan_arch(*a, **k, pace=pace))
-    run = bonsai.fit(npz_data, budget="10s", **{"adapt.on": True}, out=str(tmp_path / "r"), batch_size=16, quiet=True, precision="fp32", low_res=1.0)
+    over = {"adapt.on": True, "adapt.plateau_epochs": 10}
+    run = bonsai.fit(npz_data, budget="10s", **over, out=str(tmp_path / "r"), batch_size=16, quiet=True, precision="fp32", low_res=1.0)
     events = read_jsonl(run.dir / "events.jsonl")
     metrics = read_jsonl(run.dir / "metrics.jsonl")
     (plan,) = [e for e in events if e["event"] == "plan"]
     (target,) = [e for e in events if e["event"] == "adapt_target"]
-    assert plan["multiplier"] == 0.75 and target["source"] == "plan" and target["start_multiplier"] == 0.5
-    assert target["target_flops"] == fits["bonsaix0.75"] and target["start_flops"] == fits["bonsaix0.5"]
+    picked = "bonsai" if pick == 1.0 else "bonsaix0.75"
+    assert plan["multiplier"] == pick and target["source"] == "plan" and target["start_multiplier"] == 0.5
+    assert target["target_flops"] == fits[picked] and target["start_flops"] == fits["bonsaix0.5"]
     assert metrics[0]["flops_per_image"] == fits["bonsaix0.5"]  # trained from the narrower start
     grown = [m["flops_per_image"] for m in metrics[1:]]
     assert len(metrics) >= 2 and all(0.95 * target["target_flops"] <= f <= 1.02 * target["target_flops"] for f in grown)

@@ -39,6 +39,7 @@ from bonsai.train.engine import CHECKPOINT, Engine, TrainState, accuracy, make_o
 from bonsai.report.html import write_report, write_samples
 from bonsai.report.log import append_jsonl, truncate_jsonl
 from bonsai.train import distributed
+from bonsai.train.controller import Rule
 from bonsai.train.plan import adapt_start, budget_flops, plan_arch, required_epochs
 from bonsai.train.resources import available_memory, check_disk, fit_batch, run_dir_bytes, train_memory_bytes
 from bonsai.utils import STOP_SIGNALS, atomic_write_text, existing_ancestor
@@ -394,7 +395,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
         )
         spec = plan.spec
         if budget_target:  # --adapt grows to the planner's pick from the next narrower candidate
-            spec, target = adapt_start(plan, base)
+            spec, target = adapt_start(plan, base, a.widen_factor, Rule.flops_tolerance)
         if dist.on:  # each rank timed its own probes; rank 0's plan holds for all
             spec = ArchSpec.from_dict(dist.broadcast_json(spec.to_dict()))
             if target is not None:

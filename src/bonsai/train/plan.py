@@ -160,29 +160,32 @@ def plan_arch(
     return Plan(spec, mult, epochs, time.perf_counter() - t0, candidates, min_epochs)
 
 
-def adapt_start(plan: Plan, base: ArchSpec) -> tuple[ArchSpec, dict]:
+def adapt_start(plan: Plan, base: ArchSpec, widen_factor: float = 1.5, tolerance: float = 0.02) -> tuple[ArchSpec, dict]:
     """``--adapt``'s start and FLOP target when the planner chose the network: the target is the planner's pick (the
     network the budget affords, the one ``bonsai fit`` trains without ``--adapt``), and the start is ``base`` at the
-    next narrower multiplier of :data:`MULTIPLIERS` (half the pick's multiplier when the pick is the narrowest), which
-    MorphNet's expand step widens to the target after its first epoch. So ``--adapt`` and the fixed default train
-    the same final size, and the grown one spends its first epoch on a network about half as costly. Returns the
-    start and the ``adapt_target`` event.
+    widest narrower multiplier (of :data:`MULTIPLIERS`, then half and a quarter of the pick's) that the controller
+    grows to the target right after the first epoch: its FLOPs times ``widen_factor`` squared within the target
+    (rule 2 of :mod:`bonsai.train.controller`). A start closer to the target would train at its own size for the
+    whole sizing phase. So ``--adapt`` and the fixed default end at about the same size, and the grown one spends
+    its first epoch on a network about half as costly or less. Returns the start and the ``adapt_target`` event.
 
     >>> from bonsai.models.arch import preset
     >>> p = Plan(scaled(preset("bonsai"), 0.75), 0.75, 20.0, 1.0, [], 20.0)
     >>> start, e = adapt_start(p, preset("bonsai"))
     >>> start.name, e["target_flops"] == count_flops(p.spec), e["start_flops"] < e["target_flops"]
     ('bonsaix0.5', True, True)
-    >>> adapt_start(Plan(scaled(preset("bonsai"), 0.5), 0.5, 20.0, 1.0, [], 20.0), preset("bonsai"))[0].name
-    'bonsaix0.25'
+    >>> [adapt_start(Plan(scaled(preset("bonsai"), m), m, 20.0, 1.0, [], 20.0), preset("bonsai"))[0].name for m in (0.5, 1.0)]
+    ['bonsaix0.25', 'bonsaix0.5']
     """
-    below = [m for m in MULTIPLIERS if m < plan.multiplier]
-    mult = below[-1] if below else plan.multiplier / 2
+    target = count_flops(plan.spec)
+    tried = [m for m in MULTIPLIERS if m < plan.multiplier] + [plan.multiplier / 2, plan.multiplier / 4]
+    fits = [m for m in tried if count_flops(scaled(base, m)) * widen_factor**2 <= target * (1 + tolerance)]
+    mult = max(fits) if fits else min(tried)  # none fits (widths floored at 16): the narrowest, grown at the phase's end
     start = scaled(base, mult)
     event = {
         "epoch": 0,
         "event": "adapt_target",
-        "target_flops": count_flops(plan.spec),
+        "target_flops": target,
         "start_flops": count_flops(start),
         "source": "plan",
         "start_multiplier": mult,
