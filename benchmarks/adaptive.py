@@ -5,14 +5,15 @@
 Runs, one after another, each as its own `bonsai fit DATA --budget B` process (about 125 minutes at 15m):
 
 - ``resnet20``, ``resnet56``: the fixed dense architectures;
-- ``default``: ``bonsai fit DATA --budget B`` as it is, with no options: the budget planner's pick of the default
-  family (the ``bonsai`` preset scaled to fit the budget, conv-pool downsampling), a fixed architecture too;
+- ``default``: ``bonsai fit DATA --budget B --no-adapt``, the default before ``--adapt`` measured ahead of it: the
+  budget planner's pick of the default family (the ``bonsai`` preset scaled to fit the budget, conv-pool
+  downsampling) trained as it is, a fixed architecture too;
 - ``prunetrain``: the large net with ``--prune`` (PruneTrain only: penalty over the first half, channels and blocks
   removed, no growth);
 - ``adapt_small``, ``adapt_large``: ``--adapt`` from the small and from the large net. The small start is, by
-  default (``--small auto``), ``bonsai fit DATA --budget B --adapt`` with no ``--arch``: the planner's next
-  narrower candidate than its pick (e.g. ``bonsai`` x0.5 for a x0.75 pick), grown to the pick after the first
-  epoch, so that it ends at the default's size. ``--small PRESET*MULT`` (e.g. ``bonsai*0.5``) starts from that
+  default (``--small auto``), ``bonsai fit DATA --budget B --adapt`` with no ``--arch``: narrower than the
+  planner's pick (e.g. ``bonsai`` x0.5 for a x0.75 pick; ``bonsai.train.plan.adapt_start``), grown to the pick
+  after the first epoch, so that it ends at about the default's size. ``--small PRESET*MULT`` (e.g. ``bonsai*0.5``) starts from that
   network with conv-pool downsampling and the probed FLOP target instead. The large is resnet56;
 - ``scratch_grown``: the architecture ``adapt_small`` ended with, trained from scratch under the same budget
   (Net2Net's claim: growing reaches an accuracy sooner than training the grown network from the start).
@@ -103,7 +104,7 @@ def _fit(data: str, out: Path, args: list[str], reuse: bool = False) -> dict:
         "reused": reuse,
         "final_widths": last["widths"],
         "final_depths": [len(b) for b in last["block_ids"]] if last.get("block_ids") else None,
-        "adapt_target": next(({k: e.get(k) for k in ("target_flops", "start_flops", "images_per_s", "expected_epochs", "refined")} for e in events if e.get("event") == "adapt_target"), None),
+        "adapt_target": next(({k: e.get(k) for k in ("target_flops", "start_flops", "source", "start_multiplier", "plan_multiplier", "images_per_s", "expected_epochs", "refined")} for e in events if e.get("event") == "adapt_target"), None),
         "lasso_lpr": next((e["lpr"] for e in events if e.get("event") == "lasso"), None),
         "decisions": [
             {k: e.get(k) for k in ("epoch", "event", "decision", "stages", "reason", "flops_before", "flops_after", "blocks_removed")}
@@ -134,7 +135,7 @@ def main() -> None:
     plan = {
         "resnet20": ["--arch", "resnet20", *b],
         "resnet56": ["--arch", "resnet56", *b],
-        "default": ["--arch", "auto", *b],
+        "default": ["--arch", "auto", "--no-adapt", *b],
         "prunetrain": ["--arch", args.large, "--prune", *b],
         "adapt_small": ["--arch", args.small, "--adapt", *([] if args.small == "auto" else ["model.pool=true"]), *b],
         "adapt_large": ["--arch", args.large, "--adapt", *b],

@@ -14,7 +14,9 @@ Runs, one after another on the same data and split (the host is shared: compare 
   ``no_low_res`` (train.low_res=1), ``no_label_smoothing`` (train.label_smoothing=0), ``fp32``
   (train.precision=fp32, which also leaves AMX/AVX-512 bf16 unused), ``no_plan`` (arch=bonsai model.pool=true:
   the pooled 1x network whatever the budget), ``no_pool`` (model.pool=false: the planned network downsamples by
-  strided convs), ``prune`` (--prune), ``lookahead`` (train.lookahead=0.95, off by default, switched on); ``no_tta``
+  strided convs), ``prune`` (--prune: PruneTrain on the planned network, which switches the default --adapt off),
+  ``lookahead`` (train.lookahead=0.95, off by default, switched on), ``no_adapt`` (adapt.on=false: the planner's
+  pick trained as it is, not grown into from a narrower start); ``no_tta``
   re-evaluates ``default_short``'s best model without test-time augmentation and ``no_tta_shift`` with the
   mirror only, without the shifted views (no extra training);
 - ``fashion_mnist``: ``bonsai fit ../shared/data/fashion_mnist --budget 5m``, no dataset-specific settings.
@@ -46,7 +48,7 @@ from bonsai.data.sources import load_dataset  # noqa: E402
 from bonsai.report.log import read_jsonl  # noqa: E402
 
 
-ABLATIONS = ("no_low_res", "no_label_smoothing", "fp32", "no_plan", "no_pool", "no_tta", "no_tta_shift", "prune", "lookahead")
+ABLATIONS = ("no_low_res", "no_label_smoothing", "fp32", "no_plan", "no_pool", "no_tta", "no_tta_shift", "prune", "lookahead", "no_adapt")
 
 
 def time_to(curve: list[dict], target: float, key: str = "clock_s") -> float | None:
@@ -121,6 +123,7 @@ def main() -> None:
         "prune": {"budget": args.short, "prune.enabled": True},
         "no_pool": {"budget": args.short, "model.pool": False},
         "lookahead": {"budget": args.short, "train.lookahead": 0.95},
+        "no_adapt": {"budget": args.short, "adapt.on": False},
     }
     only = {x for x in args.only.split(",") if x}
     details = {}

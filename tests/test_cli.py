@@ -124,3 +124,17 @@ def test_the_cli_leaves_a_torchrun_process_group_before_exiting(args: list[str],
     monkeypatch.setitem(sys.modules, "torch.distributed", fake)
     main(args)
     assert left == [True]
+
+
+def test_adapt_flags_set_the_controller_and_exclude_each_other(tmp_path: Path, monkeypatch):
+    import bonsai.api as api_mod
+
+    seen = []
+    monkeypatch.setattr(api_mod, "fit", lambda *a, **kw: seen.append(kw) or None)
+    for flag, want in (("--adapt", True), ("--no-adapt", False), (None, None)):
+        assert main(["fit", str(tmp_path), "--budget", "1m", "--quiet", *([flag] if flag else [])]) == 0
+        assert seen[-1].get("adapt.on") == want
+    assert seen[0].get("prune.enabled") is True and "prune.enabled" not in seen[1]
+    with pytest.raises(SystemExit) as e:
+        main(["fit", str(tmp_path), "--adapt", "--no-adapt"])
+    assert e.value.code == 2

@@ -89,3 +89,15 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_rejects(text):
     with pytest.raises(ConfigError):
         parse_duration(text)
+
+
+def test_adapt_is_on_by_default_only_under_a_budget_with_the_planned_network():
+    def on(*overrides: str) -> bool:
+        return apply_overrides(FitConfig(), list(overrides)).resolved().adapt.on
+
+    assert on("budget=10m") is True
+    assert apply_overrides(FitConfig(), ["budget=10m"]).resolved().prune.enabled is True  # the controller prunes
+    assert on() is False and on("epochs=5") is False and on("budget=10m", "epochs=5") is False
+    assert on("budget=10m", "arch=resnet20") is False
+    assert on("budget=10m", "prune.enabled=true") is False and on("budget=10m", "prune.target_flops=4e7", "prune.until=0.5") is False
+    assert on("budget=10m", "adapt.on=false") is False and on("epochs=5", "adapt.on=true") is True

@@ -232,8 +232,8 @@ def test_planner_takes_the_widest_candidate_that_fits_the_epochs():
 
 
 def test_budget_fit_plans_the_network_and_trains_at_growing_sizes(npz_data: Path, tmp_path: Path):
-    out = tmp_path / "run"
-    run = bonsai.fit(npz_data, budget="20s", out=str(out), quiet=True, plan_epochs=4, low_res=0.5, low_res_share=0.5)
+    out = tmp_path / "run"  # adapt.on=false (--no-adapt): the planner's pick trains as it is
+    run = bonsai.fit(npz_data, budget="20s", out=str(out), quiet=True, plan_epochs=4, low_res=0.5, low_res_share=0.5, **{"adapt.on": False})
     events = read_jsonl(out / "events.jsonl")
     assert events[0]["event"] == "plan" and events[0]["widths"] == run.model.spec.widths()
     assert events[0]["required_epochs"] == 4, "a tiny dataset: plan_epochs caps the epochs that plan_images asks for"

@@ -21,18 +21,20 @@ Stopping: --epochs N, --budget 10m (training + validation must end inside it), o
 validation accuracy has not improved for P epochs); with none of them, 20 epochs.
 
 Speed: with --budget and neither --arch nor --epochs, bonsai measures a few training steps of its default network
-at several widths and trains the widest one expected to fit enough epochs to see train.plan_images (1 M) training
-images, but at most train.plan_epochs (32) and at least one. Training starts on images at half the working size,
-growing to full size over the first half (train.low_res=1 switches this off); predictions average each image with
-its mirror and, for the final model, with copies shifted one pixel (train.tta_shift=0 drops the shifts,
-train.tta=false all test-time augmentation).
+at several widths and picks the widest one expected to fit enough epochs to see train.plan_images (1 M) training
+images, but at most train.plan_epochs (32) and at least one. By default (--adapt, unless --prune, --flops or
+--no-adapt) it trains a narrower one for the first epoch and then grows it to the pick (Net2Net), and a controller
+may prune or grow it further at plateaus; --no-adapt trains the pick as it is. Training starts on images at half
+the working size, growing to full size over the first half (train.low_res=1 switches this off); predictions
+average each image with its mirror and, for the final model, with copies shifted one pixel (train.tta_shift=0
+drops the shifts, train.tta=false all test-time augmentation).
 
 Shape: --prune removes channels and whole blocks that a FLOP-weighted group lasso drives to zero (prune.lpr,
 default 0.2, is its strength; 10-epoch runs need about 0.35-0.5). --flops 40M then scales every width to that
 many FLOPs per image (MorphNet). --adapt decides after every epoch to continue, prune, widen, deepen or stop;
 with --budget it first moves the network to the FLOPs per image the budget affords (pruned down, or grown by
-Net2Net), unless --flops gives the target; with no --arch it starts from the planner's next narrower network and
-grows to the planner's pick after the first epoch.
+Net2Net), unless --flops gives the target; with no --arch it starts narrower than the planner's pick and grows to it
+after the first epoch (the default under --budget).
 
 Several processes: `torchrun --nproc-per-node N -m bonsai fit ...` trains with DistributedDataParallel (gloo on
 CPUs, NCCL on GPUs); batch_size stays the global batch, rank 0 writes the run directory, surgery runs in lockstep.
@@ -81,12 +83,18 @@ def _parser() -> argparse.ArgumentParser:
         help="MorphNet: prune (implies --prune), then scale the widths to at most N forward FLOPs per image, e.g. 40M "
         "(prune.target_flops; with --adapt, the controller's target)",
     )
-    f.add_argument(
+    adapt = f.add_mutually_exclusive_group()
+    adapt.add_argument(
         "--adapt",
         action="store_true",
         help="prune while training and let a controller decide after every epoch to continue, prune, widen, deepen or "
         "stop; with a FLOP target (--flops, or under --budget the FLOPs the budget affords) the network is first moved "
-        "to it (adapt.* keys tune it; implies --prune)",
+        "to it (adapt.* keys tune it; implies --prune). On by default under --budget with no --arch, --prune or --flops",
+    )
+    adapt.add_argument(
+        "--no-adapt",
+        action="store_true",
+        help="train the planned network as it is, with no controller (the default before --adapt measured ahead of it)",
     )
     f.add_argument("--quiet", action="store_true", help="no progress output")
     f.add_argument("--teacher", metavar="RUN", help="distill: also learn this run's soft targets (distill.* keys tune it)")
@@ -188,6 +196,8 @@ def _cmd_fit(ns) -> int:
         kw["prune.target_flops"] = parse_count(ns.flops)
     if ns.adapt:
         kw["adapt.on"] = True
+    if ns.no_adapt:
+        kw["adapt.on"] = False
     if ns.prune or ns.flops is not None or ns.adapt:
         kw["prune.enabled"] = True
         if not any(k.split(".")[-1] == "zero_init_residual" for k in kw):

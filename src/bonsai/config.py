@@ -158,7 +158,10 @@ class PruneConfig:
 class AdaptConfig:
     """The adaptive controller (``--adapt``; the rule is documented in :mod:`bonsai.train.controller`)."""
 
-    on: bool = False  # decide after every epoch: continue / prune / widen / deepen / stop (turns pruning on)
+    # decide after every epoch: continue / prune / widen / deepen / stop (turns pruning on). null (the default):
+    # on under a time budget with the planned network (model.arch auto, no train.epochs) unless pruning or a FLOP
+    # target is asked for, where it measured ahead of the planned network trained as is; off otherwise
+    on: bool | None = None
     window: int = 3  # epochs over which pruned shares are counted; a prune decision applies the penalty this long
     plateau_epochs: int = 2  # this many epochs without a validation gain of more than min_delta make a plateau
     min_delta: float = 0.002
@@ -169,8 +172,8 @@ class AdaptConfig:
     max_growths: int = 3
     # with a time budget and no --flops: the FLOP target is the forward FLOPs per image of a network expected to
     # train as many epochs in the budget as the planner asks of its networks (train.plan_images images, at most
-    # train.plan_epochs epochs). With the planned network (no --arch): the planner's pick, started from the next
-    # narrower candidate. With --arch: from a pace probe of that network (its FLOP rate taken to hold for other
+    # train.plan_epochs epochs). With the planned network (no --arch): the planner's pick, started from a narrower
+    # multiplier that grows to it after the first epoch (bonsai.train.plan.adapt_start). With --arch: from a pace probe of that network (its FLOP rate taken to hold for other
     # sizes). false: no target unless --flops
     budget_target: bool = True
     # with a FLOP target: the share of the run in which the network is moved to the target's size. A network over
@@ -302,7 +305,11 @@ class FitConfig:
 
     def resolved(self) -> "FitConfig":
         """A copy with defaults that depend on other fields made explicit (what config.yaml records)."""
-        cfg = dataclasses.replace(self, train=dataclasses.replace(self.train), model=dataclasses.replace(self.model), prune=dataclasses.replace(self.prune))
+        cfg = dataclasses.replace(
+            self, train=dataclasses.replace(self.train), model=dataclasses.replace(self.model), prune=dataclasses.replace(self.prune), adapt=dataclasses.replace(self.adapt)
+        )
+        if cfg.adapt.on is None:
+            cfg.adapt.on = cfg.model.arch == "auto" and cfg.train.budget is not None and cfg.train.epochs is None and not cfg.prune.enabled and not cfg.prune.target_flops
         if cfg.adapt.on or cfg.prune.target_flops:  # the controller reads what pruning removes; MorphNet shrinks first
             cfg.prune.enabled = True
         if cfg.train.epochs is None and cfg.train.budget is None and cfg.train.patience is None:
