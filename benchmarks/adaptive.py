@@ -13,8 +13,9 @@ Runs, one after another, each as its own `bonsai fit DATA --budget B` process (a
 - ``adapt_small``, ``adapt_large``: ``--adapt`` from the small and from the large net. The small start is, by
   default (``--small auto``), ``bonsai fit DATA --budget B --adapt`` with no ``--arch``: narrower than the
   planner's pick (e.g. ``bonsai`` x0.5 for a x0.75 pick; ``bonsai.train.plan.adapt_start``), grown to the pick
-  after the first epoch, so that it ends at about the default's size. ``--small PRESET*MULT`` (e.g. ``bonsai*0.5``) starts from that
-  network with conv-pool downsampling and the probed FLOP target instead. The large is resnet56;
+  after the first epoch, so that it ends at about the planned network's size. ``--small PRESET*MULT`` (e.g.
+  ``bonsai*0.5``) starts from that network with conv-pool downsampling and the probed FLOP target instead. The
+  large is resnet56;
 - ``scratch_grown``: the architecture ``adapt_small`` ended with, trained from scratch under the same budget
   (Net2Net's claim: growing reaches an accuracy sooner than training the grown network from the start).
 
@@ -122,7 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data/cifar10")
     ap.add_argument("--budget", default="15m", help="wall-clock budget of every run")
-    ap.add_argument("--small", default="auto", help="the net --adapt grows from: auto (the planner's next narrower candidate), a preset, or PRESET*MULT (its widths scaled as the planner does)")
+    ap.add_argument("--small", default="auto", help="the net --adapt grows from: auto (narrower than the planner's pick, as bonsai fit --adapt starts), a preset, or PRESET*MULT (its widths scaled as the planner does)")
     ap.add_argument("--large", default="resnet56", help="the net --adapt and PruneTrain shrink from")
     ap.add_argument("--only", default="", help="comma-separated run names (a partial re-run; no result written)")
     ap.add_argument("--reuse", default="", help="comma-separated run names whose finished run directories are read, not trained again")

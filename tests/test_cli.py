@@ -134,7 +134,11 @@ def test_adapt_flags_set_the_controller_and_exclude_each_other(tmp_path: Path, m
     for flag, want in (("--adapt", True), ("--no-adapt", False), (None, None)):
         assert main(["fit", str(tmp_path), "--budget", "1m", "--quiet", *([flag] if flag else [])]) == 0
         assert seen[-1].get("adapt.on") == want
-    assert seen[0].get("prune.enabled") is True and "prune.enabled" not in seen[1]
+    assert seen[0].get("prune.enabled") is True and "prune.enabled" not in seen[2]
+    # --no-adapt trains the pick as it is, even from a config.yaml in which --adapt turned pruning on
+    assert seen[1].get("prune.enabled") is False and "model.zero_init_residual" in seen[1]
+    assert main(["fit", str(tmp_path), "--budget", "1m", "--quiet", "--no-adapt", "--prune"]) == 0
+    assert seen[-1]["adapt.on"] is False and seen[-1]["prune.enabled"] is True
     with pytest.raises(SystemExit) as e:
         main(["fit", str(tmp_path), "--adapt", "--no-adapt"])
     assert e.value.code == 2

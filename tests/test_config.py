@@ -101,3 +101,15 @@ def test_adapt_is_on_by_default_only_under_a_budget_with_the_planned_network():
     assert on("budget=10m", "arch=resnet20") is False
     assert on("budget=10m", "prune.enabled=true") is False and on("budget=10m", "prune.target_flops=4e7", "prune.until=0.5") is False
     assert on("budget=10m", "adapt.on=false") is False and on("epochs=5", "adapt.on=true") is True
+
+
+def test_a_run_written_before_the_adapt_section_resumes_without_the_controller(tmp_path: Path):
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    save_yaml(apply_overrides(FitConfig(), ["budget=10m", "adapt.on=false"]).resolved(), path)
+    d = yaml.safe_load(path.read_text())
+    del d["adapt"]
+    path.write_text(yaml.safe_dump(d))
+    assert load_yaml(path, run=True).resolved().adapt.on is False  # as the bonsai that wrote it trained
+    assert load_yaml(path).resolved().adapt.on is True  # a user's config file: missing keys take today's defaults

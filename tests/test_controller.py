@@ -384,7 +384,7 @@ def test_under_a_time_budget_the_target_is_what_the_budget_affords(tmp_path):
 
 @pytest.mark.parametrize("pick", [0.75, 1.0])
 def test_with_the_planned_network_adapt_grows_to_the_planners_pick_after_the_first_epoch(npz_data, tmp_path, monkeypatch, pick):
-    """--adapt with no --arch under a budget: the planner's pick is the FLOP target (what the fixed default trains),
+    """--adapt with no --arch under a budget: the planner's pick is the FLOP target (what --no-adapt trains),
     and the start is the widest narrower candidate that the first epoch's growth takes to the target (widen_factor
     1.5: x0.5 for a x0.75 pick, and x0.5 for a x1 pick as well, since x0.75 is within 1.5^2 of x1)."""
     import bonsai

@@ -394,7 +394,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
             required_epochs(t.plan_epochs, t.plan_images, len(train_split)),
         )
         spec = plan.spec
-        if budget_target:  # --adapt grows to the planner's pick from the next narrower candidate
+        if budget_target:  # --adapt grows to the planner's pick from a narrower multiplier
             spec, target = adapt_start(plan, base, a.widen_factor, Rule.flops_tolerance)
         if dist.on:  # each rank timed its own probes; rank 0's plan holds for all
             spec = ArchSpec.from_dict(dist.broadcast_json(spec.to_dict()))

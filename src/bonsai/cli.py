@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="run directory (default runs/<data>-<time>)")
     f.add_argument("--budget", help="wall-clock budget for training + validation, e.g. 90s, 10m, 1h")
     f.add_argument("--epochs", type=int, help="train for exactly N epochs")
-    f.add_argument("--arch", help="auto (default: with --budget, the bonsai preset scaled to fit the budget; else bonsai) | bonsai | resnet8 | resnet20 | resnet32 | resnet56 | path/to/arch.json")
+    f.add_argument("--arch", help="auto (default: with --budget, the bonsai preset scaled to fit the budget, grown into from a narrower one unless --no-adapt; else bonsai) | bonsai | resnet8 | resnet20 | resnet32 | resnet56 | path/to/arch.json")
     f.add_argument("--config", help="a YAML config (e.g. a previous run's config.yaml); overrides apply on top")
     f.add_argument("--seed", type=int)
     f.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="prune while training and let a controller decide after every epoch to continue, prune, widen, deepen or "
         "stop; with a FLOP target (--flops, or under --budget the FLOPs the budget affords) the network is first moved "
-        "to it (adapt.* keys tune it; implies --prune). On by default under --budget with no --arch, --prune or --flops",
+        "to it (adapt.* keys tune it; implies --prune). On by default under --budget with no --arch, --epochs, --prune or --flops",
     )
     adapt.add_argument(
         "--no-adapt",
@@ -198,6 +198,9 @@ def _cmd_fit(ns) -> int:
         kw["adapt.on"] = True
     if ns.no_adapt:
         kw["adapt.on"] = False
+        if not ns.prune and ns.flops is None:  # the pick as it is, even from a config.yaml that --adapt resolved
+            kw["prune.enabled"] = False
+            kw["model.zero_init_residual"] = None
     if ns.prune or ns.flops is not None or ns.adapt:
         kw["prune.enabled"] = True
         if not any(k.split(".")[-1] == "zero_init_residual" for k in kw):

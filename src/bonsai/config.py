@@ -173,8 +173,8 @@ class AdaptConfig:
     # with a time budget and no --flops: the FLOP target is the forward FLOPs per image of a network expected to
     # train as many epochs in the budget as the planner asks of its networks (train.plan_images images, at most
     # train.plan_epochs epochs). With the planned network (no --arch): the planner's pick, started from a narrower
-    # multiplier that grows to it after the first epoch (bonsai.train.plan.adapt_start). With --arch: from a pace probe of that network (its FLOP rate taken to hold for other
-    # sizes). false: no target unless --flops
+    # multiplier that grows to it after the first epoch (bonsai.train.plan.adapt_start). With --arch: from a pace
+    # probe of that network (its FLOP rate taken to hold for other sizes). false: no target unless --flops
     budget_target: bool = True
     # with a FLOP target: the share of the run in which the network is moved to the target's size. A network over
     # it trains with the penalty at an LPR set by how much must go (1 - target / FLOPs, capped at max_lpr, never
@@ -403,6 +403,7 @@ RUN_DEFAULTS_BEFORE = {
     ("prune", "grow_batch"): True,
     ("adapt", "shed_blocks"): False,
     ("adapt", "widen_noise"): 0.0,
+    ("adapt", "on"): False,  # runs written before the adapt section existed; later ones say it explicitly
 }
 
 
@@ -418,7 +419,9 @@ def load_yaml(path: str | Path, run: bool = False) -> FitConfig:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if run and isinstance(d, dict):
         for (section, key), value in RUN_DEFAULTS_BEFORE.items():
-            if isinstance(d.get(section), dict):
+            if d.get(section) is None:  # a section an older bonsai did not have at all
+                d[section] = {}
+            if isinstance(d[section], dict):
                 d[section].setdefault(key, value)
     try:
         return from_dict(d or {})

@@ -162,11 +162,11 @@ def plan_arch(
 
 def adapt_start(plan: Plan, base: ArchSpec, widen_factor: float = 1.5, tolerance: float = 0.02) -> tuple[ArchSpec, dict]:
     """``--adapt``'s start and FLOP target when the planner chose the network: the target is the planner's pick (the
-    network the budget affords, the one ``bonsai fit`` trains without ``--adapt``), and the start is ``base`` at the
+    network the budget affords, the one ``bonsai fit --no-adapt`` trains), and the start is ``base`` at the
     widest narrower multiplier (of :data:`MULTIPLIERS`, then half and a quarter of the pick's) that the controller
     grows to the target right after the first epoch: its FLOPs times ``widen_factor`` squared within the target
     (rule 2 of :mod:`bonsai.train.controller`). A start closer to the target would train at its own size for the
-    whole sizing phase. So ``--adapt`` and the fixed default end at about the same size, and the grown one spends
+    whole sizing phase. So ``--adapt`` and ``--no-adapt`` end at about the same size, and the grown one spends
     its first epoch on a network about half as costly or less. Returns the start and the ``adapt_target`` event.
 
     >>> from bonsai.models.arch import preset
