@@ -386,7 +386,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     target = None  # --adapt under a time budget: the FLOP target the budget affords (bonsai.train.plan)
     a, t = cfg.adapt, cfg.train
     budget_target = a.on and a.budget_target and cfg.budget_s is not None and t.epochs is None and not cfg.prune.target_flops and resume is None
-    if cfg.model.arch == "auto" and cfg.budget_s is not None and resume is None and cfg.train.epochs is None:
+    if cfg.planned and resume is None:
         base = _spec(DEFAULT_ARCH, cfg, ds, planned=True)
         plan = plan_arch(
             base, len(train_split), cfg.budget_s,

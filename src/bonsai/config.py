@@ -300,6 +300,11 @@ class FitConfig:
         return [x.strip() for x in self.log.split(",") if x.strip()]
 
     @property
+    def planned(self) -> bool:
+        """Whether the budget planner chooses the network: ``model.arch`` auto under a budget, no epoch count."""
+        return self.model.arch == "auto" and self.train.budget is not None and self.train.epochs is None
+
+    @property
     def budget_s(self) -> float | None:
         return None if self.train.budget is None else parse_duration(self.train.budget)
 
@@ -309,7 +314,7 @@ class FitConfig:
             self, train=dataclasses.replace(self.train), model=dataclasses.replace(self.model), prune=dataclasses.replace(self.prune), adapt=dataclasses.replace(self.adapt)
         )
         if cfg.adapt.on is None:
-            cfg.adapt.on = cfg.model.arch == "auto" and cfg.train.budget is not None and cfg.train.epochs is None and not cfg.prune.enabled and not cfg.prune.target_flops
+            cfg.adapt.on = cfg.planned and not cfg.prune.enabled and not cfg.prune.target_flops
         if cfg.adapt.on or cfg.prune.target_flops:  # the controller reads what pruning removes; MorphNet shrinks first
             cfg.prune.enabled = True
         if cfg.train.epochs is None and cfg.train.budget is None and cfg.train.patience is None:

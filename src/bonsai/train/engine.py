@@ -781,15 +781,16 @@ class Engine:
 
             tqdm.write(f"adapt after epoch {epoch}: {decision.action} {decision.stages or ''} ({decision.reason})")
 
-    def _after_surgery(self) -> None:
+    def _after_surgery(self) -> bool:
         """What every surgery needs afterwards: FLOPs counted afresh, the lasso's cached groups dropped, and a batch
         that still fits in memory for the new shape (growth can make the network larger). A network that shrank
         starts the best-by-validation choice afresh and is saved as the model to hand back at once (a run stopped
         before its next validation hands it back too): the model handed back is never one from before a shrink (a
         prune or a FLOP target would be undone). One that grew may still hand back the smaller network it grew
-        from while that stays better on validation."""
+        from while that stays better on validation. Returns whether the network shrank."""
         before, self.flops = self.flops, count_flops(self.model.spec)
-        if self.flops < before:
+        shrank = self.flops < before
+        if shrank:
             st = self.state
             st.best_val, st.best_epoch = -1.0, st.epoch  # -1: not validated since (summary.json: null)
             save_model(self.model, self.run_dir)
@@ -807,6 +808,7 @@ class Engine:
         if self.dist.on:  # checked before the new wrapper copies rank 0's weights over the others'
             self.dist.check_same(self.model, self.opt, f"the surgery after epoch {self.state.epoch}")
             self._wrap()
+        return shrank
 
     def _end_sizing(self, epoch: int, progress: bool) -> None:
         """The sizing phase is over: MorphNet's step takes the network to the target, either way (a growth counts
@@ -856,8 +858,7 @@ class Engine:
         strengths = [round(block_strength(self.model.stages[s][b]), 6) for s, b in blocks]
         self._remove_blocks(blocks)
         resize_(self.model, target, self.opt, generator=torch.Generator().manual_seed(self.state.step), noise=self.cfg.adapt.widen_noise)
-        self._after_surgery()
-        if self.flops < flops_before:
+        if self._after_surgery():
             self.state.shrunk_at = epoch
         event = {
             "epoch": epoch,

@@ -177,16 +177,17 @@ def adapt_start(plan: Plan, base: ArchSpec, widen_factor: float = 1.5, tolerance
     >>> [adapt_start(Plan(scaled(preset("bonsai"), m), m, 20.0, 1.0, [], 20.0), preset("bonsai"))[0].name for m in (0.5, 1.0)]
     ['bonsaix0.25', 'bonsaix0.5']
     """
-    target = count_flops(plan.spec)
-    tried = [m for m in MULTIPLIERS if m < plan.multiplier] + [plan.multiplier / 2, plan.multiplier / 4]
-    fits = [m for m in tried if count_flops(scaled(base, m)) * widen_factor**2 <= target * (1 + tolerance)]
-    mult = max(fits) if fits else min(tried)  # none fits (widths floored at 16): the narrowest, grown at the phase's end
+    known = {c["multiplier"]: c["flops_per_image"] for c in plan.candidates}  # counted by the planner's probe
+    flops = {m: known.get(m) or count_flops(scaled(base, m)) for m in [m for m in MULTIPLIERS if m < plan.multiplier] + [plan.multiplier / 2, plan.multiplier / 4]}
+    target = known.get(plan.multiplier) or count_flops(plan.spec)
+    fits = [m for m, f in flops.items() if f * widen_factor**2 <= target * (1 + tolerance)]
+    mult = max(fits) if fits else min(flops)  # none fits (widths floored at 16): the narrowest, grown at the phase's end
     start = scaled(base, mult)
     event = {
         "epoch": 0,
         "event": "adapt_target",
         "target_flops": target,
-        "start_flops": count_flops(start),
+        "start_flops": flops[mult],
         "source": "plan",
         "start_multiplier": mult,
         "plan_multiplier": plan.multiplier,
