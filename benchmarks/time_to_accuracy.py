@@ -1,7 +1,7 @@
 """Time to accuracy on full CIFAR-10: the dense baseline, the --budget default, and one trick switched at a time.
 
     python benchmarks/time_to_accuracy.py [--cifar ../shared/data/cifar10] [--fashion ../shared/data/fashion_mnist]
-                                          [--budget 15m] [--short 6m] [--fashion-budget 5m]   # 60-95 minutes
+                                          [--budget 15m] [--short 6m] [--fashion-budget 5m]   # 110-120 minutes on 2 cores
 
 Runs, one after another on the same data and split (the host is shared: compare only within one run):
 

@@ -198,7 +198,8 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """A 2-process run (pruned and widened, then resumed for one more epoch), its 1-process twin, and a 2-process
-    run under a time budget (with the whitened stem, which rank 0 computes and hands to rank 1)."""
+    run under a time budget with the planned network grown into by --adapt (and the whitened stem, which rank 0
+    computes and hands to rank 1)."""
     root = tmp_path_factory.mktemp("ddp")
     x, y = make_images(40)
     np.savez(root / "d.npz", x_train=x, y_train=y, x_test=x[:12], y_test=y[:12])
@@ -212,8 +213,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "rank0": _tensors(root / "two" / "checkpoint.safetensors"),
     }
     _torchrun("--resume", "two", "epochs=5", "train.rank_dir=ranks", cwd=root)
-    # the budget clock: every rank stops at the same step when the (synchronized) budget runs out
-    _torchrun(str(root / "d.npz"), "--arch", str(root / "arch.json"), "--budget", "6s", "--prune", "batch_size=16", "--quiet", "--out", "budget", "train.rank_dir=ranks_budget", "model.whiten_stem=true", cwd=root)
+    # the budget clock: every rank stops at the same step when the (synchronized) budget runs out; no --arch, so
+    # the planner picks the network and --adapt (the default under --budget) grows into it from a narrower start
+    _torchrun(str(root / "d.npz"), "--budget", "6s", "batch_size=16", "--quiet", "--out", "budget", "train.rank_dir=ranks_budget", "model.whiten_stem=true", cwd=root)
     subprocess.run([sys.executable, "-m", "bonsai", "fit", *common, "--out", "one"], cwd=root, check=True, capture_output=True, timeout=300)
     return {"root": root, "two": root / "two", "one": root / "one", "rank1": root / "ranks" / "rank1", "first": first, "budget": root / "budget", "budget1": root / "ranks_budget" / "rank1"}
 
@@ -246,6 +248,19 @@ def test_a_budget_run_stops_every_rank_at_the_same_step(runs):
     assert c0.keys() == c1.keys() and all(torch.equal(c0[k], c1[k]) for k in c0)
     whitened = [[e["filters"] for e in _lines(d / "events.jsonl") if e["event"] == "whiten_stem"] for d in (runs["budget"], runs["budget1"])]
     assert whitened[0] == whitened[1] and whitened[0][0] > 0
+
+
+def test_the_planned_budget_run_grows_into_the_planners_pick_on_both_ranks(runs):
+    """Rank 0 plans (the pick, the narrower start, the FLOP target) and rank 1 carries out the same plan: both
+    start from the same multiplier and widen at the same epoch to the same widths, within 2% of the target."""
+    events = [_lines(d / "events.jsonl") for d in (runs["budget"], runs["budget1"])]
+    targets = [[e for e in ev if e["event"] == "adapt_target"] for ev in events]
+    assert len(targets[0]) == 1 and targets[0] == targets[1] and targets[0][0]["source"] == "plan"
+    t = targets[0][0]
+    assert t["start_multiplier"] < t["plan_multiplier"] and t["start_flops"] < t["target_flops"]
+    morphs = [[(e["epoch"], e["widths_after"], e["flops_after"]) for e in ev if e["event"] == "morph"] for ev in events]
+    assert morphs[0] and morphs[0] == morphs[1] and morphs[0][0][0] == 1  # grown right after the first epoch
+    assert t["start_flops"] < morphs[0][0][2] <= t["target_flops"] * 1.02
 
 
 def test_the_two_process_run_prunes_and_grows_in_lockstep(runs):

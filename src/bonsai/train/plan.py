@@ -167,7 +167,9 @@ def adapt_start(plan: Plan, base: ArchSpec, widen_factor: float = 1.5, tolerance
     grows to the target right after the first epoch: its FLOPs times ``widen_factor`` squared within the target
     (rule 2 of :mod:`bonsai.train.controller`). A start closer to the target would train at its own size for the
     whole sizing phase. So ``--adapt`` and ``--no-adapt`` end at about the same size, and the grown one spends
-    its first epoch on a network about half as costly or less. Returns the start and the ``adapt_target`` event.
+    its first epoch on a network about half as costly or less. Multipliers that would floor a width at 16 are
+    not starts; when none is left (a x0.5 pick of the default network), the run starts at the pick itself, and
+    the controller keeps it there. Returns the start and the ``adapt_target`` event.
 
     >>> from bonsai.models.arch import preset
     >>> p = Plan(scaled(preset("bonsai"), 0.75), 0.75, 20.0, 1.0, [], 20.0)
@@ -175,19 +177,27 @@ def adapt_start(plan: Plan, base: ArchSpec, widen_factor: float = 1.5, tolerance
     >>> start.name, e["target_flops"] == count_flops(p.spec), e["start_flops"] < e["target_flops"]
     ('bonsaix0.5', True, True)
     >>> [adapt_start(Plan(scaled(preset("bonsai"), m), m, 20.0, 1.0, [], 20.0), preset("bonsai"))[0].name for m in (0.5, 1.0)]
-    ['bonsaix0.25', 'bonsaix0.5']
+    ['bonsaix0.5', 'bonsaix0.5']
+    >>> adapt_start(Plan(scaled(preset("bonsai"), 0.5), 0.5, 20.0, 1.0, [], 20.0), preset("bonsai"))[1]["start_flops"] == count_flops(scaled(preset("bonsai"), 0.5))
+    True
     """
     known = {c["multiplier"]: c["flops_per_image"] for c in plan.candidates}  # counted by the planner's probe
-    flops = {m: known.get(m) or count_flops(scaled(base, m)) for m in [m for m in MULTIPLIERS if m < plan.multiplier] + [plan.multiplier / 2, plan.multiplier / 4]}
+    narrower = [m for m in MULTIPLIERS if m < plan.multiplier] + [plan.multiplier / 2, plan.multiplier / 4]
+    # a multiplier that would take a width below 16 is floored there: not the pick's shape scaled down, and
+    # MorphNet's step grows such a start to another shape (x0.25 -> x0.5 doubled the full-resolution stem and ran
+    # 0.73 points below the pick trained as is, README "Time to accuracy")
+    narrower = [m for m in narrower if min(base.widths()) * m >= 16]
+    flops = {m: known.get(m) or count_flops(scaled(base, m)) for m in narrower}
     target = known.get(plan.multiplier) or count_flops(plan.spec)
     fits = [m for m, f in flops.items() if f * widen_factor**2 <= target * (1 + tolerance)]
-    mult = max(fits) if fits else min(flops)  # none fits (widths floored at 16): the narrowest, grown at the phase's end
+    # none fits (the pick is the narrowest unfloored shape): start at the pick, which the controller keeps
+    mult = max(fits) if fits else plan.multiplier
     start = scaled(base, mult)
     event = {
         "epoch": 0,
         "event": "adapt_target",
         "target_flops": target,
-        "start_flops": flops[mult],
+        "start_flops": flops.get(mult, target),
         "source": "plan",
         "start_multiplier": mult,
         "plan_multiplier": plan.multiplier,
