@@ -173,7 +173,8 @@ class AdaptConfig:
     # with a time budget and no --flops: the FLOP target is the forward FLOPs per image of a network expected to
     # train as many epochs in the budget as the planner asks of its networks (train.plan_images images, at most
     # train.plan_epochs epochs). With the planned network (no --arch): the planner's pick, started from a narrower
-    # multiplier that grows to it after the first epoch (bonsai.train.plan.adapt_start). With --arch: from a pace
+    # multiplier that grows to it after the first epoch, or at the pick when a narrower one would floor widths at 16
+    # (bonsai.train.plan.adapt_start). With --arch: from a pace
     # probe of that network (its FLOP rate taken to hold for other sizes). false: no target unless --flops
     budget_target: bool = True
     # with a FLOP target: the share of the run in which the network is moved to the target's size. A network over
