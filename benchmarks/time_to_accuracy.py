@@ -16,7 +16,8 @@ Runs, one after another on the same data and split (the host is shared: compare 
   the pooled 1x network whatever the budget), ``no_pool`` (model.pool=false: the planned network downsamples by
   strided convs), ``prune`` (--prune: PruneTrain on the planned network, which switches the default --adapt off),
   ``lookahead`` (train.lookahead=0.95, off by default, switched on), ``no_adapt`` (adapt.on=false: the planner's
-  pick trained as it is, not grown into from a narrower start); ``no_tta``
+  pick trained as it is, not grown into from a narrower start; a x0.5 pick, as under 6 minutes, starts at itself
+  either way since 2026-11-24, so there it differs only by the controller); ``no_tta``
   re-evaluates ``default_short``'s best model without test-time augmentation and ``no_tta_shift`` with the
   mirror only, without the shifted views (no extra training);
 - ``fashion_mnist``: ``bonsai fit ../shared/data/fashion_mnist --budget 5m``, no dataset-specific settings.

@@ -407,7 +407,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
         )
         if target is not None and target["start_flops"] < target["target_flops"]:
             log.info("--adapt: starting from %s (%.1fM FLOPs per image), to grow to the planned %.1fM", spec.name, target["start_flops"] / 1e6, target["target_flops"] / 1e6)
-        elif target is not None:
+        elif target is not None and spec.widths() == plan.spec.widths():
             log.info("--adapt: starting at the pick (%.1fM FLOPs per image): a narrower start would floor widths at 16", target["target_flops"] / 1e6)
     else:
         spec = _spec(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, cfg, ds)

@@ -23,7 +23,8 @@ validation accuracy has not improved for P epochs); with none of them, 20 epochs
 Speed: with --budget and neither --arch nor --epochs, bonsai measures a few training steps of its default network
 at several widths and picks the widest one expected to fit enough epochs to see train.plan_images (1 M) training
 images, but at most train.plan_epochs (32) and at least one. By default (--adapt, unless --prune, --flops or
---no-adapt) it trains a narrower one for the first epoch and then grows it to the pick (Net2Net), and a controller
+--no-adapt) it trains a narrower one for the first epoch and then grows it to the pick (Net2Net; a x0.5 pick
+starts at itself, since narrower widths would fall below 16), and a controller
 may prune or grow it further at plateaus; --no-adapt trains the pick as it is. Training starts on images at half
 the working size, growing to full size over the first half (train.low_res=1 switches this off); predictions
 average each image with its mirror and, for the final model, with copies shifted one pixel (train.tta_shift=0
@@ -33,8 +34,8 @@ Shape: --prune removes channels and whole blocks that a FLOP-weighted group lass
 default 0.2, is its strength; 10-epoch runs need about 0.35-0.5). --flops 40M then scales every width to that
 many FLOPs per image (MorphNet). --adapt decides after every epoch to continue, prune, widen, deepen or stop;
 with --budget it first moves the network to the FLOPs per image the budget affords (pruned down, or grown by
-Net2Net), unless --flops gives the target; with no --arch it starts narrower than the planner's pick and grows to it
-after the first epoch (the default under --budget).
+Net2Net), unless --flops gives the target; with no --arch it starts narrower than the planner's pick (when that
+keeps every width at 16 or more) and grows to it after the first epoch (the default under --budget).
 
 Several processes: `torchrun --nproc-per-node N -m bonsai fit ...` trains with DistributedDataParallel (gloo on
 CPUs, NCCL on GPUs); batch_size stays the global batch, rank 0 writes the run directory, surgery runs in lockstep.
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="run directory (default runs/<data>-<time>)")
     f.add_argument("--budget", help="wall-clock budget for training + validation, e.g. 90s, 10m, 1h")
     f.add_argument("--epochs", type=int, help="train for exactly N epochs")
-    f.add_argument("--arch", help="auto (default: with --budget, the bonsai preset scaled to fit the budget, grown into from a narrower one unless --no-adapt; else bonsai) | bonsai | resnet8 | resnet20 | resnet32 | resnet56 | path/to/arch.json")
+    f.add_argument("--arch", help="auto (default: with --budget, the bonsai preset scaled to fit the budget, grown into from a narrower one unless --no-adapt or the pick is x0.5; else bonsai) | bonsai | resnet8 | resnet20 | resnet32 | resnet56 | path/to/arch.json")
     f.add_argument("--config", help="a YAML config (e.g. a previous run's config.yaml); overrides apply on top")
     f.add_argument("--seed", type=int)
     f.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")

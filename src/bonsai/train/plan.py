@@ -168,8 +168,8 @@ def adapt_start(plan: Plan, base: ArchSpec, widen_factor: float = 1.5, tolerance
     (rule 2 of :mod:`bonsai.train.controller`). A start closer to the target would train at its own size for the
     whole sizing phase. So ``--adapt`` and ``--no-adapt`` end at about the same size, and the grown one spends
     its first epoch on a network about half as costly or less. Multipliers that would floor a width at 16 are
-    not starts; when none is left (a x0.5 pick of the default network), the run starts at the pick itself, and
-    the controller keeps it there. Returns the start and the ``adapt_target`` event.
+    not starts (nor those from which a width would round up to 16); when none is left (a x0.5 pick of the default
+    network), the run starts at the pick itself, and the controller keeps it there unless a plateau rule prunes. Returns the start and the ``adapt_target`` event.
 
     >>> from bonsai.models.arch import preset
     >>> p = Plan(scaled(preset("bonsai"), 0.75), 0.75, 20.0, 1.0, [], 20.0)
@@ -180,6 +180,8 @@ def adapt_start(plan: Plan, base: ArchSpec, widen_factor: float = 1.5, tolerance
     ['bonsaix0.5', 'bonsaix0.5']
     >>> adapt_start(Plan(scaled(preset("bonsai"), 0.5), 0.5, 20.0, 1.0, [], 20.0), preset("bonsai"))[1]["start_flops"] == count_flops(scaled(preset("bonsai"), 0.5))
     True
+    >>> adapt_start(p, preset("bonsai"), widen_factor=1.6)[0].name  # too far to grow after epoch 1: at the phase's end
+    'bonsaix0.5'
     """
     known = {c["multiplier"]: c["flops_per_image"] for c in plan.candidates}  # counted by the planner's probe
     narrower = [m for m in MULTIPLIERS if m < plan.multiplier] + [plan.multiplier / 2, plan.multiplier / 4]
@@ -190,8 +192,9 @@ def adapt_start(plan: Plan, base: ArchSpec, widen_factor: float = 1.5, tolerance
     flops = {m: known.get(m) or count_flops(scaled(base, m)) for m in narrower}
     target = known.get(plan.multiplier) or count_flops(plan.spec)
     fits = [m for m, f in flops.items() if f * widen_factor**2 <= target * (1 + tolerance)]
-    # none fits (the pick is the narrowest unfloored shape): start at the pick, which the controller keeps
-    mult = max(fits) if fits else plan.multiplier
+    # none fits: the narrowest, grown at the sizing phase's end; none at all (the pick is the narrowest unfloored
+    # shape): the pick itself, which the controller keeps unless a plateau rule prunes it
+    mult = max(fits) if fits else min(flops) if flops else plan.multiplier
     start = scaled(base, mult)
     event = {
         "epoch": 0,
