@@ -405,9 +405,9 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
             "planned %s (widths x%g%s): about %.0f epochs in the budget (probe %.1f s)",
             plan.spec.name, plan.multiplier, ", conv-pool downsampling" if any(s.pool for s in spec.stages) else "", plan.expected_epochs, plan.probe_s,
         )
-        if target is not None and target["start_flops"] < target["target_flops"]:
+        if target is not None and target["start_multiplier"] < target["plan_multiplier"]:
             log.info("--adapt: starting from %s (%.1fM FLOPs per image), to grow to the planned %.1fM", spec.name, target["start_flops"] / 1e6, target["target_flops"] / 1e6)
-        elif target is not None and spec.widths() == plan.spec.widths():
+        elif target is not None:
             log.info("--adapt: starting at the pick (%.1fM FLOPs per image): a narrower start would floor widths at 16", target["target_flops"] / 1e6)
     else:
         spec = _spec(DEFAULT_ARCH if cfg.model.arch == "auto" else cfg.model.arch, cfg, ds)

@@ -25,6 +25,7 @@ from bonsai.models.arch import ArchSpec
 from bonsai.models.resnet import build, count_flops
 
 MULTIPLIERS = (0.5, 0.75, 1.0, 1.5, 2.0)
+MIN_WIDTH = 16  # the narrowest width (and the step) of a scaled network: one full AMX/AVX-512 bf16 tile
 
 
 def scaled(base: ArchSpec, mult: float) -> ArchSpec:
@@ -34,7 +35,7 @@ def scaled(base: ArchSpec, mult: float) -> ArchSpec:
     >>> scaled(preset("bonsai"), 0.5).widths()
     [16, 32, 32, 64, 64, 128, 128]
     """
-    r = lambda w: max(16, int(round(w * mult / 16)) * 16)  # noqa: E731
+    r = lambda w: max(MIN_WIDTH, int(round(w * mult / MIN_WIDTH)) * MIN_WIDTH)  # noqa: E731
     spec = ArchSpec.from_dict(base.to_dict())
     spec.stem = r(base.stem)
     for s in spec.stages:
@@ -167,9 +168,10 @@ def adapt_start(plan: Plan, base: ArchSpec, widen_factor: float = 1.5, tolerance
     grows to the target right after the first epoch: its FLOPs times ``widen_factor`` squared within the target
     (rule 2 of :mod:`bonsai.train.controller`). A start closer to the target would train at its own size for the
     whole sizing phase. So ``--adapt`` and ``--no-adapt`` end at about the same size, and the grown one spends
-    its first epoch on a network about half as costly or less. Multipliers that would floor a width at 16 are
-    not starts (nor those from which a width would round up to 16); when none is left (a x0.5 pick of the default
-    network), the run starts at the pick itself, and the controller keeps it there unless a plateau rule prunes. Returns the start and the ``adapt_target`` event.
+    its first epoch on a network about half as costly or less. Multipliers that would floor a width at
+    :data:`MIN_WIDTH` are not starts (nor those from which a width would round up to it); when none is left (a
+    x0.5 pick of the default network), the run starts at the pick itself, and the controller keeps it there
+    unless a plateau rule prunes. Returns the start and the ``adapt_target`` event.
 
     >>> from bonsai.models.arch import preset
     >>> p = Plan(scaled(preset("bonsai"), 0.75), 0.75, 20.0, 1.0, [], 20.0)
@@ -188,7 +190,7 @@ def adapt_start(plan: Plan, base: ArchSpec, widen_factor: float = 1.5, tolerance
     # a multiplier that would take a width below 16 is floored there: not the pick's shape scaled down, and
     # MorphNet's step grows such a start to another shape (x0.25 -> x0.5 doubled the full-resolution stem and ran
     # 0.73 points below the pick trained as is, README "Time to accuracy")
-    narrower = [m for m in narrower if min(base.widths()) * m >= 16]
+    narrower = [m for m in narrower if min(base.widths()) * m >= MIN_WIDTH]
     flops = {m: known.get(m) or count_flops(scaled(base, m)) for m in narrower}
     target = known.get(plan.multiplier) or count_flops(plan.spec)
     fits = [m for m, f in flops.items() if f * widen_factor**2 <= target * (1 + tolerance)]
