@@ -59,6 +59,15 @@ def test_predictions_csv_shape_order_and_content(npz_data: Path, tmp_path: Path)
     xt, _ = make_images(5, seed=1)
     preds = bonsai.load(run.dir).predict(xt)
     np.testing.assert_allclose(preds.probs, probs, atol=2e-4)
+    # ... and from an .npz file; a bad one is one error naming it
+    np.savez(xt_npz := tmp_path / "new.npz", x_test=xt)
+    np.testing.assert_allclose(run.predict(xt_npz).probs, probs, atol=2e-4)
+    np.savez(floats := tmp_path / "floats.npz", x_test=xt.astype(np.float32))
+    with pytest.raises(BonsaiError, match=r"floats.npz \(x_test\): images must be uint8 pixels"):
+        run.predict(floats)
+    (html := tmp_path / "page.npz").write_text("<html></html>")
+    with pytest.raises(BonsaiError, match=r"page.npz: not an .npz archive \(not a zip file\)"):
+        run.predict(html)
 
 
 def test_predict_folder_and_arrays_agree(folder_data: Path, tmp_path: Path):
@@ -100,8 +109,9 @@ def test_plateau_stopping(npz_data: Path, tmp_path: Path):
     run = bonsai.fit(npz_data, patience=1, max_epochs=30, out=str(tmp_path / "r"), **TINY)
     assert run.summary["stop_reason"] == "plateau"
     lines = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
-    best = max(r["val_acc"] for r in lines)
-    assert lines[-1]["val_acc"] <= best and len(lines) < 30
+    # patience 1: the last epoch did not beat the best before it, and every earlier epoch but the first did
+    assert len(lines) >= 2 and lines[-1]["val_acc"] <= max(r["val_acc"] for r in lines[:-1]) and len(lines) < 30
+    assert all(b["val_acc"] > max(r["val_acc"] for r in lines[:i]) for i, b in enumerate(lines[1:-1], 1))
 
 
 def test_budget_stops_inside_the_budget(npz_data: Path, tmp_path: Path):
@@ -179,6 +189,20 @@ def test_resume_refuses_different_data_and_extends_a_finished_run(npz_data: Path
     np.savez(other, x_train=x, y_train=y)
     with pytest.raises(BonsaiError, match="dataset differs"):
         bonsai.fit(other, resume=run.dir)
+    # dataset.json damaged by hand: the data cannot be checked, so the run is not resumed
+    meta = (run.dir / "dataset.json").read_text()
+    (run.dir / "dataset.json").write_text("{not json")
+    with pytest.raises(BonsaiError, match="dataset.json: damaged"):
+        bonsai.fit(other, resume=run.dir)
+    # dataset.json gone: the checkpoint's network still tells two classes from three, before anything is rewritten
+    (run.dir / "dataset.json").unlink()
+    config = (run.dir / "config.yaml").read_text()
+    x2, y2 = make_images(10, seed=5, n_classes=2)
+    np.savez(two := tmp_path / "two.npz", x_train=x2, y_train=y2)
+    with pytest.raises(BonsaiError, match="3 classes and 3 channels; the data has 2 and 3: cannot resume on it"):
+        bonsai.fit(two, resume=run.dir)
+    assert not (run.dir / "dataset.json").exists() and (run.dir / "config.yaml").read_text() == config
+    (run.dir / "dataset.json").write_text(meta)
     more = bonsai.fit(None, resume=run.dir, epochs=2)
     assert more.summary["epochs"] == 2
     assert [json.loads(x)["epoch"] for x in (run.dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]

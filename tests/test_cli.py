@@ -84,6 +84,38 @@ def test_help_explains():
     assert r.returncode == 0 and "--budget" in r.stdout and "patience" in r.stdout
 
 
+def test_a_fault_inside_bonsai_is_one_line_with_exit_code_70_and_a_traceback_on_request(folder_data: Path, monkeypatch, capsys):
+    import bonsai.cli as cli
+
+    def broken(ns):
+        raise RuntimeError("an inner fault\nwith a second line")
+
+    monkeypatch.setattr(cli, "_cmd_info", broken)
+    monkeypatch.delenv("BONSAI_DEBUG", raising=False)
+    assert main(["info", str(folder_data)]) == 70
+    err = capsys.readouterr().err
+    assert err == "bonsai: internal error: RuntimeError: an inner fault (BONSAI_DEBUG=1 shows the traceback)\n"
+    monkeypatch.setenv("BONSAI_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="an inner fault"):
+        main(["info", str(folder_data)])
+
+
+def test_a_write_that_fails_names_the_file(tmp_path: Path, monkeypatch):
+    import errno
+    import os
+
+    from bonsai.utils import atomic_write_text
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "out" / "summary.json"
+    with pytest.raises(OSError, match="cannot write .*summary.json \\(No space left on device\\)") as e:
+        atomic_write_text(target, "{}")
+    assert e.value.errno == errno.ENOSPC and not target.exists() and list((tmp_path / "out").iterdir()) == []
+
+
 def test_failed_fit_leaves_no_run_directory_behind(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["fit", str(tmp_path / "missing"), "--quiet"]) == 2

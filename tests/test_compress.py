@@ -153,7 +153,14 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     from bonsai.cli import main
     from bonsai.compress.pipeline import compress, latency_ratio
 
+    from conftest import CLASSES, make_images
+
     run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "r"), arch="resnet8", batch_size=16, quiet=True, precision="fp32", report=False)
+    # the same classes in other images: another validation split, overlapping what the run trained on, refused
+    x, y = make_images(21, seed=7)
+    np.savez(other := tmp_path / "other.npz", x_train=x, y_train=y, classes=np.array(CLASSES))
+    with pytest.raises(BonsaiError, match=r"other.npz: not the dataset the run trained on \(fingerprint differs"):
+        compress(run.dir, data=other, calibration=32, repeats=1, rounds=1)
     record = compress(run.dir, calibration=32, repeats=2, lowrank=0.5, rounds=3)
     names = ["PyTorch fp32", "PyTorch fp32 low-rank 0.5", "PyTorch fp32 low-rank 0.5 + fine-tune", "ONNX fp32", "ONNX int8", "ONNX int8 + Huffman"]
     names += [f"PyTorch k-means {b}-bit{t} + Huffman" for b in (5, 4) for t in ("", " fine-tuned")]

@@ -64,6 +64,29 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path: Path):
         load_yaml(p)
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text file"),
+        (b"- epochs: 3\n", "expected a mapping of config keys"),
+        (b"false\n", "expected a mapping of config keys"),
+        (b"1: a\nb: c\n", "unknown config key 1"),
+    ],
+)
+def test_a_config_file_that_is_not_a_mapping_of_keys_is_one_error_naming_it(tmp_path: Path, content: bytes, message: str):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_yaml(p)
+    assert str(e.value).startswith(str(p)) and "\n" not in str(e.value)
+
+
+def test_an_empty_config_file_means_every_default(tmp_path: Path):
+    p = tmp_path / "c.yaml"
+    p.write_text("")
+    assert to_dict(load_yaml(p)) == to_dict(from_dict({}))
+
+
 def test_yes_and_no_mean_the_words_where_a_word_is_expected(tmp_path: Path):
     """YAML reads yes/no as booleans; data.in_memory takes the words (its documented values)."""
     assert apply_overrides(FitConfig(), ["data.in_memory=no"]).data.in_memory == "no"

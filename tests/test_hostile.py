@@ -260,7 +260,30 @@ DATASET_CASES: list[tuple[str, Callable[[Path], Path], str]] = [
     ("npz without y_train", lambda t: _npz(t, x_train=X), "must contain x_train and y_train"),
     ("npz that is random bytes", lambda t: _write(t / "r.npz", b"PK\x03\x04" + b"\x00" * 200), "not a readable .npz"),
     ("a single .npy renamed .npz", lambda t: _npy_as_npz(t), "not an .npz archive"),
+    ("an HTML page saved as .npz", lambda t: _write(t / "h.npz", b"<!DOCTYPE html><html>404</html>"), "not a zip file"),
+    ("npz with a damaged compressed member", lambda t: _damaged_npz(t), "not a readable .npz"),
+    ("npz naming a class twice", lambda t: _npz(t, x_train=X, y_train=Y, classes=np.array(["cat", "dog", "cat"])), "'cat' more than once"),
+    ("npz parts naming different classes", lambda t: _parts_with_classes(t, ["a", "b", "c"], ["a", "c", "b"]), "classes arrays differ"),
+    ("CSV with a field past the csv size limit", lambda t: _csv_dataset(t, "train/cat/000.png," + "x" * 200_000 + "\n"), "not a readable CSV"),
 ]
+
+
+def _damaged_npz(t: Path) -> Path:
+    """A compressed .npz whose deflate stream is overwritten midway (the zip directory stays intact)."""
+    p = t / "z.npz"
+    np.savez_compressed(p, x_train=np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3), dtype=np.uint8), y_train=np.zeros(64, np.int64))
+    b = bytearray(p.read_bytes())
+    b[200:1200] = bytes(1000)
+    p.write_bytes(bytes(b))
+    return p
+
+
+def _parts_with_classes(t: Path, first: list[str], second: list[str]) -> Path:
+    d = t / "parts"
+    d.mkdir()
+    np.savez(d / "s_part1of2.npz", x_train=X[:6], y_train=Y[:6] % 3, classes=np.array(first))
+    np.savez(d / "s_part2of2.npz", x_train=X[6:], y_train=Y[6:] % 3, classes=np.array(second))
+    return d
 
 
 def _write(p: Path, data: bytes) -> Path:

@@ -178,7 +178,7 @@ def test_broken_images_skipped_with_counted_warning(folder_data: Path, caplog):
 def test_too_many_broken_images_is_an_error(folder_data: Path):
     for i in range(4):
         (folder_data / "train" / "cat" / f"bad{i}.png").write_text("not an image")
-    with pytest.raises(DatasetError, match=r"4 of 37 image files are unreadable"):
+    with pytest.raises(DatasetError, match=r"4 of 28 training image files are unreadable"):
         load_dataset(folder_data)
 
 
@@ -217,6 +217,54 @@ def test_streaming_path_reads_the_same_pixels(folder_data: Path, monkeypatch):
     assert stream.train.x is None and len(stream.train.files) == 24
     assert mem.mean == pytest.approx(stream.mean) and mem.std == pytest.approx(stream.std)
     assert "streaming" in stream.describe()
+
+
+def test_a_streamed_file_that_breaks_after_loading_is_one_error_naming_it(folder_data: Path):
+    from bonsai.data.loader import Loader
+
+    stream = load_dataset(folder_data, in_memory="no")
+    broken = stream.train.files[5]
+    broken.write_bytes(b"not an image any more")
+    loader = Loader(stream.train, 8, torch.device("cpu"), size=16, channels=3)
+    with pytest.raises(DatasetError, match="unreadable now") as e:
+        for _ in loader.batches():
+            pass
+    assert str(broken) in str(e.value) and "--resume" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unreadable_test_images_count_against_the_test_split_alone(folder_data: Path):
+    # 1 bad file of 10 test files is 10% > 5%, though only 1 of 34 files (3%) in all
+    (folder_data / "test" / "bad.png").write_text("not an image")
+    with pytest.raises(DatasetError, match=r"1 of 10 test image files are unreadable"):
+        load_dataset(folder_data)
+    assert len(load_dataset(folder_data, max_bad_fraction=0.1).test) == 9
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_a_silent_gap(folder_data: Path, monkeypatch):
+    import os
+
+    real = os.scandir
+    dog = folder_data / "train" / "dog"
+
+    def scandir(path=".", *a):
+        if Path(path) == dog:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetError, match="cannot list this folder") as e:
+        load_dataset(folder_data)
+    assert str(dog) in str(e.value)
+
+
+def test_float_images_in_0_1_read_as_intensities_and_non_finite_ones_are_skipped(tmp_path: Path):
+    root = write_folder(tmp_path / "d")
+    grey = np.full((16, 16), 0.5, np.float32)
+    Image.fromarray(grey, "F").save(root / "train" / "cat" / "float.tif")
+    Image.fromarray(np.full((16, 16), np.nan, np.float32), "F").save(root / "train" / "cat" / "nan.tif")
+    assert read_image(root / "train" / "cat" / "float.tif", 16, 1).min() in (127, 128)  # 0.5 of 255, not black
+    ds = load_dataset(root, max_bad_fraction=0.1)
+    assert [(Path(f).name, "non-finite" in why) for f, why in ds.skipped] == [("nan.tif", True)]
 
 
 def test_stratified_split_is_seeded_and_keeps_every_class():

@@ -9,7 +9,6 @@ import logging
 import os
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from bonsai.data.sources import (
     from_arrays,
     load_dataset,
     read_files,
+    read_npz,
     resize_tensor,
     sample_images,
     split_validation,
@@ -114,7 +114,7 @@ class Run:
             self.meta = json.loads(meta_path.read_text())
         except FileNotFoundError:
             raise BonsaiError(f"{meta_path}: missing; cannot tell class names and image size") from None
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # not JSON, or not UTF-8 text
             raise BonsaiError(f"{meta_path}: not valid JSON ({e})") from None
         self.model: ResNet = load_model(self.dir)
         try:
@@ -130,7 +130,7 @@ class Run:
         summary = self.dir / "summary.json"
         try:
             self.summary: dict = json.loads(summary.read_text()) if summary.is_file() else {}
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not UTF-8 text
             self.summary = {}  # a summary is informative only
         cfg_path = self.dir / "config.yaml"
         # predict with the precision and test-time augmentation the run trained and validated with; an exported
@@ -199,17 +199,14 @@ class Run:
             if not p.exists():
                 raise BonsaiError(f"{p}: no such file or folder")
             if p.suffix.lower() == ".npz":
+                z = read_npz(p, ("x_test", "x"))
+                key = "x_test" if "x_test" in z else "x" if "x" in z else None
+                if key is None:
+                    raise BonsaiError(f"{p}: expected an array x_test or x")
                 try:
-                    z = np.load(p, allow_pickle=False)
-                    if not isinstance(z, np.lib.npyio.NpzFile):
-                        raise BonsaiError(f"{p}: not an .npz archive")
-                    with z:
-                        key = "x_test" if "x_test" in z.files else "x" if "x" in z.files else None
-                        if key is None:
-                            raise BonsaiError(f"{p}: expected an array x_test or x")
-                        return self._as_split(z[key])
-                except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                    raise BonsaiError(f"{p}: not a readable .npz without pickle ({e})") from None
+                    return self._as_split(z[key])
+                except BonsaiError as e:  # the array's dtype or shape, named with the file it came from
+                    raise BonsaiError(f"{p} ({key}): {str(e).removeprefix('predict: ')}") from None
             files, root = (list_images(p), p) if p.is_dir() else ([p], p.parent)
         if not files:
             raise BonsaiError(f"{images}: no images found ({', '.join(sorted(IMAGE_EXTS))})")
@@ -372,8 +369,15 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
         raise DatasetError(f"{ds.source}: no class has two or more images, so none can be held out for validation")
     train_split, val_split = ds.train.subset(tr_idx), ds.train.subset(va_idx)
     meta = ds.meta() | {"val_images": len(val_split), "train_images_used": len(train_split)}
-    if resume is not None:
+    if resume is not None:  # checked before the run directory's dataset.json and config.yaml are rewritten
         _check_same_data(out / "dataset.json", meta)
+        if (out / CHECKPOINT).exists():
+            held = read_checkpoint(out / CHECKPOINT)[0]
+            if (held.num_classes, held.in_channels) != (len(ds.classes), ds.channels):
+                raise BonsaiError(
+                    f"{out / CHECKPOINT}: a network for {held.num_classes} classes and {held.in_channels} channels; "
+                    f"the data has {len(ds.classes)} and {ds.channels}: cannot resume on it"
+                )
     atomic_write_text(work / "dataset.json", json.dumps(meta, indent=1) + "\n")
     _config.save_yaml(cfg, work / "config.yaml")
     if dist.main and not (out / "samples.png").is_file():
@@ -527,8 +531,12 @@ def _check_same_data(path: Path, meta: dict) -> None:
     """A resumed run must read the same images, classes and size, or its split and labels would change."""
     try:
         old = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
         return  # killed before dataset.json was written: nothing to compare with
+    except ValueError as e:  # written atomically, so damaged by hand: the data cannot be checked
+        raise BonsaiError(f"{path}: damaged ({e}); cannot check that the dataset is the one this run started with") from None
+    if not isinstance(old, dict):
+        raise BonsaiError(f"{path}: damaged (not a JSON object); cannot check that the dataset is the one this run started with")
     for key in ("fingerprint", "classes", "channels", "image_size"):
         if key in old and old[key] != meta[key]:
             raise BonsaiError(f"{path}: the dataset differs from the one this run started with ({key} changed); cannot resume")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,9 @@ examples:
   bonsai predict runs/r20 new_images/ --out preds.csv
   bonsai report runs/r20                        # runs/r20/report.html: curves, widths, confusion matrix
   bonsai report runs/a runs/b --out cmp.html    # accuracy vs time of several runs, side by side
+
+exit codes: 0 done; 2 bad input (one line naming the file); 1 a system error (e.g. an unwritable file, out of
+memory); 70 an internal error (one line; BONSAI_DEBUG=1 shows its traceback); 130 interrupted (resumable).
 """
 
 
@@ -377,6 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bonsai: interrupted; resume with `bonsai fit --resume RUN`", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("bonsai: error: out of memory (a smaller batch_size, or data.in_memory=no for a large dataset)", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a fault of bonsai's, not of the input: one line, its traceback on request
+        if os.environ.get("BONSAI_DEBUG"):
+            raise
+        first = str(e).split("\n")[0][:300]
+        print(f"bonsai: internal error: {type(e).__name__}: {first} (BONSAI_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 70
     finally:
         _leave_process_group()
 

@@ -379,7 +379,7 @@ def _build(cls: type, d: dict, prefix: str = "") -> Any:
         raise ConfigError(f"config section {prefix.rstrip('.') or '(top)'}: expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+    unknown = sorted((str(k) for k in set(d) - names), key=str)
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
     kwargs = {}
@@ -423,6 +423,12 @@ def load_yaml(path: str | Path, run: bool = False) -> FitConfig:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); a config is YAML") from None
+    if d is None:  # an empty file: every default
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys (section: key: value), got a YAML {type(d).__name__}")
     if run and isinstance(d, dict):
         for (section, key), value in RUN_DEFAULTS_BEFORE.items():
             if d.get(section) is None:  # a section an older bonsai did not have at all
@@ -430,7 +436,7 @@ def load_yaml(path: str | Path, run: bool = False) -> FitConfig:
             if isinstance(d[section], dict):
                 d[section].setdefault(key, value)
     try:
-        return from_dict(d or {})
+        return from_dict(d)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

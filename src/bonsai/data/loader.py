@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from bonsai.data.augment import alternating_flips, augment_batch
-from bonsai.data.sources import Split, read_image
+from bonsai.data.sources import Split, error_reason, read_image
+from bonsai.errors import DatasetError
 
 
 class _FileImages(torch.utils.data.Dataset):
@@ -25,7 +26,13 @@ class _FileImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        a = read_image(self.files[i], self.size, self.channels)
+        try:
+            a = read_image(self.files[i], self.size, self.channels)
+        except Exception as e:  # noqa: BLE001 - read when the dataset was loaded; changed on disk since
+            raise DatasetError(
+                f"{self.files[i]}: unreadable now ({error_reason(e)}), though it was read when the dataset was loaded; "
+                "restore it and continue the run with `bonsai fit --resume RUN`"
+            ) from None
         return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 

@@ -29,6 +29,7 @@ import os
 import re
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -155,8 +156,12 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode to L (channels=1) or RGB (channels=3)."""
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError("non-finite pixel values (NaN or infinity)")
         if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
             a = a / 257.0  # 16-bit range 0..65535 onto 0..255 (the same scale for every image of that mode)
+        elif im.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255.0  # floating-point intensities in 0..1, the usual convention for float images
         im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info or im.mode in ("PA", "LA", "RGBa", "La"):
         im = im.convert("RGBA")
@@ -208,8 +213,11 @@ def _probe(path: Path) -> tuple[int, int, bool]:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files below ``folder`` in a stable order; hidden files skipped, symlinked folders not followed."""
+    def unreadable(e: OSError) -> None:  # a folder that cannot be listed would drop its images without a word
+        raise DatasetError(f"{e.filename or folder}: cannot list this folder ({e.strerror or e})")
+
     out = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out += [Path(root) / f for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTS]
     return out
@@ -267,6 +275,8 @@ def _read_csv(path: Path, root: Path, need_label: bool) -> _FileList:
             rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: not a UTF-8 text file") from None
+    except csv.Error as e:  # e.g. a field past the csv module's size limit, or a NUL byte
+        raise DatasetError(f"{path}: not a readable CSV ({e})") from None
     if not rows:
         raise DatasetError(f"{path}: the CSV is empty")
     header = [c.strip().lower() for c in rows[0]]
@@ -344,28 +354,47 @@ def _npz_files(path: Path) -> list[Path]:
     return files
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip
+
+
+def read_npz(f: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (every one when None; those missing are left out) of the .npz file ``f``, read without
+    pickle. Whatever makes the file unreadable (not a zip, object arrays, a damaged member, a header declaring an
+    array too large to hold) is one DatasetError naming it."""
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise DatasetError(f"{f}: cannot read ({e.strerror or e})") from None
+    if head not in _ZIP_MAGIC:
+        what = "a single .npy array?" if head == b"\x93NUM" else "not a zip file"
+        raise DatasetError(f"{f}: not an .npz archive ({what})")
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            return {k: z[k] for k in (z.files if keys is None else keys) if k in z.files}
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise DatasetError(f"{f}: holds object arrays, which need pickle; refused (store uint8/int arrays)") from None
+        raise DatasetError(f"{f}: not a readable .npz ({e})") from None
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise DatasetError(f"{f}: not a readable .npz ({e})") from None
+    except MemoryError:
+        raise DatasetError(f"{f}: not a readable .npz (an array too large to hold in memory: a damaged header?)") from None
+
+
 def _load_npz(files: list[Path]) -> dict[str, np.ndarray]:
     keys = ("x_train", "y_train", "x_test", "y_test", "classes")
     chunks: dict[str, list[np.ndarray]] = {}
     for f in files:
-        try:
-            z = np.load(f, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise DatasetError(f"{f}: not an .npz archive (a single .npy array?)")
-            with z:
-                if "x_train" not in z.files or "y_train" not in z.files:
-                    raise DatasetError(f"{f}: must contain x_train and y_train (has {', '.join(z.files) or 'nothing'})")
-                for k in keys:
-                    if k in z.files:
-                        chunks.setdefault(k, []).append(z[k])
-        except DatasetError:
-            raise
-        except ValueError as e:
-            if "pickle" in str(e).lower():
-                raise DatasetError(f"{f}: holds object arrays, which need pickle; refused (store uint8/int arrays)") from None
-            raise DatasetError(f"{f}: not a readable .npz ({e})") from None
-        except (OSError, zipfile.BadZipFile, EOFError) as e:
-            raise DatasetError(f"{f}: not a readable .npz ({e})") from None
+        z = read_npz(f, keys)
+        if "x_train" not in z or "y_train" not in z:
+            raise DatasetError(f"{f}: must contain x_train and y_train (has {', '.join(z) or 'neither'})")
+        for k, a in z.items():
+            chunks.setdefault(k, []).append(a)
+    if "classes" in chunks:  # the parts that name classes name the same ones, in the same order
+        names = [[str(c) for c in a.reshape(-1).tolist()] for a in chunks["classes"]]
+        if any(n != names[0] for n in names):
+            raise DatasetError(f"{files[0].parent}: the parts' classes arrays differ; give every part the same classes, in the same order")
     out = {}
     for k, parts in chunks.items():
         if k == "classes":
@@ -430,6 +459,9 @@ def from_arrays(
     y = _npz_labels(z["y_train"], len(x), "y_train", src)
     if "classes" in z:
         classes = [str(c) for c in z["classes"].reshape(-1).tolist()]
+        if len(set(classes)) != len(classes):
+            twice = sorted({c for c in classes if classes.count(c) > 1})
+            raise DatasetError(f"{src}: the classes array names {', '.join(map(repr, twice[:5]))} more than once; class names must be unique")
         if y.size and (y.min() < 0 or y.max() >= len(classes)):
             raise DatasetError(f"{src}: y_train holds labels outside 0..{len(classes) - 1} (classes has {len(classes)})")
     else:
@@ -508,7 +540,7 @@ def load_dataset(
         try:
             w, h, grey = _probe(f)
         except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
-            skipped.append((str(f), _reason(e)))
+            skipped.append((str(f), error_reason(e)))
             continue
         sizes.append(min(w, h))
         greys.append(grey)
@@ -528,18 +560,24 @@ def load_dataset(
 
     # Pass 2: decode everything once (kept when in memory; validated only when streaming).
     train_split = _decode(train_list, good, size, channels, keep, skipped, progress, "train")
+    n_train_bad = len(skipped)
     test_split = None
     if test_list is not None and test_list.files:
         test_split = _decode(test_list, range(len(test_list.files)), size, channels, keep, skipped, progress, "test")
-    bad = len(skipped) / max(n_total, 1)
     if skipped:
         names = ", ".join(Path(f).name for f, _ in skipped[:5])
         log.warning("skipped %d unreadable image file(s) of %d: %s%s", len(skipped), n_total, names, " ..." if len(skipped) > 5 else "")
-    if bad > max_bad_fraction:
-        raise DatasetError(
-            f"{path}: {len(skipped)} of {n_total} image files are unreadable ({bad:.0%} > data.max_bad_fraction "
-            f"{max_bad_fraction:.0%}); first: {skipped[0][0]} ({skipped[0][1]})"
-        )
+    # each split on its own: a few bad test files among many training ones must not empty the test set unnoticed
+    for what, bad_files, n in (
+        ("training", skipped[:n_train_bad], len(train_list.files)),
+        ("test", skipped[n_train_bad:], len(test_list.files) if test_list else 0),
+    ):
+        bad = len(bad_files) / max(n, 1)
+        if bad > max_bad_fraction:
+            raise DatasetError(
+                f"{path}: {len(bad_files)} of {n} {what} image files are unreadable ({bad:.0%} > data.max_bad_fraction "
+                f"{max_bad_fraction:.0%}); first: {bad_files[0][0]} ({bad_files[0][1]})"
+            )
 
     if train_split.y is None or not len(train_split):
         raise DatasetError(f"{path}: no readable training images")
@@ -554,7 +592,8 @@ def load_dataset(
     return _finish(path, kind, classes, channels, size, train_split, test_split, skipped, original)
 
 
-def _reason(e: Exception) -> str:
+def error_reason(e: Exception) -> str:
+    """The first line of an exception's message (its type when empty), at most 160 characters."""
     msg = str(e).split("\n")[0] or type(e).__name__
     return msg[:160]
 
@@ -573,7 +612,7 @@ def _decode(fl: _FileList, indices, size, channels, keep, skipped, progress, wha
         try:
             a = read_image(f, size, channels)
         except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
-            skipped.append((str(f), _reason(e)))
+            skipped.append((str(f), error_reason(e)))
             continue
         if keep:
             arrays.append(a)
