@@ -258,6 +258,7 @@ DATASET_CASES: list[tuple[str, Callable[[Path], Path], str]] = [
     ("npz with fewer labels than images", lambda t: _npz(t, x_train=X, y_train=Y[:-1]), "integer labels"),
     ("npz with float labels", lambda t: _npz(t, x_train=X, y_train=Y.astype(np.float32)), "integer labels"),
     ("npz without y_train", lambda t: _npz(t, x_train=X), "must contain x_train and y_train"),
+    ("npz with other array names", lambda t: _npz(t, images=X, labels=Y), "must contain x_train and y_train (has images, labels)"),
     ("npz that is random bytes", lambda t: _write(t / "r.npz", b"PK\x03\x04" + b"\x00" * 200), "not a readable .npz"),
     ("a single .npy renamed .npz", lambda t: _npy_as_npz(t), "not an .npz archive"),
     ("an HTML page saved as .npz", lambda t: _write(t / "h.npz", b"<!DOCTYPE html><html>404</html>"), "not a zip file"),
@@ -269,11 +270,14 @@ DATASET_CASES: list[tuple[str, Callable[[Path], Path], str]] = [
 
 
 def _damaged_npz(t: Path) -> Path:
-    """A compressed .npz whose deflate stream is overwritten midway (the zip directory stays intact)."""
+    """A compressed .npz whose deflate stream is overwritten midway (the zip directory stays intact). The pixels
+    are a repeating ramp, so they are deflate-coded (random bytes would be stored, and damage would show as a
+    bad CRC rather than as zlib's error)."""
     p = t / "z.npz"
-    np.savez_compressed(p, x_train=np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3), dtype=np.uint8), y_train=np.zeros(64, np.int64))
+    ramp = np.resize(np.arange(256, dtype=np.uint8), (256, 32, 32, 3))
+    np.savez_compressed(p, x_train=ramp, y_train=np.zeros(256, np.int64))
     b = bytearray(p.read_bytes())
-    b[200:1200] = bytes(1000)
+    b[120:160] = bytes(range(40))
     p.write_bytes(bytes(b))
     return p
 

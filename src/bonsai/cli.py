@@ -59,7 +59,8 @@ examples:
   bonsai report runs/a runs/b --out cmp.html    # accuracy vs time of several runs, side by side
 
 exit codes: 0 done; 2 bad input (one line naming the file); 1 a system error (e.g. an unwritable file, out of
-memory); 70 an internal error (one line; BONSAI_DEBUG=1 shows its traceback); 130 interrupted (resumable).
+memory); 70 an internal error (one line; BONSAI_DEBUG=1 shows its traceback); 130 / 143 stopped by Ctrl-C /
+SIGTERM (resumable).
 """
 
 
@@ -385,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bonsai: error: out of memory (a smaller batch_size, or data.in_memory=no for a large dataset)", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - a fault of bonsai's, not of the input: one line, its traceback on request
+        from bonsai.train.engine import is_out_of_memory
+
+        if is_out_of_memory(e):  # PyTorch's allocators raise RuntimeError / OutOfMemoryError, not MemoryError
+            print("bonsai: error: out of memory (a smaller batch_size, or data.in_memory=no for a large dataset)", file=sys.stderr)
+            return 1
         if os.environ.get("BONSAI_DEBUG"):
             raise
         first = str(e).split("\n")[0][:300]

@@ -36,7 +36,7 @@ class DataConfig:
     max_image_size: int = 64  # cap for the derived working size (CPU training time grows with its square)
     in_memory: str = "auto"  # auto | yes | no: hold decoded images as one uint8 tensor, or stream from files
     memory_budget_gb: float = 0.0  # largest in-memory dataset; 0 means a quarter of this machine's RAM
-    max_bad_fraction: float = 0.05  # fail when more than this share of image files cannot be read
+    max_bad_fraction: float = 0.05  # fail when more than this share of the training, or of the test, files cannot be read
     workers: int = 0  # DataLoader worker processes for the streaming path
 
 

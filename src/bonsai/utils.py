@@ -16,17 +16,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write {path} ({e.strerror or e})") from None
+    except OSError as e:  # the folder cannot be made or written: the error names the file to be written
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # a full disk names no file by itself: say which one could not be written
+    except OSError as e:  # a full disk names no file by itself: the error names the one being written
         Path(tmp).unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write {path} ({e.strerror or e})") from None
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

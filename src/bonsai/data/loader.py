@@ -18,6 +18,19 @@ from bonsai.data.sources import Split, error_reason, read_image
 from bonsai.errors import DatasetError
 
 
+def worker_message(text: str) -> str:
+    """The original one-line message of an error a DataLoader worker raised (PyTorch re-raises it with the
+    worker's traceback as its text, whose last line is ``module.Type: message``); ``text`` itself otherwise.
+
+    >>> worker_message("Caught DatasetError in DataLoader worker process 0.\\nOriginal Traceback (most recent call last):\\n  ...\\nbonsai.errors.DatasetError: a.png: unreadable")
+    'a.png: unreadable'
+    """
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 class _FileImages(torch.utils.data.Dataset):
     def __init__(self, files: list[Path], size: int, channels: int):
         self.files, self.size, self.channels = files, size, channels
@@ -104,8 +117,11 @@ class Loader:
     def _batches_from_files(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ds = _FileImages(self.split.files, self.size, self.channels)
         dl = torch.utils.data.DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers)
-        for xb, idx in zip(dl, batches):
-            yield xb.to(self.device, non_blocking=True), idx
+        try:
+            for xb, idx in zip(dl, batches):
+                yield xb.to(self.device, non_blocking=True), idx
+        except DatasetError as e:  # from a worker process, PyTorch wraps the message in its traceback: keep the message
+            raise DatasetError(worker_message(str(e))) from None
 
     def _index_batches(self, order: torch.Tensor) -> list[torch.Tensor]:
         """This rank's image indices, batch by batch."""

@@ -17,7 +17,9 @@ image is resized so its shorter side is the working size (bilinear, antialiased)
 Channels: 1 if every training image is greyscale, else 3 (RGB). Alpha is composited onto white; palette, CMYK and
 other modes are converted to RGB; 16-bit images are scaled to 8 bits; animated images use their first frame;
 EXIF orientation is applied. Unreadable or truncated files are skipped with a warning that counts and names them;
-more than ``data.max_bad_fraction`` (5%) bad files is an error.
+more than ``data.max_bad_fraction`` (5%) bad files among the training images, or among the test images, is an
+error (each split on its own, so a test set cannot be emptied unnoticed). Images with NaN or infinite pixel
+values are unreadable files.
 """
 
 from __future__ import annotations
@@ -160,8 +162,6 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
             raise ValueError("non-finite pixel values (NaN or infinity)")
         if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
             a = a / 257.0  # 16-bit range 0..65535 onto 0..255 (the same scale for every image of that mode)
-        elif im.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
-            a = a * 255.0  # floating-point intensities in 0..1, the usual convention for float images
         im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info or im.mode in ("PA", "LA", "RGBa", "La"):
         im = im.convert("RGBA")
@@ -388,7 +388,9 @@ def _load_npz(files: list[Path]) -> dict[str, np.ndarray]:
     for f in files:
         z = read_npz(f, keys)
         if "x_train" not in z or "y_train" not in z:
-            raise DatasetError(f"{f}: must contain x_train and y_train (has {', '.join(z) or 'neither'})")
+            with zipfile.ZipFile(f) as zf:  # name every array the file holds: the hint to what they are called
+                held = [n.removesuffix(".npy") for n in zf.namelist()]
+            raise DatasetError(f"{f}: must contain x_train and y_train (has {', '.join(held) or 'nothing'})")
         for k, a in z.items():
             chunks.setdefault(k, []).append(a)
     if "classes" in chunks:  # the parts that name classes name the same ones, in the same order
