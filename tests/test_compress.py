@@ -159,7 +159,7 @@ def test_compress_and_export_a_run(npz_data: Path, tmp_path: Path):
     # the same classes in other images: another validation split, overlapping what the run trained on, refused
     x, y = make_images(21, seed=7)
     np.savez(other := tmp_path / "other.npz", x_train=x, y_train=y, classes=np.array(CLASSES))
-    with pytest.raises(BonsaiError, match=r"other.npz: not the dataset the run trained on \(fingerprint differs"):
+    with pytest.raises(BonsaiError, match=r"dataset.json: the dataset differs .*\(fingerprint changed\); give the run's own data with --data, not .*other.npz"):
         compress(run.dir, data=other, calibration=32, repeats=1, rounds=1)
     record = compress(run.dir, calibration=32, repeats=2, lowrank=0.5, rounds=3)
     names = ["PyTorch fp32", "PyTorch fp32 low-rank 0.5", "PyTorch fp32 low-rank 0.5 + fine-tune", "ONNX fp32", "ONNX int8", "ONNX int8 + Huffman"]

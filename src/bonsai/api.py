@@ -369,13 +369,14 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
         raise DatasetError(f"{ds.source}: no class has two or more images, so none can be held out for validation")
     train_split, val_split = ds.train.subset(tr_idx), ds.train.subset(va_idx)
     meta = ds.meta() | {"val_images": len(val_split), "train_images_used": len(train_split)}
+    held = None  # the checkpoint a resumed run continues from, read once
     if resume is not None:  # checked before the run directory's dataset.json and config.yaml are rewritten
-        _check_same_data(out / "dataset.json", meta)
+        check_same_data(out / "dataset.json", meta, "cannot resume")
         if (out / CHECKPOINT).exists():
-            held = read_checkpoint(out / CHECKPOINT)[0]
-            if (held.num_classes, held.in_channels) != (len(ds.classes), ds.channels):
+            held = read_checkpoint(out / CHECKPOINT)
+            if (held[0].num_classes, held[0].in_channels) != (len(ds.classes), ds.channels):
                 raise BonsaiError(
-                    f"{out / CHECKPOINT}: a network for {held.num_classes} classes and {held.in_channels} channels; "
+                    f"{out / CHECKPOINT}: a network for {held[0].num_classes} classes and {held[0].in_channels} channels; "
                     f"the data has {len(ds.classes)} and {ds.channels}: cannot resume on it"
                 )
     atomic_write_text(work / "dataset.json", json.dumps(meta, indent=1) + "\n")
@@ -383,7 +384,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     if dist.main and not (out / "samples.png").is_file():
         _best_effort("the sample images", write_samples, train_split, ds.classes, out / "samples.png", ds.image_size, ds.channels)
 
-    if resume is not None and not (out / CHECKPOINT).exists():
+    if resume is not None and held is None:
         log.info("%s: killed before its first checkpoint; starting it again from the beginning", out)
         resume = None
     plan = None
@@ -429,7 +430,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     state = None
     ckpt_tensors = None
     if resume is not None:
-        spec, state, model_t, opt_t = read_checkpoint(out / CHECKPOINT)
+        spec, state, model_t, opt_t = held
         if new_batch:
             state.batch_size = None
         model = ResNet(spec)
@@ -527,8 +528,10 @@ def _memory_batch(model: ResNet, cfg: FitConfig, device: torch.device, out: Path
     return batch
 
 
-def _check_same_data(path: Path, meta: dict) -> None:
-    """A resumed run must read the same images, classes and size, or its split and labels would change."""
+def check_same_data(path: Path, meta: dict, consequence: str) -> None:
+    """The data described by ``meta`` (:meth:`Dataset.meta`) must be the run's (its ``dataset.json`` at ``path``):
+    the same images, classes and size, or its validation split and labels would change. A resumed run and
+    ``bonsai compress --data`` both check it; ``consequence`` ends the error."""
     try:
         old = json.loads(path.read_text())
     except FileNotFoundError:
@@ -539,7 +542,7 @@ def _check_same_data(path: Path, meta: dict) -> None:
         raise BonsaiError(f"{path}: damaged (not a JSON object); cannot check that the dataset is the one this run started with")
     for key in ("fingerprint", "classes", "channels", "image_size"):
         if key in old and old[key] != meta[key]:
-            raise BonsaiError(f"{path}: the dataset differs from the one this run started with ({key} changed); cannot resume")
+            raise BonsaiError(f"{path}: the dataset differs from the one this run started with ({key} changed); {consequence}")
 
 
 def _best_effort(what: str, fn, *args) -> None:

@@ -382,13 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bonsai: interrupted; resume with `bonsai fit --resume RUN`", file=sys.stderr)
         return 130
-    except MemoryError:
-        print("bonsai: error: out of memory (a smaller batch_size, or data.in_memory=no for a large dataset)", file=sys.stderr)
-        return 1
     except Exception as e:  # noqa: BLE001 - a fault of bonsai's, not of the input: one line, its traceback on request
         from bonsai.train.engine import is_out_of_memory
 
-        if is_out_of_memory(e):  # PyTorch's allocators raise RuntimeError / OutOfMemoryError, not MemoryError
+        if isinstance(e, MemoryError) or is_out_of_memory(e):  # Python's allocator, or PyTorch's RuntimeError / OutOfMemoryError
             print("bonsai: error: out of memory (a smaller batch_size, or data.in_memory=no for a large dataset)", file=sys.stderr)
             return 1
         if os.environ.get("BONSAI_DEBUG"):

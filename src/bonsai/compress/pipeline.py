@@ -66,12 +66,7 @@ def _data(run, data: str | Path | None):
         raise BonsaiError(f"{source}: its classes differ from the run's ({len(ds.classes)} vs {len(run.classes)})")
     # the same images as well: other training images would draw another validation split, overlapping what the
     # run trained on, and every accuracy the pipeline compares on it would read high
-    for key, mine in (("channels", ds.channels), ("fingerprint", ds.fingerprint())):
-        if key in run.meta and run.meta[key] != mine:
-            raise BonsaiError(
-                f"{source}: not the dataset the run trained on ({key} differs from {run.dir / 'dataset.json'}); "
-                "give the run's own data with --data"
-            )
+    api.check_same_data(run.dir / "dataset.json", ds.meta(), f"give the run's own data with --data, not {source}")
     tr, va = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed, cfg.data.val_max)
     x = _images(ds.train, run.image_size, run.channels)
     test = None
