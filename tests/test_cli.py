@@ -153,16 +153,39 @@ def test_flops_flag_needs_a_count():
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["bonsai: error: FLOPs 'lots': use a number like 40M, 1.5G or 800k"], r.stderr
 
 
-@pytest.mark.parametrize("args", [["config"], ["predict", "no-such-run", "no-such-images"]], ids=["success", "error"])
-def test_the_cli_leaves_a_torchrun_process_group_before_exiting(args: list[str], monkeypatch, capsys):
-    """Whatever the command's outcome, an initialized process group is destroyed before main returns."""
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("args,code", [(["config"], 0), (["predict", "no-such-run", "no-such-images"], 2)], ids=["success", "error"])
+def test_the_cli_leaves_a_torchrun_process_group_and_then_the_process_at_once(args: list[str], code: int, monkeypatch, capsys):
+    """Whatever the command's outcome, an initialized process group is destroyed, the output written, and the
+    process leaves with the command's exit code without the interpreter's shutdown (where gloo's threads abort)."""
     from types import SimpleNamespace
 
-    left = []
+    import bonsai.cli
+
+    left, exits = [], []
     fake = SimpleNamespace(is_available=lambda: True, is_initialized=lambda: not left, destroy_process_group=lambda: left.append(True))
     monkeypatch.setitem(sys.modules, "torch.distributed", fake)
-    main(args)
-    assert left == [True]
+
+    def fake_exit(c: int):
+        exits.append((c, len(left)))
+        raise _Exited
+
+    monkeypatch.setattr(bonsai.cli.os, "_exit", fake_exit)
+    with pytest.raises(_Exited):
+        main(args)
+    assert exits == [(code, 1)]  # the group was left first
+    out = capsys.readouterr()
+    assert (out.out if code == 0 else out.err).strip()  # what the command printed reached its stream
+
+
+def test_without_a_process_group_the_cli_returns_its_code(monkeypatch):
+    import bonsai.cli
+
+    monkeypatch.setattr(bonsai.cli.os, "_exit", lambda c: pytest.fail("os._exit without a process group"))
+    assert main(["config"]) == 0
 
 
 def test_adapt_flags_set_the_controller_and_exclude_each_other(tmp_path: Path, monkeypatch):
