@@ -144,7 +144,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path: Path, lookahe
     # anytime predictions: the killed run already holds the best model's predictions
     with open(run / "predictions.csv", newline="") as f:
         rows = list(csv.reader(f))[1:]
-    assert [r[1] for r in rows] == bonsai.load(run).predict(data).labels
+    assert [r[1] for r in rows] == bonsai.load(run).predict(data, tta=False).labels  # the plain view (see _anytime)
 
     resumed = bonsai.fit(None, resume=run, quiet=True)
     assert resumed.summary["epochs"] == 4
@@ -258,3 +258,30 @@ def test_fit_whitens_the_stem_and_alternates_flips_when_asked(source: str, npz_d
     assert masks  # the loader flipped by the alternating rule
     plain = bonsai.fit(data, epochs=2, out=str(tmp_path / "p"), **TINY)
     assert not any(json.loads(x)["event"] == "whiten_stem" for x in (plain.dir / "events.jsonl").read_text().splitlines())
+
+
+def test_anytime_predictions_are_the_plain_view_and_cost_the_clock_with_or_without_a_per_epoch_test_pass(npz_data: Path, tmp_path: Path, monkeypatch):
+    """A run with test labels reuses its per-epoch test pass for the anytime predictions and is charged for them
+    on the budget clock; one without the pass predicts the test set on the clock. Either way the interim
+    predictions are the same numbers (the plain view) and every improving epoch records what they cost."""
+    from bonsai.api import Predictions
+    from bonsai.train.schedule import Clock
+
+    written, charged = [], []
+    real_to_csv, real_charge = Predictions.to_csv, Clock.charge
+    monkeypatch.setattr(Predictions, "to_csv", lambda self, path: written.append(self.probs.copy()) or real_to_csv(self, path))
+    monkeypatch.setattr(Clock, "charge", lambda self, s: charged.append(s) or real_charge(self, s))
+    runs = {}
+    for each in (True, False):
+        written.clear(), charged.clear()
+        run = bonsai.fit(npz_data, epochs=4, out=str(tmp_path / f"each{each}"), test_each_epoch=each, **TINY)
+        lines = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+        best = [r["epoch"] for r in lines if r["val_acc"] > max([-1.0] + [q["val_acc"] for q in lines if q["epoch"] < r["epoch"]])]
+        assert [r["epoch"] for r in lines if r["anytime_s"] > 0] == best and best
+        assert len(written) == len(best) + 1  # one per improvement, then the final predictions with every view
+        assert (len(charged) == len(best) and all(s > 0 for s in charged)) if each else charged == []
+        runs[each] = (written[:-1], written[-1], load_file(run.dir / "model.safetensors"))
+    (interim_a, final_a, model_a), (interim_b, final_b, model_b) = runs[True], runs[False]
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)  # the test pass does not steer training
+    assert len(interim_a) == len(interim_b) and all(np.allclose(a, b, atol=1e-6) for a, b in zip(interim_a, interim_b))
+    assert np.allclose(final_a, final_b, atol=1e-6) and not np.allclose(interim_a[-1], final_a, atol=1e-6)  # the final one has the mirror

@@ -243,16 +243,16 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(data: Path, tmp_pa
 def test_out_of_memory_while_evaluating_halves_the_evaluation_batch(data: Path, tmp_path: Path, monkeypatch, caplog):
     import bonsai.train.engine as engine
 
-    real = engine.predict_probs
+    real = engine.predict_views
     seen = []
 
-    def predict(model, loader, dtype, tta=False):
+    def predict(model, loader, dtype, tta=False, shift=0):
         seen.append(loader.batch_size)
         if loader.batch_size > 16:
             raise torch.OutOfMemoryError("simulated")
-        return real(model, loader, dtype, tta)
+        return real(model, loader, dtype, tta, shift)
 
-    monkeypatch.setattr(engine, "predict_probs", predict)
+    monkeypatch.setattr(engine, "predict_views", predict)
     run = bonsai.fit(data, epochs=1, out=str(tmp_path / "r"), **TINY)  # eval_batch_size 64
     assert seen[:3] == [64, 32, 16] and run.summary["val_acc"] is not None
     assert "evaluation batch halved to 16" in caplog.text

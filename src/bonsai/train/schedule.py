@@ -57,6 +57,10 @@ class Clock:
         self.elapsed += time.perf_counter() - self._start
         self._start = None
 
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` of work that ran outside the timed sections (see ``Engine._anytime``)."""
+        self.elapsed += seconds
+
     def now(self) -> float:
         """Elapsed seconds including a section that is still running."""
         return self.elapsed + (0.0 if self._start is None else time.perf_counter() - self._start)
