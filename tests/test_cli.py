@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -157,28 +158,45 @@ class _Exited(Exception):
     pass
 
 
-@pytest.mark.parametrize("args,code", [(["config"], 0), (["predict", "no-such-run", "no-such-images"], 2)], ids=["success", "error"])
-def test_the_cli_leaves_a_torchrun_process_group_and_then_the_process_at_once(args: list[str], code: int, monkeypatch, capsys):
-    """Whatever the command's outcome, an initialized process group is destroyed, the output written, and the
-    process leaves with the command's exit code without the interpreter's shutdown (where gloo's threads abort)."""
+class _Stream(io.StringIO):
+    def __init__(self, name: str, events: list):
+        super().__init__()
+        self.name, self.events = name, events
+
+    def flush(self) -> None:
+        self.events.append(f"flush {self.name}")
+
+
+@pytest.mark.parametrize("args,code", [(["config"], 0), (["predict", "no-such-run", "no-such-images"], 2), (None, 1)], ids=["success", "error", "fault"])
+def test_the_cli_leaves_a_torchrun_process_group_and_then_the_process_at_once(args, code: int, monkeypatch):
+    """Whatever the command's outcome (a fault re-raised for BONSAI_DEBUG included), an initialized process group
+    is destroyed, the output flushed and logging shut down, and the process leaves with the command's exit code
+    without the interpreter's shutdown (where gloo's threads may abort it)."""
     from types import SimpleNamespace
 
     import bonsai.cli
 
-    left, exits = [], []
-    fake = SimpleNamespace(is_available=lambda: True, is_initialized=lambda: not left, destroy_process_group=lambda: left.append(True))
+    events = []
+    fake = SimpleNamespace(is_available=lambda: True, is_initialized=lambda: "left" not in events, destroy_process_group=lambda: events.append("left"))
     monkeypatch.setitem(sys.modules, "torch.distributed", fake)
+    out, err = _Stream("stdout", events), _Stream("stderr", events)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(bonsai.cli.logging, "shutdown", lambda: events.append("logging"))
+    if args is None:
+        monkeypatch.setattr(bonsai.cli, "_main", lambda argv: 1 / 0)
 
     def fake_exit(c: int):
-        exits.append((c, len(left)))
+        events.append(f"exit {c}")
         raise _Exited
 
     monkeypatch.setattr(bonsai.cli.os, "_exit", fake_exit)
     with pytest.raises(_Exited):
         main(args)
-    assert exits == [(code, 1)]  # the group was left first
-    out = capsys.readouterr()
-    assert (out.out if code == 0 else out.err).strip()  # what the command printed reached its stream
+    assert events == ["left", "flush stdout", "flush stderr", "logging", f"exit {code}"]
+    assert {0: out, 2: err, 1: err}[code].getvalue().strip()  # what the command printed went to its stream
+    if args is None:
+        assert "ZeroDivisionError" in err.getvalue()
 
 
 def test_without_a_process_group_the_cli_returns_its_code(monkeypatch):

@@ -15,7 +15,7 @@ from bonsai.data.sources import Split
 from bonsai.models.arch import ArchSpec, preset
 from bonsai.models.resnet import build, load_model
 from bonsai.report.log import read_jsonl
-from bonsai.train.engine import predict_probs
+from bonsai.train.engine import predict_probs, predict_views
 from bonsai.train.plan import expected_epochs, plan_arch, required_epochs, scaled
 from bonsai.train.schedule import train_size
 
@@ -53,6 +53,12 @@ def test_tta_averages_an_image_and_its_mirror():
     plain, flipped = predict_probs(model, loader, None), predict_probs(model, mirrored, None)
     assert not torch.allclose(plain, flipped, atol=1e-4)
     torch.testing.assert_close(predict_probs(model, loader, None, tta=True), (plain + flipped) / 2)
+    # the plain view comes with the views for free (the anytime predictions take it from the per-epoch test pass)
+    for tta, shift in ((True, 0), (True, 1), (False, 1)):
+        v = predict_views(model, loader, None, tta, shift)
+        torch.testing.assert_close(v.probs, predict_probs(model, loader, None, tta, shift))
+        torch.testing.assert_close(v.plain, plain)
+        assert not torch.allclose(v.probs, plain, atol=1e-4) and v.plain_s > 0
 
 
 def test_shift_batch_is_a_zero_filled_crop_of_the_padded_image():

@@ -13,6 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -211,13 +212,21 @@ def restore(model: ResNet, opt: torch.optim.Optimizer, model_t: dict, opt_t: dic
 
 def predict_probs(model: nn.Module, loader: Loader, dtype: torch.dtype | None, tta: bool = False, shift: int = 0) -> torch.Tensor:
     """Softmax probabilities (N, classes), float32 on the CPU, in the loader's order; see :func:`predict_views`."""
-    return predict_views(model, loader, dtype, tta, shift)[0]
+    return predict_views(model, loader, dtype, tta, shift).probs
+
+
+class Views(NamedTuple):
+    """What :func:`predict_views` returns."""
+
+    probs: torch.Tensor  # with the test-time views asked for
+    plain: torch.Tensor  # of the plain view alone: each image's first forward pass, as without any views
+    plain_s: float  # seconds spent loading the images and on their plain view: what a pass without views costs
 
 
 @torch.no_grad()
-def predict_views(model: nn.Module, loader: Loader, dtype: torch.dtype | None, tta: bool = False, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities (N, classes), float32 on the CPU, in the loader's order: with the test-time views
-    asked for, and of the plain view alone (each image's first forward pass, the same as without any views: free).
+def predict_views(model: nn.Module, loader: Loader, dtype: torch.dtype | None, tta: bool = False, shift: int = 0) -> Views:
+    """Softmax probabilities (N, classes), float32 on the CPU, in the loader's order, with the test-time views
+    asked for and of the plain view alone (free: it is the first of the views), and the plain view's seconds.
 
     Test-time augmentation: with ``tta``, each image's probabilities are averaged with its left-right mirror's
     (twice the work). With ``shift`` > 0, the result is averaged half and half with the same prediction for the
@@ -227,23 +236,31 @@ def predict_views(model: nn.Module, loader: Loader, dtype: torch.dtype | None, t
     was_training = model.training
     model.eval()
     out, plain = [], []
+    plain_s = 0.0
 
     def views(xb: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
         p = F.softmax(model(xb).float(), dim=1) if p is None else p
         return 0.5 * (p + F.softmax(model(xb.flip(3)).float(), dim=1)) if tta else p
 
-    for xb, _ in loader.batches():
+    more = tta or shift > 0
+    t = time.perf_counter()
+    for xb, _ in loader.batches():  # the clock runs from the end of the last batch: loading this one counts
         with autocast(loader.device, dtype):
             p0 = F.softmax(model(xb).float(), dim=1)
-            p = views(xb, p0)
-            if shift > 0:
-                p = 0.5 * p + 0.25 * (views(shift_batch(xb, shift, shift)) + views(shift_batch(xb, -shift, -shift)))
-            out.append(p.cpu())
-            plain.append(p0.cpu())
+            plain.append(p0.cpu())  # on a GPU the copy waits for the pass, so the time below is the pass's
+            plain_s += time.perf_counter() - t
+            if more:
+                p = views(xb, p0)
+                if shift > 0:
+                    p = 0.5 * p + 0.25 * (views(shift_batch(xb, shift, shift)) + views(shift_batch(xb, -shift, -shift)))
+                out.append(p.cpu())
+        t = time.perf_counter()
     model.train(was_training)
-    if not out:
-        return torch.zeros(0, model.spec.num_classes), torch.zeros(0, model.spec.num_classes)
-    return torch.cat(out), torch.cat(plain)
+    if not plain:
+        empty = torch.zeros(0, model.spec.num_classes)
+        return Views(empty, empty, plain_s)
+    first = torch.cat(plain)
+    return Views(torch.cat(out) if more else first, first, plain_s)
 
 
 def lookahead_state(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -925,35 +942,37 @@ class Engine:
     def _evaluate(self, loader: Loader | None) -> float | None:
         if loader is None or loader.split.y is None or len(loader.split) == 0:
             return None
-        t0 = time.perf_counter()
-        probs, plain = self._predict(loader, self.tta)
-        if loader is self.test_loader:  # the anytime predictions take the plain view from it (see _anytime)
-            self._test_plain = plain, time.perf_counter() - t0
+        keep = loader is self.test_loader and self.on_best is not None  # for the anytime predictions (_anytime)
+        probs, plain, plain_s = self._predict(loader, self.tta, keep)
+        if keep:
+            self._test_plain = plain, plain_s
         return accuracy(probs, loader.split.y)
 
     def _anytime(self, clock: Clock) -> float:
         """Rewrite the anytime predictions (``on_best``) with the test set's plain-view probabilities; returns the
         budget-clock seconds they cost. Without a per-epoch test pass (no test labels, ``test_each_epoch=false``)
         the test set is predicted here, on the clock. With one, its plain view is reused (the same numbers) and
-        the clock is charged its share of that pass's time (1 of the pass's ``tta_views`` forward passes), which
-        ran off the clock: so a run gets the same training time whether or not its test set has labels."""
+        the clock is charged the time that view took in it (loading the images and their first forward pass), as
+        that pass ran off the clock: so a run trains as long whether or not its test set has labels."""
         t0 = clock.now()
         if self._test_plain is not None:
-            probs, pass_s = self._test_plain
-            clock.charge(pass_s / tta_views(self.tta, 0))
+            probs, plain_s = self._test_plain
+            self._test_plain = None
+            clock.charge(plain_s)
         else:
-            probs = self._predict(self.test_loader, False)[1]
+            probs = self._predict(self.test_loader, False)[0]
         self.on_best(probs)
         return clock.now() - t0
 
-    def _predict(self, loader: Loader, tta: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities for ``loader``'s images with the mirror if ``tta``, and of the plain view alone (see
-        :func:`predict_views`); an out-of-memory error halves its batch and retries."""
+    def _predict(self, loader: Loader, tta: bool, plain: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Class probabilities for ``loader``'s images with the mirror if ``tta``; with ``plain``, those of the
+        plain view alone too (else None); and the plain view's seconds (see :func:`predict_views`). An
+        out-of-memory error halves the batch and retries."""
         while True:
             try:
-                probs, plain = predict_views(self.model, loader, self.dtype, tta)
-                probs = self.dist.gather_rows(probs, len(loader.split))
-                return probs, (self.dist.gather_rows(plain, len(loader.split)) if tta else probs)
+                v = predict_views(self.model, loader, self.dtype, tta)
+                n = len(loader.split)
+                return self.dist.gather_rows(v.probs, n), (self.dist.gather_rows(v.plain, n) if plain else None), v.plain_s
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
@@ -1131,7 +1150,7 @@ class Engine:
                 log.warning("training diverged in epoch %d (loss %s); keeping the best model so far", epoch, train_loss)
             # a diverged epoch is never the best one, whatever its (meaningless) accuracy
             improved = val_acc is not None and val_acc > st.best_val and math.isfinite(train_loss)
-            anytime_s = 0.0
+            anytime_s = None  # the budget-clock seconds of this epoch's anytime predictions, if it wrote them
             with clock:
                 if improved:
                     st.best_val, st.best_epoch, st.stale_epochs = val_acc, epoch, 0
@@ -1141,6 +1160,7 @@ class Engine:
                         anytime_s = self._anytime(clock)
                 else:
                     st.stale_epochs += 1
+                self._test_plain = None
                 if st.stop_reason:  # diverged: that reason stands
                     pass
                 elif stopped or self._out_of_time(clock):
@@ -1157,8 +1177,8 @@ class Engine:
                     "test_acc": test_acc,
                     "lr": self.opt.param_groups[0]["lr"],
                     "batch_size": self.train_loader.batch_size,
-                    "anytime_s": round(anytime_s, 3),  # the anytime predictions' share of the budget clock
-                    "images_per_s": round(seen / max(clock.now() - epoch_t0 - val_s - anytime_s, 1e-9), 1),
+                    "anytime_s": None if anytime_s is None else round(anytime_s, 4),
+                    "images_per_s": round(seen / max(clock.now() - epoch_t0 - val_s - (anytime_s or 0.0), 1e-9), 1),
                     "flops_per_image": self.flops,
                     "train_image_size": self._last_size,  # the input size of the epoch's last step
                     "params": count_params(self.model),
