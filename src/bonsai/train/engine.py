@@ -104,7 +104,7 @@ class TrainState:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
-    clock_s: float = 0.0  # the budget clock: training steps + validation + checkpoints
+    clock_s: float = 0.0  # the budget clock: training steps + validation + checkpoints + anytime predictions
     train_time_s: float = 0.0  # training steps only
     images_seen: int = 0
     train_flops: float = 0.0  # 3 x forward FLOPs per image seen (backward counted as twice the forward)
@@ -355,7 +355,7 @@ class Engine:
         self._morph_rejected: tuple[int, float] | None = None  # (epoch, target) of the last MorphNet step no widths fit
         self._last_val: float | None = None  # the last epoch's validation accuracy, for the progress bar
         # this epoch's per-epoch test pass (off the budget clock), when there was one: its plain view's
-        # probabilities and the pass's seconds, from which the anytime predictions are taken and charged
+        # probabilities and that view's seconds, from which the anytime predictions are taken and charged
         self._test_plain: tuple[torch.Tensor, float] | None = None
         self.on_best = on_best  # called with the test set's plain-view probabilities whenever validation accuracy improves
         self.tensorboard = None
