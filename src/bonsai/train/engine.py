@@ -957,7 +957,6 @@ class Engine:
         t0 = clock.now()
         if self._test_plain is not None:
             probs, plain_s = self._test_plain
-            self._test_plain = None
             clock.charge(plain_s)
         else:
             probs = self._predict(self.test_loader, False)[0]
@@ -1142,7 +1141,6 @@ class Engine:
             # predictions' views, on one process (measured on this epoch's validation, plus 2%)
             per_image = val_s / max(len(self.val_loader.split), 1) * self._final_cost * self.dist.world
             st.reserve_s = per_image * (n_test + len(self.val_loader.split)) + 0.02 * (self.budget or 0)
-            self._test_plain = None
             test_acc = self._evaluate(self.test_loader) if cfg.test_each_epoch else None
             st.epoch = epoch
             if not math.isfinite(train_loss):
@@ -1160,7 +1158,7 @@ class Engine:
                         anytime_s = self._anytime(clock)
                 else:
                     st.stale_epochs += 1
-                self._test_plain = None
+                self._test_plain = None  # this epoch's: never an anytime prediction of a later epoch
                 if st.stop_reason:  # diverged: that reason stands
                     pass
                 elif stopped or self._out_of_time(clock):
