@@ -206,6 +206,21 @@ def test_without_a_process_group_the_cli_returns_its_code(monkeypatch):
     assert main(["config"]) == 0
 
 
+def test_the_cli_logger_writes_to_the_stderr_of_the_moment(monkeypatch):
+    """After main returns, a caller may swap or close stderr (pytest's capture does): the bonsai logger set up by
+    main follows sys.stderr instead of writing to the stream it found, which may be closed by then."""
+    import logging
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    assert main(["config"]) == 0
+    first.close()
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)
+    logging.getLogger("bonsai").warning("after the swap")
+    assert later.getvalue() == "bonsai: warning: after the swap\n"
+
+
 def test_adapt_flags_set_the_controller_and_exclude_each_other(tmp_path: Path, monkeypatch):
     import bonsai.api as api_mod
 

@@ -345,6 +345,23 @@ def _cmd_config(ns) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is logged, not the stream at set-up: a caller that swaps
+    or closes stderr after calling :func:`main` (pytest's capture, an embedding program) never leaves the
+    ``bonsai`` logger writing to a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"bonsai: {record.levelname.lower()}: {record.getMessage()}"
@@ -387,7 +404,7 @@ def _exit_now(code: int) -> None:
 def _main(argv: list[str] | None) -> int:
     from bonsai.errors import BonsaiError, Interrupted
 
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_Formatter())
     logger = logging.getLogger("bonsai")
     logger.handlers[:] = [handler]
