@@ -111,7 +111,16 @@ def main() -> None:
     ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="no training: summarize the run directories a previous invocation left")
+    ap.add_argument("--replot", action="store_true", help="no training: redraw time_to_accuracy.png from the committed results JSON")
     args = ap.parse_args()
+    if args.replot:
+        import json
+
+        doc = json.loads((RESULTS / "time_to_accuracy.json").read_text())
+        details = {k: v for k, v in doc["details"].items() if isinstance(v, dict)}
+        _plot(details, details["baseline"]["summary"]["test_acc"])
+        print(f"redrew {RESULTS / 'time_to_accuracy.png'}")
+        return
     for p in (args.cifar, args.fashion):
         if not Path(p).exists():
             raise SystemExit(f"{p}: not found; see ../shared/data/README.md")

@@ -46,6 +46,16 @@ def test_a_capped_holdout_trains_on_the_images_it_frees(npz_data: Path, tmp_path
     assert bonsai.config.load_yaml(run.dir / "config.yaml").data.val_max == 3
 
 
+def test_under_a_budget_the_holdout_is_capped_by_budget_val_max(npz_data: Path, tmp_path: Path):
+    """Validation runs on the budget clock, so a budget caps the holdout (data.budget_val_max; 2,000 by default,
+    above this dataset's 10%); without a budget the same setting leaves val_fraction alone."""
+    kw = TINY | {"data.budget_val_max": 3}
+    timed = bonsai.fit(npz_data, budget="2s", out=str(tmp_path / "timed"), low_res=1.0, **kw)
+    fixed = bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "fixed"), low_res=1.0, **kw)
+    meta = [json.loads((r.dir / "dataset.json").read_text()) for r in (timed, fixed)]
+    assert [(m["val_images"], m["train_images_used"]) for m in meta] == [(3, 57), (6, 54)]
+
+
 def test_predictions_csv_shape_order_and_content(npz_data: Path, tmp_path: Path):
     run = bonsai.fit(npz_data, epochs=2, out=str(tmp_path / "run"), **TINY)
     with open(run.dir / "predictions.csv", newline="") as f:

@@ -136,3 +136,24 @@ def test_a_run_written_before_the_adapt_section_resumes_without_the_controller(t
     path.write_text(yaml.safe_dump(d))
     assert load_yaml(path, run=True).resolved().adapt.on is False  # as the bonsai that wrote it trained
     assert load_yaml(path).resolved().adapt.on is True  # a user's config file: missing keys take today's defaults
+
+
+def test_a_budget_caps_the_holdout_and_a_run_from_before_keeps_its_split(tmp_path: Path):
+    import yaml
+
+    def cap(*args: str) -> int | None:
+        return apply_overrides(FitConfig(), list(args)).resolved().holdout_max
+
+    assert cap("budget=10m") == 2000 and cap("epochs=5") is None
+    assert cap("budget=10m", "data.val_max=500") == 500 and cap("epochs=5", "data.val_max=500") == 500
+    assert cap("budget=10m", "data.budget_val_max=null") is None and cap("budget=10m", "data.val_max=9000") == 2000
+    with pytest.raises(ConfigError, match="budget_val_max"):
+        cap("budget=10m", "data.budget_val_max=0")
+    # a budget run's config.yaml written before the key existed held out val_fraction: a resume keeps that split
+    path = tmp_path / "config.yaml"
+    save_yaml(apply_overrides(FitConfig(), ["budget=10m"]).resolved(), path)
+    d = yaml.safe_load(path.read_text())
+    del d["data"]["budget_val_max"]
+    path.write_text(yaml.safe_dump(d))
+    assert load_yaml(path, run=True).resolved().holdout_max is None
+    assert load_yaml(path).resolved().holdout_max == 2000  # a user's config file: today's default

@@ -364,7 +364,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     """fit, once the run directory ``out`` is chosen: ``work`` is where this process writes (``out`` on rank 0)."""
 
     torch.manual_seed(cfg.seed)
-    tr_idx, va_idx = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed, cfg.data.val_max)
+    tr_idx, va_idx = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed, cfg.holdout_max)
     if len(va_idx) == 0:
         raise DatasetError(f"{ds.source}: no class has two or more images, so none can be held out for validation")
     train_split, val_split = ds.train.subset(tr_idx), ds.train.subset(va_idx)
