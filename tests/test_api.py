@@ -54,6 +54,13 @@ def test_under_a_budget_the_holdout_is_capped_by_budget_val_max(npz_data: Path, 
     fixed = bonsai.fit(npz_data, epochs=1, out=str(tmp_path / "fixed"), low_res=1.0, **kw)
     meta = [json.loads((r.dir / "dataset.json").read_text()) for r in (timed, fixed)]
     assert [(m["val_images"], m["train_images_used"]) for m in meta] == [(3, 57), (6, 54)]
+    # bonsai compress reads the run's split again from its config.yaml: the same 3 images
+    from bonsai.compress.pipeline import _data
+
+    assert len(_data(timed, None)[2]) == 3
+    (timed.dir / "dataset.json").write_text(json.dumps(meta[0] | {"val_images": 4}))
+    with pytest.raises(BonsaiError, match="held out 4 validation images, these settings hold out 3"):
+        _data(timed, None)
 
 
 def test_predictions_csv_shape_order_and_content(npz_data: Path, tmp_path: Path):
@@ -213,6 +220,10 @@ def test_resume_refuses_different_data_and_extends_a_finished_run(npz_data: Path
         bonsai.fit(two, resume=run.dir)
     assert not (run.dir / "dataset.json").exists() and (run.dir / "config.yaml").read_text() == config
     (run.dir / "dataset.json").write_text(meta)
+    # another holdout (here a budget added on resume, which caps it) would validate on images the run trained on
+    with pytest.raises(BonsaiError, match="held out 6 validation images, these settings hold out 3"):
+        bonsai.fit(None, resume=run.dir, budget="1m", **{"data.budget_val_max": 3})
+    assert (run.dir / "config.yaml").read_text() == config
     more = bonsai.fit(None, resume=run.dir, epochs=2)
     assert more.summary["epochs"] == 2
     assert [json.loads(x)["epoch"] for x in (run.dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -529,9 +529,10 @@ def _memory_batch(model: ResNet, cfg: FitConfig, device: torch.device, out: Path
 
 
 def check_same_data(path: Path, meta: dict, consequence: str) -> None:
-    """The data described by ``meta`` (:meth:`Dataset.meta`) must be the run's (its ``dataset.json`` at ``path``):
-    the same images, classes and size, or its validation split and labels would change. A resumed run and
-    ``bonsai compress --data`` both check it; ``consequence`` ends the error."""
+    """The data described by ``meta`` (:meth:`Dataset.meta`, with ``val_images`` where the split is drawn) must be
+    the run's (its ``dataset.json`` at ``path``): the same images, classes and size, and a holdout of the same
+    size, or its validation split and labels would change. A resumed run and ``bonsai compress`` both check it;
+    keys missing on either side are not compared; ``consequence`` ends the error."""
     try:
         old = json.loads(path.read_text())
     except FileNotFoundError:
@@ -541,8 +542,15 @@ def check_same_data(path: Path, meta: dict, consequence: str) -> None:
     if not isinstance(old, dict):
         raise BonsaiError(f"{path}: damaged (not a JSON object); cannot check that the dataset is the one this run started with")
     for key in ("fingerprint", "classes", "channels", "image_size"):
-        if key in old and old[key] != meta[key]:
+        if key in old and key in meta and old[key] != meta[key]:
             raise BonsaiError(f"{path}: the dataset differs from the one this run started with ({key} changed); {consequence}")
+    if "val_images" in old and "val_images" in meta and old["val_images"] != meta["val_images"]:
+        # the holdout follows data.val_fraction, data.val_max and, under a budget, data.budget_val_max: another
+        # split validates on other images, or on images the run has trained on
+        raise BonsaiError(
+            f"{path}: the run held out {old['val_images']} validation images, these settings hold out {meta['val_images']} "
+            f"(data.val_fraction, data.val_max, data.budget_val_max or --budget changed); {consequence}"
+        )
 
 
 def _best_effort(what: str, fn, *args) -> None:

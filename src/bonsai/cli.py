@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="train on a dataset", description=_FIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("args", nargs="*", metavar="DATA | key=value", help="the dataset, then config overrides")
     f.add_argument("--out", help="run directory (default runs/<data>-<time>)")
-    f.add_argument("--budget", help="wall-clock budget for training + validation, e.g. 90s, 10m, 1h")
+    f.add_argument("--budget", help="wall-clock budget for training + validation, e.g. 90s, 10m, 1h (validation then holds out at most about data.budget_val_max = 2000 images)")
     f.add_argument("--epochs", type=int, help="train for exactly N epochs")
     f.add_argument("--arch", help="auto (default: with --budget, the bonsai preset scaled to fit the budget, grown into from a narrower one unless --no-adapt or the pick is x0.5; else bonsai) | bonsai | resnet8 | resnet20 | resnet32 | resnet56 | path/to/arch.json")
     f.add_argument("--config", help="a YAML config (e.g. a previous run's config.yaml); overrides apply on top")

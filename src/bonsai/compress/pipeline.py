@@ -68,6 +68,7 @@ def _data(run, data: str | Path | None):
     # run trained on, and every accuracy the pipeline compares on it would read high
     api.check_same_data(run.dir / "dataset.json", ds.meta(), f"give the run's own data with --data, not {source}")
     tr, va = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed, cfg.holdout_max)
+    api.check_same_data(run.dir / "dataset.json", {"val_images": len(va)}, "cannot compare accuracies on its validation split")
     x = _images(ds.train, run.image_size, run.channels)
     test = None
     if ds.test is not None and ds.test.y is not None:
