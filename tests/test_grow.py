@@ -180,7 +180,7 @@ def test_without_noise_a_copied_unit_stays_its_originals_twin_for_ever(noise: fl
         before = model(x)
     src = widen_(model, "s0b0.inner", 24, opt, noise=noise, generator=torch.Generator().manual_seed(1))
     conv = model.stages[0][0].conv1
-    gap = lambda: float((conv.weight[16:] - conv.weight[src]).abs().max())  # noqa: E731
+    gap = lambda: float((conv.weight[16:] - conv.weight[src]).detach().abs().max())  # noqa: E731
     with torch.no_grad():
         after = model(x)
     assert float((after - before).abs().max()) <= (1e-5 if noise == 0 else 0.1 * float(before.abs().max()))
