@@ -214,6 +214,20 @@ def test_expected_epochs_credits_progressive_resizing():
     assert expected_epochs(600, 1000, 50_000, 0.5, 0.0) == pytest.approx(plain)
 
 
+def test_the_probe_takes_its_fastest_timed_step(monkeypatch):
+    """A step slowed by another process on the host must not slow the probe's pace: of the warm-up (1 s, not
+    counted) and three timed steps of 0.5, 0.1 and 0.3 s, the pace is the 0.1 s step's (a mean would be 0.3 s's)."""
+    from types import SimpleNamespace
+
+    import bonsai.train.plan as plan_mod
+
+    ticks = iter([0.0, 1.0, 1.0, 1.5, 1.5, 1.6, 1.6, 1.9])
+    monkeypatch.setattr(plan_mod, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    spec = preset("resnet8", num_classes=3, image_size=8)
+    assert plan_mod.measure_pace(spec, 4, torch.device("cpu"), None, False, steps=3) == pytest.approx(4 / 0.1)
+    assert next(ticks, None) is None, "one warm-up and three timed steps, two clock reads each"
+
+
 def test_planner_takes_the_widest_candidate_that_fits_the_epochs():
     base = preset("bonsai")
     probed = []

@@ -60,8 +60,11 @@ def expected_epochs(budget_s: float, images_per_s: float, n_train: int, low_res:
     return budget_s * images_per_s * gain / max(n_train, 1)
 
 
-def measure_pace(spec: ArchSpec, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool, steps: int = 2) -> float:
-    """Training images per second of a fresh network for ``spec`` (SGD steps on random data; one warm-up step)."""
+def measure_pace(spec: ArchSpec, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool, steps: int = 3) -> float:
+    """Training images per second of a fresh network for ``spec``: its fastest of ``steps`` timed SGD steps on
+    random data, after one warm-up step. Another process on a shared host only slows a step, so the fastest is the
+    machine's own pace; the mean of two steps swung with the load and could flip the planner's pick
+    (``benchmarks/probe_noise.py``)."""
     from bonsai.train.engine import autocast
 
     model = build(spec).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -78,15 +81,17 @@ def measure_pace(spec: ArchSpec, batch: int, device: torch.device, dtype: torch.
         loss.backward()
         opt.step()
 
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return batch * steps / max(time.perf_counter() - t0, 1e-9)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    timed()  # warm-up
+    return batch / max(min(timed() for _ in range(max(steps, 1))), 1e-9)
 
 
 @dataclass
