@@ -1,6 +1,6 @@
 """How steady is the planner's probe? The mean of two timed steps against the fastest of three, side by side.
 
-    python benchmarks/probe_noise.py [--repeats 12]   # about 5 minutes on 2 cores
+    python benchmarks/probe_noise.py [--repeats 12]   # about 2 minutes on 2 cores
 
 The planner (``bonsai.train.plan.plan_arch``) measures each candidate network's training pace with a few SGD steps
 on random data, and picks the widest one expected to train enough epochs in the budget. On a shared host a step
