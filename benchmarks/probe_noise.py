@@ -23,39 +23,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
 
 from bonsai.config import FitConfig  # noqa: E402
 from bonsai.models.arch import pooled, preset  # noqa: E402
-from bonsai.models.resnet import build  # noqa: E402
-from bonsai.train.engine import autocast, resolve_precision  # noqa: E402
-from bonsai.train.plan import expected_epochs, measure_pace, required_epochs, scaled  # noqa: E402
+from bonsai.train.engine import resolve_precision  # noqa: E402
+from bonsai.train.plan import expected_epochs, measure_pace, required_epochs, scaled, step_times  # noqa: E402
 
 
 def mean_of_two(spec, batch: int, device, dtype, channels_last: bool) -> float:
     """The probe before 2026-11-24's change: one warm-up step, then the mean pace of two timed steps."""
-    model = build(spec).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randint(0, 256, (batch, spec.in_channels, spec.image_size, spec.image_size), dtype=torch.uint8, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, spec.num_classes, (batch,), device=device)
-
-    def step() -> None:
-        with autocast(device, dtype):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()
-    t0 = time.perf_counter()
-    for _ in range(2):
-        step()
-    return batch * 2 / (time.perf_counter() - t0)
+    return batch * 2 / sum(step_times(spec, batch, device, dtype, channels_last, 2))
 
 
 def _bursts(stop, busy_s: float, idle_s: float) -> None:

@@ -60,11 +60,9 @@ def expected_epochs(budget_s: float, images_per_s: float, n_train: int, low_res:
     return budget_s * images_per_s * gain / max(n_train, 1)
 
 
-def measure_pace(spec: ArchSpec, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool, steps: int = 3) -> float:
-    """Training images per second of a fresh network for ``spec``: its fastest of ``steps`` timed SGD steps on
-    random data, after one warm-up step. Another process on a shared host only slows a step, so the fastest is the
-    machine's own pace; the mean of two steps swung with the load and could flip the planner's pick
-    (``benchmarks/probe_noise.py``)."""
+def step_times(spec: ArchSpec, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` SGD steps of a fresh network for ``spec`` on random data, after one untimed
+    warm-up step."""
     from bonsai.train.engine import autocast
 
     model = build(spec).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -74,24 +72,29 @@ def measure_pace(spec: ArchSpec, batch: int, device: torch.device, dtype: torch.
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, spec.num_classes, (batch,), device=device)
 
-    def step() -> None:
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         with autocast(device, dtype):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
     timed()  # warm-up
-    return batch / max(min(timed() for _ in range(max(steps, 1))), 1e-9)
+    return [timed() for _ in range(max(steps, 1))]
+
+
+def measure_pace(spec: ArchSpec, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool, steps: int = 3) -> float:
+    """Training images per second of a fresh network for ``spec``: its fastest of ``steps`` timed SGD steps on
+    random data, after one warm-up step (:func:`step_times`). Another process on a shared host only slows a step,
+    so the fastest is the machine's own pace; the mean of two steps swung with the load and could flip the
+    planner's pick (``benchmarks/probe_noise.py``)."""
+    return batch / max(min(step_times(spec, batch, device, dtype, channels_last, steps)), 1e-9)
 
 
 @dataclass
