@@ -85,6 +85,9 @@ def test_predictions_csv_shape_order_and_content(npz_data: Path, tmp_path: Path)
     (html := tmp_path / "page.npz").write_text("<html></html>")
     with pytest.raises(BonsaiError, match=r"page.npz: not an .npz archive \(not a zip file\)"):
         run.predict(html)
+    np.savez(empty := tmp_path / "empty.npz", x_test=xt[:0])  # before, a header-only predictions.csv and exit 0
+    with pytest.raises(BonsaiError, match=r"empty.npz \(x_test\): no images \(an array of shape \(0, 16, 16, 3\)\)"):
+        run.predict(empty)
 
 
 def test_predict_folder_and_arrays_agree(folder_data: Path, tmp_path: Path):
@@ -223,6 +226,15 @@ def test_resume_refuses_different_data_and_extends_a_finished_run(npz_data: Path
     # another holdout (here a budget added on resume, which caps it) would validate on images the run trained on
     with pytest.raises(BonsaiError, match="held out 6 validation images, these settings hold out 3"):
         bonsai.fit(None, resume=run.dir, budget="1m", **{"data.budget_val_max": 3})
+    assert (run.dir / "config.yaml").read_text() == config
+    # as many images, other ones: another seed draws another split
+    with pytest.raises(BonsaiError, match="another validation split than the run's"):
+        bonsai.fit(None, resume=run.dir, seed=7)
+    # the same names and labels over other pixels: an array's names are row numbers, its statistics differ
+    data = dict(np.load(npz_data))
+    np.savez(repainted := tmp_path / "repainted.npz", **(data | {"x_train": 255 - data["x_train"]}))
+    with pytest.raises(BonsaiError, match="pixels' mean changed"):
+        bonsai.fit(repainted, resume=run.dir)
     assert (run.dir / "config.yaml").read_text() == config
     more = bonsai.fit(None, resume=run.dir, epochs=2)
     assert more.summary["epochs"] == 2

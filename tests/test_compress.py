@@ -256,6 +256,10 @@ def test_compress_with_sparsity_and_a_teacher(npz_data: Path, tmp_path: Path, ca
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
     assert main([*args, "--rounds", "0"]) == 2
     assert "latency timing needs at least one round of one call, got rounds=0" in capsys.readouterr().err
+    assert main([*args, "--calibration", "-5"]) == 2  # argparse keeps the last: before, -5 calibrated on all but 5
+    assert "calibration needs at least one training image, got -5" in capsys.readouterr().err
+    assert main([*args, "--lowrank", "-1"]) == 2
+    assert "lowrank is the share of each conv's energy to keep, in (0, 1], got -1.0" in capsys.readouterr().err
 
 
 @needs_onnx

@@ -103,12 +103,24 @@ def test_int_is_accepted_where_float_is_expected():
     assert set_value(FitConfig(), "lr", 1).train.lr == 1.0
 
 
+def test_exponents_yaml_reads_as_text_are_floats(tmp_path: Path):
+    """PyYAML (YAML 1.1) reads 1e-3 and 5e-4 as strings; a float key takes them as the numbers they mean."""
+    cfg = apply_overrides(FitConfig(), ["lr=1e-3", "weight_decay=5e-4", "label_smoothing=1.5E-1"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.label_smoothing) == (1e-3, 5e-4, 0.15)
+    (p := tmp_path / "c.yaml").write_text("train:\n  lr: 2e-2\n")
+    assert load_yaml(p).train.lr == 0.02
+    with pytest.raises(ConfigError, match="expected float, got 'fast'"):
+        apply_overrides(FitConfig(), ["lr=fast"])
+    with pytest.raises(ConfigError, match="a directory; a config is a YAML file"):
+        load_yaml(tmp_path)
+
+
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("45", 45), (2.5, 2.5)])
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["0s", "-5", "10 minutes", "m"])
+@pytest.mark.parametrize("text", ["0s", "-5", "10 minutes", "m", "inf", "1e999", "nan"])
 def test_parse_duration_rejects(text):
     with pytest.raises(ConfigError):
         parse_duration(text)
@@ -157,3 +169,18 @@ def test_a_budget_caps_the_holdout_and_a_run_from_before_keeps_its_split(tmp_pat
     path.write_text(yaml.safe_dump(d))
     assert load_yaml(path, run=True).resolved().holdout_max is None
     assert load_yaml(path).resolved().holdout_max == 2000  # a user's config file: today's default
+
+
+def test_a_device_bonsai_cannot_train_on_is_a_config_error():
+    import torch
+
+    from bonsai.errors import BonsaiError
+    from bonsai.train.engine import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad, why in (("mps", "not a device bonsai trains on"), ("gpu", "not a device bonsai trains on"), ("meta", "not a device bonsai trains on")):
+        with pytest.raises(BonsaiError, match=why):
+            resolve_device(bad)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(BonsaiError, match="CUDA device\\(s\\)" if n else "CUDA is not available"):
+        resolve_device(f"cuda:{n}")

@@ -108,6 +108,23 @@ def test_report_with_files_missing_says_so_instead_of_failing(tmp_path: Path):
     assert "no compression.json" in page
 
 
+def test_logs_and_files_damaged_by_hand_are_read_for_what_they_hold(tmp_path: Path):
+    """A line that is no JSON object or not UTF-8 in a log, and a summary.json holding a list, do not stop a
+    report or a comparison."""
+    from bonsai.report.log import read_jsonl
+
+    run = _fixture_run(tmp_path / "r")
+    good = read_jsonl(run / "metrics.jsonl")
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n"text"\n{"epoch": 9, "note": "\xff\xfe"}\n')
+    records = read_jsonl(run / "metrics.jsonl")
+    assert records[: len(good)] == good and [r["epoch"] for r in records[len(good):]] == [9]
+    (run / "summary.json").write_text("[1, 2]")
+    page = write_report(run).read_text()
+    assert "Training curves</h2><img" in page and "could not draw" not in page
+    assert "<td>r</td>" in write_comparison([run, _fixture_run(tmp_path / "b")], tmp_path / "cmp.html").read_text()
+
+
 def test_report_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path: Path):
     with pytest.raises(BonsaiError, match="not a run directory"):
         write_report(tmp_path)

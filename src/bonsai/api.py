@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -30,6 +31,7 @@ from bonsai.data.sources import (
     read_npz,
     resize_tensor,
     sample_images,
+    split_hash,
     split_validation,
 )
 from bonsai.errors import BonsaiError, DatasetError, Interrupted
@@ -190,6 +192,8 @@ class Run:
                 x = x[..., None]
             if x.ndim != 4 or x.shape[-1] != self.channels:
                 raise BonsaiError(f"predict: expected (N,H,W,{self.channels}) images, got {tuple(x.shape)}")
+            if len(x) == 0:
+                raise BonsaiError(f"predict: no images (an array of shape {tuple(x.shape)})")
             x = resize_tensor(x.permute(0, 3, 1, 2).contiguous(), self.image_size)
             return Split(names=[str(i) for i in range(len(x))], y=None, x=x)
         if isinstance(images, (list, tuple)):
@@ -368,7 +372,7 @@ def _fit(work: Path, out: Path, cfg: FitConfig, ds: Dataset, device, teacher, re
     if len(va_idx) == 0:
         raise DatasetError(f"{ds.source}: no class has two or more images, so none can be held out for validation")
     train_split, val_split = ds.train.subset(tr_idx), ds.train.subset(va_idx)
-    meta = ds.meta() | {"val_images": len(val_split), "train_images_used": len(train_split)}
+    meta = ds.meta() | {"val_images": len(val_split), "val_split": split_hash(va_idx), "train_images_used": len(train_split)}
     held = None  # the checkpoint a resumed run continues from, read once
     if resume is not None:  # checked before the run directory's dataset.json and config.yaml are rewritten
         check_same_data(out / "dataset.json", meta, "cannot resume")
@@ -530,8 +534,9 @@ def _memory_batch(model: ResNet, cfg: FitConfig, device: torch.device, out: Path
 
 def check_same_data(path: Path, meta: dict, consequence: str) -> None:
     """The data described by ``meta`` (:meth:`Dataset.meta`, with ``val_images`` where the split is drawn) must be
-    the run's (its ``dataset.json`` at ``path``): the same images, classes and size, and a holdout of the same
-    size, or its validation split and labels would change. A resumed run and ``bonsai compress`` both check it;
+    the run's (its ``dataset.json`` at ``path``): the same images, classes and size, and the same holdout (its size
+    and a hash of its indices, ``val_split``), or its validation split and labels would change. A resumed run and
+    ``bonsai compress`` both check it;
     keys missing on either side are not compared; ``consequence`` ends the error."""
     try:
         old = json.loads(path.read_text())
@@ -544,6 +549,13 @@ def check_same_data(path: Path, meta: dict, consequence: str) -> None:
     for key in ("fingerprint", "classes", "channels", "image_size"):
         if key in old and key in meta and old[key] != meta[key]:
             raise BonsaiError(f"{path}: the dataset differs from the one this run started with ({key} changed); {consequence}")
+    # the fingerprint hashes names and labels; an array dataset's names are row numbers, so other pixels under the
+    # same labels show only in the per-channel statistics (exact over its training images, which are in memory)
+    arrays = old.get("kind") == meta.get("kind") and meta.get("kind") in ("npz", "arrays")
+    for key in ("mean", "std") if arrays else ():
+        a, b = old.get(key), meta.get(key)
+        if isinstance(a, list) and isinstance(b, list) and (len(a) != len(b) or not all(_close(u, v) for u, v in zip(a, b))):
+            raise BonsaiError(f"{path}: the dataset differs from the one this run started with (its pixels' {key} changed); {consequence}")
     if "val_images" in old and "val_images" in meta and old["val_images"] != meta["val_images"]:
         # the holdout follows data.val_fraction, data.val_max and, under a budget, data.budget_val_max: another
         # split validates on other images, or on images the run has trained on
@@ -551,6 +563,16 @@ def check_same_data(path: Path, meta: dict, consequence: str) -> None:
             f"{path}: the run held out {old['val_images']} validation images, these settings hold out {meta['val_images']} "
             f"(data.val_fraction, data.val_max, data.budget_val_max or --budget changed); {consequence}"
         )
+    if "val_split" in old and "val_split" in meta and old["val_split"] != meta["val_split"]:
+        # as many images, other ones: validation would score images the run has trained on
+        raise BonsaiError(f"{path}: these settings draw another validation split than the run's (seed or data.val_fraction changed, or config.yaml was edited); {consequence}")
+
+
+def _close(a, b) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-4, abs_tol=1e-3)
+    except (TypeError, ValueError):
+        return False
 
 
 def _best_effort(what: str, fn, *args) -> None:

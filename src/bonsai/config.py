@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -353,6 +354,10 @@ def to_dict(cfg: FitConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# floats YAML 1.1 (PyYAML) reads as strings: an exponent without a dot or without a sign (1e-3, 5e-4, 1.0e3)
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (int, float, bool, str, or X | None)."""
     origin = typing.get_origin(tp)
@@ -381,6 +386,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         # counts with a suffix, as --flops takes them: prune.target_flops=40M, train.plan_images=1M
         if isinstance(value, str) and (key.endswith("_flops") or key.endswith("_images")):
             return parse_count(value, f"config key {key}:")
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 and 5e-4 as text
+            return float(value)
     elif tp is str:
         if isinstance(value, bool):  # YAML reads yes/no as booleans: data.in_memory=no means the word
             return "yes" if value else "no"
@@ -442,6 +449,8 @@ def load_yaml(path: str | Path, run: bool = False) -> FitConfig:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (not UTF-8); a config is YAML") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory; a config is a YAML file") from None
     if d is None:  # an empty file: every default
         d = {}
     if not isinstance(d, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -67,6 +68,8 @@ def parse_duration(value: str | float | int) -> float:
             seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
     if not seconds > 0:
         raise ConfigError(f"budget {value!r}: must be positive")
+    if not math.isfinite(seconds):  # an endless budget would hold the learning-rate schedule at its start
+        raise ConfigError(f"budget {value!r}: must be finite; train without --budget for a fixed number of epochs")
     return seconds
 
 
@@ -82,8 +85,8 @@ def parse_count(value: str | float | int, what: str = "FLOPs") -> float:
         n = float(text[:-1] if scale != 1.0 else text) * scale
     except ValueError:
         raise ConfigError(f"{what} {value!r}: use a number like 40M, 1.5G or 800k") from None
-    if not n > 0:
-        raise ConfigError(f"{what} {value!r}: must be positive")
+    if not n > 0 or not math.isfinite(n):
+        raise ConfigError(f"{what} {value!r}: must be positive and finite")
     return n
 
 

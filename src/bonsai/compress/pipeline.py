@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def _data(run, data: str | Path | None):
     """((train images, labels), val images, val labels, (test images, labels) or None, the run's config, the
     dataset) as the run saw them."""
     from bonsai import api, config
-    from bonsai.data.sources import split_validation
+    from bonsai.data.sources import split_hash, split_validation
 
     cfg_path = run.dir / "config.yaml"
     if not cfg_path.is_file():
@@ -68,7 +69,7 @@ def _data(run, data: str | Path | None):
     # run trained on, and every accuracy the pipeline compares on it would read high
     api.check_same_data(run.dir / "dataset.json", ds.meta(), f"give the run's own data with --data, not {source}")
     tr, va = split_validation(ds.train.y, cfg.data.val_fraction, cfg.seed, cfg.holdout_max)
-    api.check_same_data(run.dir / "dataset.json", {"val_images": len(va)}, "cannot compare accuracies on its validation split")
+    api.check_same_data(run.dir / "dataset.json", {"val_images": len(va), "val_split": split_hash(va)}, "cannot compare accuracies on its validation split")
     x = _images(ds.train, run.image_size, run.channels)
     test = None
     if ds.test is not None and ds.test.y is not None:
@@ -189,13 +190,19 @@ def compress(
 
     if repeats < 1 or rounds < 1:
         raise BonsaiError(f"latency timing needs at least one round of one call, got rounds={rounds}, repeats={repeats}")
+    if not 0 <= sparsity < 1:
+        raise BonsaiError(f"sparsity must be in [0, 1), got {sparsity}")
+    if calibration < 1:
+        raise BonsaiError(f"calibration needs at least one training image, got {calibration}")
+    if lowrank is not None and not 0 < lowrank <= 1:
+        raise BonsaiError(f"lowrank is the share of each conv's energy to keep, in (0, 1], got {lowrank}")
+    if not all(math.isfinite(e) and e >= 0 for e in (finetune_epochs, share_finetune_epochs)):
+        raise BonsaiError(f"fine-tuning epochs must be >= 0, got {finetune_epochs} and {share_finetune_epochs}")
 
     run = load(run_dir)
     out = Path(out) if out else run.dir / "compressed"
     out.mkdir(parents=True, exist_ok=True)
     (train_x, train_y), xv, yv, test, cfg, ds = _data(run, data)
-    if not 0 <= sparsity < 1:
-        raise BonsaiError(f"sparsity must be in [0, 1), got {sparsity}")
     seed = cfg.seed
     distill = finetune_kwargs(cfg, ds, run.image_size, teacher)
     how = "" if teacher is None else ", distilled from the teacher"

@@ -689,6 +689,16 @@ def _finish(path, kind, classes, channels, size, train, test, skipped, original)
     return Dataset(Path(path), kind, classes, channels, size, train, test, mean, std, skipped, original)
 
 
+def split_hash(val_idx: np.ndarray) -> str:
+    """A short hash of a validation split's indices (``dataset.json``'s ``val_split``): a resumed run must validate
+    on the same images.
+
+    >>> split_hash(np.array([3, 1])) == split_hash(np.array([3, 1])), split_hash(np.array([3, 1])) == split_hash(np.array([3, 2]))
+    (True, False)
+    """
+    return hashlib.sha1(np.asarray(val_idx, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 def split_validation(y: torch.Tensor, fraction: float, seed: int, max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, val) indices: ``fraction`` of every class (at least one image of each class that has two
     or more; one-image classes stay in training), drawn with ``seed``. With ``max_images``, the fraction is lowered

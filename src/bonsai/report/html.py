@@ -37,10 +37,12 @@ th{background:#f3f3f3} td:first-child,th:first-child,.text td:last-child{text-al
 
 
 def _json(path: Path) -> dict | None:
+    """A run file's JSON object; None when it is missing, damaged or not an object (a report shows what it can)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
+    return d if isinstance(d, dict) else None
 
 
 def read_run(run_dir: str | Path) -> dict:

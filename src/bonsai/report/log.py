@@ -19,12 +19,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
         if line.strip():
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 break  # a line torn by a kill mid-write ends the log
+            if isinstance(record, dict):  # bonsai writes only objects; anything else was put there by hand
+                out.append(record)
     return out
 
 

@@ -55,9 +55,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BonsaiError(f"train.device={name}: CUDA is not available on this machine")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise BonsaiError(f"train.device={name}: not a device; use auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise BonsaiError(f"train.device={name}: not a device bonsai trains on; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BonsaiError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return device
 
 
 def _cpu_has_bf16() -> bool:
