@@ -1,6 +1,6 @@
 """Why does ``bonsai demo`` train fewer epochs with ``--adapt`` than without? Both settings side by side, repeated.
 
-    python benchmarks/demo_adapt.py [--repeats 3] [--budget 90s]   # about 11 minutes on 2 cores
+    python benchmarks/demo_adapt.py [--repeats 4] [--budget 90s]   # about 13 minutes on 2 cores
 
 On the packaged demo (5,000 CIFAR-10 images) the planner picks ``bonsaix0.5``, and a x0.5 pick starts at itself,
 so ``--adapt`` (the default under a budget) and ``adapt.on=false`` train the same widths: only the controller
@@ -36,7 +36,7 @@ SETTINGS = {"adapt_on": {"adapt.on": True}, "adapt_off": {"adapt.on": False}}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--budget", default="90s")
     ap.add_argument("--runs", default=str(Path(__file__).resolve().parent / "runs"))
     ap.add_argument("--quiet", action="store_true")
@@ -62,7 +62,7 @@ def main() -> None:
             print(f"{name} {i}: {rows[name][-1]}", flush=True)
     summary = {"budget": args.budget, "repeats": args.repeats}
     for name, rs in rows.items():
-        mean = lambda k: round(statistics.fmean(r[k] for r in rs), 4 if k == "test_acc" else 1)  # noqa: E731
+        mean = lambda k: round(statistics.fmean(r[k] for r in rs if r[k] is not None), 4 if k == "test_acc" else 1)  # noqa: E731
         summary[name] = {k: mean(k) for k in ("epochs", "test_acc", "train_time_s", "anytime_s", "rest_s", "full_size_images_per_s_median")}
         summary[name]["epochs_each"] = [r["epochs"] for r in rs]
         summary[name]["events"] = dict(sum((Counter(r["events"]) for r in rs), Counter()))

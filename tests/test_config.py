@@ -109,8 +109,9 @@ def test_exponents_yaml_reads_as_text_are_floats(tmp_path: Path):
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.label_smoothing) == (1e-3, 5e-4, 0.15)
     (p := tmp_path / "c.yaml").write_text("train:\n  lr: 2e-2\n")
     assert load_yaml(p).train.lr == 0.02
-    with pytest.raises(ConfigError, match="expected float, got 'fast'"):
-        apply_overrides(FitConfig(), ["lr=fast"])
+    for bad in ("fast", "1e999"):
+        with pytest.raises(ConfigError, match=f"expected float, got '{bad}'"):
+            apply_overrides(FitConfig(), [f"lr={bad}"])
     with pytest.raises(ConfigError, match="a directory; a config is a YAML file"):
         load_yaml(tmp_path)
 

@@ -386,8 +386,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         # counts with a suffix, as --flops takes them: prune.target_flops=40M, train.plan_images=1M
         if isinstance(value, str) and (key.endswith("_flops") or key.endswith("_images")):
             return parse_count(value, f"config key {key}:")
-        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 and 5e-4 as text
-            return float(value)
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()) and math.isfinite(float(value)):
+            return float(value)  # YAML 1.1 reads 1e-3 and 5e-4 as text; 1e999 (inf) stays refused
     elif tp is str:
         if isinstance(value, bool):  # YAML reads yes/no as booleans: data.in_memory=no means the word
             return "yes" if value else "no"
