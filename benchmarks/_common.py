@@ -57,6 +57,17 @@ def portable(args: list[str]) -> str:
     return " ".join(os.path.relpath(a, root) if os.path.isabs(a) and os.path.exists(a) else a for a in args)
 
 
+def figure(figsize: tuple[float, float]):
+    """A matplotlib figure on its own Agg canvas: no pyplot state and no display needed, so a benchmark's figure
+    draws the same on a headless host."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def write_result(name: str, summary: dict, details: dict, command: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

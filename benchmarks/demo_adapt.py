@@ -23,9 +23,9 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, figure, write_result  # noqa: E402
 from time_to_accuracy import fit  # noqa: E402
-from tta_levers import overhead  # noqa: E402
+from tta_levers import full_size_paces, overhead  # noqa: E402
 
 from bonsai.data.demo import extract_demo  # noqa: E402
 from bonsai.data.sources import load_dataset  # noqa: E402
@@ -49,9 +49,7 @@ def main() -> None:
         for name in SETTINGS if i % 2 == 0 else reversed(SETTINGS):
             d = fit(ds, f"demo_adapt_{name}_{i}", runs, args.quiet, budget=args.budget, test_each_epoch=False, **SETTINGS[name])
             s, curve = d["summary"], d["curve"]
-            epochs = [r for r in curve if r["epoch"] != "final"]
-            full = max(r.get("train_image_size") or 0 for r in epochs)
-            pace = [r["images_per_s"] for r in epochs if r.get("train_image_size") == full and r.get("images_per_s")]
+            pace = full_size_paces(curve)
             events = Counter(e.get("event") for e in read_jsonl(d["run"].dir / "events.jsonl"))
             rows[name].append({
                 "repeat": i, "test_acc": s["test_acc"], "epochs": s["epochs"], "clock_s": s["clock_s"],
@@ -76,14 +74,7 @@ def main() -> None:
 
 
 def _plot(rows: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
+    fig = figure((10, 4))
     ax = fig.subplots()
     parts = (("train_time_s", "training steps", "tab:blue"), ("anytime_s", "anytime predictions", "tab:orange"), ("rest_s", "validation, checkpoints, controller", "tab:gray"))
     labels, x = [], 0

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, figure, write_result  # noqa: E402
 
 from bonsai.config import FitConfig  # noqa: E402
 from bonsai.models.arch import pooled, preset  # noqa: E402
 from bonsai.train.engine import resolve_precision  # noqa: E402
-from bonsai.train.plan import expected_epochs, measure_pace, required_epochs, scaled, step_times  # noqa: E402
+from bonsai.train.plan import measure_pace, plan_arch, required_epochs, scaled, step_times  # noqa: E402
 
 
 def mean_of_two(spec, batch: int, device, dtype, channels_last: bool) -> float:
@@ -52,18 +52,16 @@ def _bursts(stop, busy_s: float, idle_s: float) -> None:
         stop.wait(idle_s)
 
 
-def pick(rates: dict[float, float], cfg: FitConfig, n_train: int, budget_s: float) -> float:
-    """The multiplier plan_arch would take with these paces (widest expected to fit the required epochs)."""
+def pick(rates: dict[float, float], base, cfg: FitConfig, n_train: int, budget_s: float) -> float:
+    """The multiplier plan_arch takes when its probe measures these paces (a candidate wider than those measured
+    reads as too slow)."""
+    by_widths = {tuple(scaled(base, m).widths()): rate for m, rate in rates.items()}
     need = required_epochs(cfg.train.plan_epochs, cfg.train.plan_images, n_train)
-    chosen = None
-    for mult in sorted(rates):
-        epochs = expected_epochs(budget_s, rates[mult], n_train, cfg.train.low_res, cfg.train.low_res_share)
-        if chosen is not None and epochs < need:
-            break
-        chosen = mult
-        if epochs < need:
-            break
-    return chosen
+    plan = plan_arch(
+        base, n_train, budget_s, 128, torch.device("cpu"), None, False, cfg.train.low_res, cfg.train.low_res_share, need,
+        pace=lambda spec, *_: by_widths.get(tuple(spec.widths()), 1e-9),
+    )
+    return plan.multiplier
 
 
 def main() -> None:
@@ -104,7 +102,7 @@ def main() -> None:
                 load.join(5)
         summary[condition] = {}
         for name, by_m in paces.items():
-            picks = [pick({m: by_m[m][i] for m in mults}, cfg, args.n_train, args.budget_s) for i in range(args.repeats)]
+            picks = [pick({m: by_m[m][i] for m in mults}, base, cfg, args.n_train, args.budget_s) for i in range(args.repeats)]
             summary[condition][name] = {
                 "cv": {str(m): round(statistics.pstdev(v) / statistics.mean(v), 3) for m, v in by_m.items()},
                 "images_per_s_min_max": {str(m): [round(min(v), 1), round(max(v), 1)] for m, v in by_m.items()},
@@ -118,14 +116,7 @@ def main() -> None:
 
 
 def _plot(paces: dict, mults: tuple) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4))
-    FigureCanvasAgg(fig)
+    fig = figure((11, 4))
     axes = fig.subplots(1, len(paces), sharey=True)
     for ax, (condition, by_name) in zip(axes, paces.items()):
         for k, (name, by_m) in enumerate(by_name.items()):

@@ -50,7 +50,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, matmul_peak, write_result  # noqa: E402
+from _common import RESULTS, figure, matmul_peak, write_result  # noqa: E402
 
 import bonsai  # noqa: E402
 from bonsai.data.sources import load_dataset  # noqa: E402
@@ -226,14 +226,7 @@ def main() -> None:
 
 
 def _plot(details: dict, target: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 4.5))
-    FigureCanvasAgg(fig)
+    fig = figure((12, 4.5))
     ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     for name, d in details.items():
         if "curve" not in d or name == "fashion_mnist":

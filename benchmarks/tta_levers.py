@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, matmul_peak, portable, write_result  # noqa: E402
+from _common import RESULTS, figure, matmul_peak, portable, write_result  # noqa: E402
 from time_to_accuracy import fit  # noqa: E402
 
 from bonsai.data.sources import load_dataset  # noqa: E402
@@ -50,6 +50,14 @@ def overhead(curve: list[dict]) -> float:
     the per-epoch bookkeeping (up to the last epoch, from its metrics records)."""
     last = [r for r in curve if r["epoch"] != "final"][-1]
     return round(last["clock_s"] - last["train_time_s"] - sum(r.get("anytime_s") or 0.0 for r in curve if r["epoch"] != "final"), 1)
+
+
+def full_size_paces(curve: list[dict]) -> list[float]:
+    """Training images/s of the epochs at the run's largest training image size (after progressive resizing),
+    from its metrics records."""
+    epochs = [r for r in curve if r["epoch"] != "final"]
+    size = max((r.get("train_image_size") or 0 for r in epochs), default=0)
+    return [r["images_per_s"] for r in epochs if r.get("train_image_size") == size and r.get("images_per_s")]
 
 
 def main() -> None:
@@ -81,7 +89,7 @@ def main() -> None:
     rows = {}
     for name, d in details.items():
         s, curve = d["summary"], d["curve"]
-        full = [r["images_per_s"] for r in curve if r["epoch"] != "final" and r.get("train_image_size") == max(c.get("train_image_size") or 0 for c in curve)]
+        full = full_size_paces(curve)
         rows[name] = {
             "test_acc": s["test_acc"], "val_acc": s["val_acc"], "epochs": s["epochs"], "clock_s": s["clock_s"],
             "train_time_s": s["train_time_s"], "anytime_s": d["anytime_s"], "validation_s": overhead(curve),
@@ -109,14 +117,7 @@ def main() -> None:
 
 
 def _plot(details: dict, rows: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2))
-    FigureCanvasAgg(fig)
+    fig = figure((11, 4.2))
     ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     for name, d in details.items():
         c = [r for r in d["curve"] if r["epoch"] != "final"]
