@@ -27,7 +27,7 @@ def data(tmp_path: Path) -> Path:
 
 
 def _poison_loss(monkeypatch, bad_calls) -> list[int]:
-    """Make the training loss NaN on the given (1-based) calls of cross_entropy with label smoothing."""
+    """Make the training loss NaN on the given (1-based) calls of the training loss (cross_entropy)."""
     import bonsai.train.engine as engine
 
     real = engine.F.cross_entropy
