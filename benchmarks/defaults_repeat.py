@@ -6,15 +6,16 @@ when this was written) or lookahead (off by default) measurably help?
 A single run each (``benchmarks/time_to_accuracy.py``'s ablation) leaves these within the run-to-run spread:
 label smoothing off moved test accuracy by +0.41, -0.27, +0.13, -0.43 and +0.02 points in five runs, lookahead on
 by +0.25, -0.02 and +0.21. This script runs ``bonsai fit CIFAR10 --budget 5m`` with the defaults of
-commit 3251cea (``reference``: label smoothing 0.1, lookahead off; pinned, since label smoothing is now off), with ``train.label_smoothing=0`` (``no_label_smoothing``) and with ``train.lookahead=0.95``
-(``lookahead``), ``--repeats`` times each. Repeat ``i`` gives all three ``seed=i`` (the same holdout, the same
+commit 3251cea (``reference``: label smoothing 0.1, lookahead off; pinned, since label smoothing is now off),
+with ``train.label_smoothing=0`` (``no_label_smoothing``) and with ``train.lookahead=0.95`` (``lookahead``),
+``--repeats`` times each. Repeat ``i`` gives all three ``seed=i`` (the same holdout, the same
 initial weights and batch order) and runs them in an order rotated by ``i``, so no setting always runs first on
 a warmer or quieter host. Each setting is compared with the reference of its own repeat: the paired
 difference's mean and its standard error over the repeats. A setting *measurably* changes accuracy when the mean
 difference is at least twice its standard error (with four repeats, a setting that changes nothing still
 passes about one time in seven: a screen, not a test). Test accuracy is measured once, after training
 (``test_each_epoch=false``). Run directories go to ``--runs`` (``tta_defaults_*``). Writes
-benchmarks/results/defaults_repeat.json (summary: per setting its mean test accuracy and epochs, per compared
+benchmarks/results/defaults_repeat.json (summary: per setting its test accuracies, their mean and its epochs, per compared
 setting its paired differences in points, their mean, standard error and the verdict) and defaults_repeat.png.
 """
 
@@ -36,7 +37,6 @@ from bonsai.data.sources import load_dataset  # noqa: E402
 # command reproduces those runs whatever the defaults are now (label smoothing is off since, from its result).
 # Its first results (results/defaults_repeat.json) recorded the overrides before the pin: {} for the reference and
 # one key for each other setting, on 3251cea's defaults, which are these
-
 SETTINGS = {
     "reference": {"train.label_smoothing": 0.1, "train.lookahead": 0.0},
     "no_label_smoothing": {"train.label_smoothing": 0.0, "train.lookahead": 0.0},

@@ -98,7 +98,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4  # applied to conv/linear weights only, not to BN parameters or biases
-    # label smoothing (airbench uses 0.2, ResNet-9 0.1): off, as it made no measurable difference. On CIFAR-10
+    # label smoothing (airbench uses 0.2): off, as it made no measurable difference. On CIFAR-10
     # under 5 minutes, 0.1 against 0 gave -0.05 +/- 0.15 points over 4 paired repeats (benchmarks/defaults_repeat.py)
     # and +0.03 on average over 5 single runs before
     label_smoothing: float = 0.0
